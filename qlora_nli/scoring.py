@@ -1,0 +1,132 @@
+"""Turning prompts into predictions: label log-likelihoods (method "score") or greedy generation ("generate").
+
+Training and scoring share one tokenization: prompt tokens (with the tokenizer's special tokens) followed by the
+answer tokens of " <label>", so the model is scored on exactly the sequences it was trained to complete.
+"""
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qlora_nli.prompts import LABELS, answer_text
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompts(tokenizer, prompts):
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def encode_answers(tokenizer):
+    """Token ids of each label's answer, index = label id."""
+    return [tokenizer(answer_text(k), add_special_tokens=False).input_ids for k in range(len(LABELS))]
+
+
+def left_pad(sequences, pad_id, device):
+    """Left padding puts every sequence's last token in the last column, so answers line up at the end.
+    Position ids restart at 0 on the first real token, as if there were no padding."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
+
+
+def answer_loss(model, prompt_ids, answer_ids, pad_id):
+    """Mean cross-entropy over the answer tokens only. Logits are computed just for the last positions (where the
+    answers are), not over the whole sequence: the vocabulary projection is a fifth of a small model's compute."""
+    device = model.device
+    sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
+    input_ids, mask, positions = left_pad(sequences, pad_id, device)
+    longest = max(len(a) for a in answer_ids)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1)
+    logits = out.logits[:, :-1].float()  # position t predicts token t+1
+    targets = torch.full((len(sequences), longest), -100, dtype=torch.long, device=device)
+    for i, a in enumerate(answer_ids):
+        targets[i, longest - len(a):] = torch.tensor(a, device=device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def _score_batch(model, prompt_ids, answers, pad_id):
+    """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache),
+    then one short pass over the answers' remaining tokens for all labels at once."""
+    device = model.device
+    n_labels, batch = len(answers), len(prompt_ids)
+    input_ids, mask, positions = left_pad(prompt_ids, pad_id, device)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = torch.stack([first[:, a[0]] for a in answers], dim=1)  # (batch, n_labels)
+    longest = max(len(a) for a in answers)
+    if longest == 1:
+        return scores.cpu()
+    # Row order after repeat_interleave: example 0 label 0, example 0 label 1, ..., example 1 label 0, ...
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_labels)
+    rest = torch.full((batch * n_labels, longest - 1), pad_id, dtype=torch.long)
+    rest_mask = torch.zeros_like(rest)
+    for k, a in enumerate(answers):
+        rest[k::n_labels, : len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
+        rest_mask[k::n_labels, : len(a) - 1] = 1
+    rest, rest_mask = rest.to(device), rest_mask.to(device)
+    prompt_lengths = mask.sum(-1).repeat_interleave(n_labels)
+    rest_positions = prompt_lengths[:, None] + torch.arange(longest - 1, device=device)[None, :]
+    out = model(
+        input_ids=rest,
+        attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0), rest_mask], dim=1),
+        position_ids=rest_positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1).view(batch, n_labels, longest - 1, -1)
+    for k, a in enumerate(answers):
+        for j, token in enumerate(a[1:]):
+            scores[:, k] += logprobs[:, k, j, token]
+    return scores.cpu()
+
+
+def score_labels(model, tokenizer, prompts, batch_size, desc="scoring"):
+    """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    answers = encode_answers(tokenizer)
+    # Longest prompts first: batches of similar length waste little on padding, and a memory error shows up early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+    scores = torch.empty(len(prompts), len(answers))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch_size]
+        scores[idx] = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id)
+    return scores
+
+
+def parse_label(text):
+    """Label id from a generated answer, or None. Only the first word counts: "Entailment." -> 0, but
+    "not entailment" -> None, because a reader could not tell which of the other two labels was meant."""
+    words = re.findall(r"[a-z]+", (text or "").lower())
+    return LABELS.index(words[0]) if words and words[0] in LABELS else None
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generating"):
+    """Greedy continuation of each prompt, decoded to text (special tokens dropped)."""
+    device = model.device
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    texts = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch_size]
+        input_ids, mask, _ = left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for i, row in zip(idx, out[:, input_ids.size(1):]):
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return texts

@@ -1,0 +1,169 @@
+"""The pieces of the fine-tuning loop: batching, optimizer, one epoch, and resumable per-epoch checkpoints."""
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qlora_nli.io import atomic_path
+from qlora_nli.scoring import answer_loss
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def length_grouped_batches(lengths, batch_size, seed):
+    """Shuffled batches of similar-length examples: padding (wasted compute) shrinks, while which examples meet in
+    a batch and the batch order still change every epoch. Depends only on `seed`, so a resumed run sees the same
+    batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def make_optimizer(model, train_params, device):
+    """Paged 8-bit AdamW on GPU (optimizer state in 8 bit, paged to RAM under pressure); plain AdamW on CPU,
+    where bitsandbytes' paged optimizers do not run."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=train_params["learning_rate"], weight_decay=train_params["weight_decay"])
+    if device == "cuda":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(trainable, **kwargs), "paged_adamw_8bit"
+    return torch.optim.AdamW(trainable, **kwargs), "adamw"
+
+
+def make_scheduler(optimizer, total_steps, warmup_ratio):
+    """Linear warmup, then linear decay to zero."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_for(device, dtype):
+    if device == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, scheduler, scaler, train_params,
+                    dtype, on_step):
+    """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate."""
+    model.train()
+    device = model.device.type
+    micro = train_params["micro_batch_size"]
+    losses = []
+    for batch in tqdm(batches, desc="train", unit="batch", leave=False):
+        optimizer.zero_grad(set_to_none=True)
+        n_answer_tokens = sum(len(answer_ids[i]) for i in batch)
+        batch_loss = 0.0
+        for start in range(0, len(batch), micro):
+            part = batch[start : start + micro]
+            with autocast_for(device, dtype):
+                loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id)
+            # weight by answer tokens so accumulation gives the same gradient as one big batch
+            weight = sum(len(answer_ids[i]) for i in part) / n_answer_tokens
+            scaler.scale(loss * weight).backward()
+            batch_loss += loss.item() * weight
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       train_params["max_grad_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(batch_loss)
+        on_step(batch_loss, scheduler.get_last_lr()[0])
+    return sum(losses) / len(losses)
+
+
+def fingerprint(*parts):
+    """Hash of everything that defines a run (params, data): a checkpoint is resumed only under the same hash."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoints:
+    """`checkpoints/epoch-N/`: the adapter plus `state.pt` (optimizer, scheduler, RNG states, history).
+    Each is written to a temporary directory and renamed, so a kill or Ctrl-C leaves only complete checkpoints."""
+
+    def __init__(self, root, run_fingerprint):
+        self.root = Path(root)
+        self.run_fingerprint = run_fingerprint
+
+    def save(self, epoch, model, optimizer, scheduler, scaler, history):
+        with atomic_path(self.root / f"epoch-{epoch}") as tmp:
+            model.save_pretrained(tmp)
+            torch.save({
+                "fingerprint": self.run_fingerprint,
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "history": history,
+            }, tmp / "state.pt")
+        # Fault injection for the resume test: die the hard way right after a complete checkpoint.
+        if os.environ.get("QLORA_NLI_KILL_AFTER_EPOCH") == str(epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def latest(self):
+        """(epoch, directory, state) of the newest checkpoint of this very run, else None (and stale ones go)."""
+        found = sorted(self.root.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])) if self.root.exists() else []
+        if not found:
+            return None
+        state = torch.load(found[-1] / "state.pt", weights_only=False)
+        if state["fingerprint"] != self.run_fingerprint:
+            log.info("checkpoints in %s belong to other params or data: starting fresh", self.root)
+            shutil.rmtree(self.root)
+            return None
+        return state["epoch"], found[-1], state
+
+    def restore(self, checkpoint, model, optimizer, scheduler, scaler):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        epoch, directory, state = checkpoint
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["history"]
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,209 @@
+"""Stage failure_cases: which test pairs fine-tuning fixed, left wrong or broke, and what those pairs have in common.
+
+Reads  predictions/baseline.jsonl, predictions/finetuned.jsonl
+Writes reports/failure_cases.json, reports/failure_cases.md, metrics/comparison.json, plots/accuracy.json
+"""
+import logging
+import math
+from pathlib import Path
+
+from qlora_nli import markdown as md
+from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
+                                error_rates_by_slice, explain, pair_features, slices_of, tag_features)
+from qlora_nli.io import read_jsonl, write_json, write_text
+from qlora_nli.params import load_params
+from qlora_nli.prompts import LABELS
+from qlora_nli.stats import paired_accuracy_difference
+
+log = logging.getLogger("failure_cases")
+
+BASELINE = Path("predictions/baseline.jsonl")
+FINETUNED = Path("predictions/finetuned.jsonl")
+
+CATEGORIES = {  # (baseline correct, fine-tuned correct) -> category
+    (False, True): "corrected",
+    (False, False): "not_corrected",
+    (True, False): "regressed",
+    (True, True): "both_right",
+}
+MEANING = {
+    "corrected": "baseline wrong, fine-tuned right",
+    "not_corrected": "both wrong",
+    "regressed": "baseline right, fine-tuned wrong",
+    "both_right": "both right",
+}
+SELECTION_RULE = (
+    "corrected: largest gain in the probability of the gold label (fine-tuned minus baseline); "
+    "not_corrected and regressed: highest fine-tuned confidence in its wrong answer (the most confidently wrong). "
+    "Confidence = softmax of the three label log-likelihoods; without scores (method generate) cases go by id. "
+    "Ties go by id."
+)
+
+
+def load_predictions(path):
+    if not path.exists():
+        raise SystemExit(f"{path}: missing; run dvc repro")
+    rows = read_jsonl(path)
+    if not rows:
+        raise SystemExit(f"{path}: no predictions; rerun dvc repro")
+    by_id = {r["id"]: r for r in rows}
+    if len(by_id) != len(rows):
+        raise SystemExit(f"{path}: {len(rows) - len(by_id)} duplicate ids; rerun dvc repro")
+    return by_id
+
+
+def label_probabilities(scores):
+    """Softmax over the label log-likelihoods: the model's probability of each label, given that it picks one."""
+    if scores is None:
+        return None
+    top = max(scores)
+    exp = [math.exp(s - top) for s in scores]
+    return [e / sum(exp) for e in exp]
+
+
+def model_view(row):
+    probs = label_probabilities(row["scores"])
+    pred = row["pred"]
+    return {
+        "pred": pred,
+        "pred_label": "invalid" if pred is None else LABELS[pred],
+        "correct": pred == row["label"],
+        "scores": row["scores"],
+        "probabilities": None if probs is None else [round(p, 4) for p in probs],
+        "confidence": None if probs is None or pred is None else round(probs[pred], 4),
+        "generation": row.get("generation"),
+    }
+
+
+def build_case(base, tuned):
+    feats = pair_features(base["premise"], base["hypothesis"])
+    b, t = model_view(base), model_view(tuned)
+    gain = None
+    if b["probabilities"] and t["probabilities"]:
+        gain = round(t["probabilities"][base["label"]] - b["probabilities"][base["label"]], 4)
+    return {
+        "id": base["id"],
+        "premise": base["premise"],
+        "hypothesis": base["hypothesis"],
+        "gold": base["label"],
+        "gold_label": LABELS[base["label"]],
+        "category": CATEGORIES[(b["correct"], t["correct"])],
+        "baseline": b,
+        "finetuned": t,
+        "gold_probability_gain": gain,
+        "features": feats,
+        "slices": slices_of(feats, base["label"]),
+        "tags": tag_features(feats),
+    }
+
+
+def join(base, tuned):
+    if base.keys() != tuned.keys():
+        raise SystemExit(f"{BASELINE} and {FINETUNED}: ids differ ({len(base.keys() - tuned.keys())} only in baseline, "
+                         f"{len(tuned.keys() - base.keys())} only in finetuned); rerun dvc repro")
+    for i in base:
+        if any(base[i][k] != tuned[i][k] for k in ("premise", "hypothesis", "label")):
+            raise SystemExit(f"{BASELINE} and {FINETUNED}: id {i} has a different premise, hypothesis or label; "
+                             "rerun dvc repro")
+    return [build_case(base[i], tuned[i]) for i in sorted(base)]
+
+
+def select(cases, category, n):
+    def strength(c):  # None without scores (method "generate"): those cases sort last, in id order
+        return c["gold_probability_gain"] if category == "corrected" else c["finetuned"]["confidence"]
+
+    return sorted(cases, key=lambda c: (strength(c) is None, -(strength(c) or 0.0), c["id"]))[:n]
+
+
+def case_markdown(c):
+    def answer(v):
+        conf = "" if v["confidence"] is None else f" (confidence {v['confidence']:.2f})"
+        return f"{v['pred_label']}{conf}"
+
+    return (f"**#{c['id']}** gold: {c['gold_label']} · baseline: {answer(c['baseline'])} · "
+            f"fine-tuned: {answer(c['finetuned'])}\n\n"
+            f"> Premise: {c['premise']}\n>\n> Hypothesis: {c['hypothesis']}\n\n"
+            f"Tags: {'; '.join(c['tags'])}.\n\n"
+            f"Evidence: {c['explanation']}\n")
+
+
+def report_markdown(result, comparison, examples):
+    counts = result["counts"]
+    lines = [
+        "# Failure cases: baseline vs fine-tuned\n",
+        f"Test pairs: {result['n']}. Accuracy {md.pct(comparison['baseline_accuracy'])} (baseline) -> "
+        f"{md.pct(comparison['finetuned_accuracy'])} (fine-tuned): {md.pp(comparison['difference'])}, "
+        f"95% CI {md.ci(comparison['difference_ci95'], md.pp)}, "
+        f"exact McNemar p = {md.pvalue(comparison['mcnemar_p'])}.\n",
+        md.table(["category", "meaning", "pairs"], [(k, MEANING[k], counts[k]) for k in MEANING]),
+        "## Error rate by feature slice\n",
+        f"Slices: word overlap of hypothesis content words with the premise (low < {OVERLAP_BOUNDS[0]} <= mid < "
+        f"{OVERLAP_BOUNDS[1]} <= high), negation word in the hypothesis, hypothesis length "
+        f"(short <= {LENGTH_BOUNDS[0]} < medium <= {LENGTH_BOUNDS[1]} < long words), gold label. "
+        "Change = fine-tuned minus baseline error.\n",
+        md.slice_table(result["slices"]),
+        "## Most frequent confusions (gold -> predicted, wrong predictions only)\n",
+    ]
+    pairs = result["confusion_pairs"]
+    keys = sorted(set(pairs["baseline"]) | set(pairs["finetuned"]),
+                  key=lambda k: (-pairs["finetuned"].get(k, 0), -pairs["baseline"].get(k, 0), k))
+    lines.append(md.table(["confusion", "baseline", "fine-tuned"],
+                          [(k, pairs["baseline"].get(k, 0), pairs["finetuned"].get(k, 0)) for k in keys]))
+    lines += ["## Examples\n", f"Selection rule: {result['selection_rule']}\n",
+              "Evidence sentences compare the error rate of the slices a pair falls in with the overall error rate "
+              f"(a slice is cited when it has at least {EVIDENCE_MIN_N} pairs and an error rate at least "
+              f"{100 * EVIDENCE_MIN_GAP:.0f} percentage points above overall).\n"]
+    for category in ("corrected", "not_corrected", "regressed"):
+        shown = examples[category]
+        lines.append(f"### {category.replace('_', ' ').capitalize()}: {len(shown)} of {counts[category]} "
+                     f"({MEANING[category]})\n")
+        lines += [case_markdown(c) for c in shown] or ["None.\n"]
+    return "\n".join(lines)
+
+
+def main():
+    params = load_params()
+    n_examples = params["report"]["n_examples"]
+
+    log.info("joining %s and %s", BASELINE, FINETUNED)
+    cases = join(load_predictions(BASELINE), load_predictions(FINETUNED))
+    rows = [{"premise": c["premise"], "hypothesis": c["hypothesis"], "label": c["gold"],
+             "baseline_correct": c["baseline"]["correct"], "finetuned_correct": c["finetuned"]["correct"]}
+            for c in cases]
+    slices = error_rates_by_slice(rows)
+    for c in cases:
+        # a corrected pair is explained by why the baseline failed; the others by why the fine-tuned model fails
+        c["explanation"] = explain(c["slices"], slices, "baseline" if c["category"] == "corrected" else "finetuned")
+
+    by_category = {k: [c for c in cases if c["category"] == k] for k in CATEGORIES.values()}
+    paired = paired_accuracy_difference([c["baseline"]["correct"] for c in cases],
+                                        [c["finetuned"]["correct"] for c in cases])
+    n = len(cases)
+    comparison = {
+        "n": n,
+        "baseline_accuracy": round(sum(r["baseline_correct"] for r in rows) / n, 4),
+        "finetuned_accuracy": round(sum(r["finetuned_correct"] for r in rows) / n, 4),
+        **paired,
+    }
+    gold = [c["gold"] for c in cases]
+    result = {
+        "n": n,
+        "counts": {k: len(v) for k, v in by_category.items()},
+        "selection_rule": SELECTION_RULE,
+        "slices": slices,
+        "confusion_pairs": {m: confusion_pairs(gold, [c[m]["pred"] for c in cases]) for m in ("baseline", "finetuned")},
+        **{k: by_category[k] for k in ("corrected", "not_corrected", "regressed")},
+    }
+    examples = {k: select(by_category[k], k, n_examples) for k in ("corrected", "not_corrected", "regressed")}
+    log.info("%s", ", ".join(f"{k}: {v}" for k, v in result["counts"].items()))
+
+    write_json("reports/failure_cases.json", result)
+    write_text("reports/failure_cases.md", report_markdown(result, comparison, examples))
+    write_json("metrics/comparison.json", comparison)
+    write_json("plots/accuracy.json", [{"model": "baseline", "accuracy": comparison["baseline_accuracy"]},
+                                       {"model": "finetuned", "accuracy": comparison["finetuned_accuracy"]}])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    main()

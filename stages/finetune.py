@@ -1,0 +1,150 @@
+"""Stage finetune: QLoRA on the training sample. The base model stays frozen in 4-bit NF4; only LoRA adapters train.
+
+Writes checkpoints/epoch-N (resumed if the run is interrupted), models/adapter (the final adapter only, never the
+base weights), metrics/train.json and dvclive/ (live curves). Loss is on the answer tokens only.
+"""
+import logging
+
+import torch
+from dvclive import Live
+
+from qlora_nli import modeling
+from qlora_nli.io import atomic_path, file_sha256, read_jsonl, tree_size_bytes, write_json
+from qlora_nli.params import check_target_modules, load_params
+from qlora_nli.prompts import format_prompt
+from qlora_nli.resources import ResourceMonitor
+from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, score_labels
+from qlora_nli.training import (Checkpoints, Timer, fingerprint, length_grouped_batches, make_optimizer,
+                                make_scheduler, set_seed, train_one_epoch)
+
+log = logging.getLogger("finetune")
+
+
+@torch.no_grad()
+def validate(model, tokenizer, prompts, prompt_ids, answer_ids, labels, batch_size):
+    model.eval()
+    scores = score_labels(model, tokenizer, prompts, batch_size, desc="validate")
+    accuracy = (scores.argmax(1) == torch.tensor(labels)).float().mean().item()
+    losses = [answer_loss(model, prompt_ids[i : i + batch_size], answer_ids[i : i + batch_size],
+                          tokenizer.pad_token_id).item() * len(prompt_ids[i : i + batch_size])
+              for i in range(0, len(prompt_ids), batch_size)]
+    return sum(losses) / len(prompt_ids), accuracy
+
+
+def main():
+    params = load_params()
+    t = params["train"]
+    if t["num_threads"]:
+        torch.set_num_threads(t["num_threads"])
+    device = modeling.pick_device(params["model"]["device"])
+    dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
+
+    train_rows, val_rows = read_jsonl("data/train.jsonl"), read_jsonl("data/validation.jsonl")
+    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    answers = encode_answers(tokenizer)
+    template = params["prompt"]["template"]
+    train_prompt_ids = encode_prompts(tokenizer, [format_prompt(template, r) for r in train_rows])
+    train_answer_ids = [answers[r["label"]] for r in train_rows]
+    val_prompts = [format_prompt(template, r) for r in val_rows]
+    val_prompt_ids, val_answer_ids = encode_prompts(tokenizer, val_prompts), [answers[r["label"]] for r in val_rows]
+    val_labels = [r["label"] for r in val_rows]
+    lengths = [len(p) + len(a) for p, a in zip(train_prompt_ids, train_answer_ids)]
+
+    log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
+    with ResourceMonitor() as monitor:
+        set_seed(t["seed"])
+        model = modeling.load_base_model(params["model"], device)
+        check_target_modules(model, params["lora"]["target_modules"])
+        base_parameters = modeling.count_parameters(model)
+        model = modeling.attach_lora(model, params["lora"], t["gradient_checkpointing"])
+        n_parameters = modeling.count_parameters(model)
+        steps_per_epoch = -(-len(train_rows) // t["batch_size"])
+        optimizer, optimizer_name = make_optimizer(model, t, device)
+        scheduler = make_scheduler(optimizer, steps_per_epoch * t["epochs"], t["warmup_ratio"])
+        scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+
+        run_id = fingerprint(params["model"], params["prompt"], params["lora"], t, file_sha256("data/train.jsonl"),
+                             file_sha256("data/validation.jsonl"))
+        checkpoints = Checkpoints("checkpoints", run_id)
+        history = {"epochs": [], "steps": []}
+        last = checkpoints.latest()
+        if last is not None:
+            history = checkpoints.restore(last, model, optimizer, scheduler, scaler)
+            log.info("resuming after epoch %d from %s", last[0], last[1])
+
+        with Live("dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
+            # A resumed run replays the saved history, so the curves match an uninterrupted run.
+            for record in history["steps"]:
+                live.step = record["step"]
+                live.log_metric("train/step_loss", record["loss"])
+                live.log_metric("train/learning_rate", record["lr"])
+            for record in history["epochs"]:
+                live.step = record["step"]
+                for key in ("train_loss", "val_loss", "val_accuracy"):
+                    live.log_metric(f"epoch/{key}", record[key])
+
+            def on_step(loss, lr):
+                step = len(history["steps"]) + 1
+                history["steps"].append({"step": step, "loss": round(loss, 6), "lr": lr})
+                live.step = step
+                live.log_metric("train/step_loss", loss)
+                live.log_metric("train/learning_rate", lr)
+
+            try:
+                for epoch in range(len(history["epochs"]) + 1, t["epochs"] + 1):
+                    batches = length_grouped_batches(lengths, t["batch_size"], seed=t["seed"] * 1000 + epoch)
+                    with Timer() as timer:
+                        train_loss = train_one_epoch(model, batches, train_prompt_ids, train_answer_ids,
+                                                     tokenizer.pad_token_id, optimizer, scheduler, scaler, t, dtype,
+                                                     on_step)
+                    val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_prompt_ids, val_answer_ids,
+                                                      val_labels, t["batch_size"])
+                    record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),
+                              "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4),
+                              "seconds": round(timer.seconds, 3), "tokens": sum(lengths)}
+                    history["epochs"].append(record)
+                    for key in ("train_loss", "val_loss", "val_accuracy"):
+                        live.log_metric(f"epoch/{key}", record[key])
+                    log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, %.0f s",
+                             epoch, train_loss, val_loss, val_accuracy, timer.seconds)
+                    checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
+            except torch.OutOfMemoryError:
+                raise SystemExit(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_size "
+                                 f"(now {t['micro_batch_size']}) or set train.gradient_checkpointing: true")
+
+        with atomic_path("models/adapter") as tmp:
+            model.save_pretrained(tmp)
+
+    epochs = history["epochs"]
+    seconds = [e["seconds"] for e in epochs]
+    write_json("metrics/train.json", {
+        "model": params["model"]["name"],
+        "device": modeling.describe_device(device),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "load_in_4bit": params["model"]["load_in_4bit"],
+        "optimizer": optimizer_name,
+        "epochs": len(epochs),
+        "train_examples": len(train_rows),
+        "resumed_from_epoch": last[0] if last else None,
+        "time": {"total_seconds": round(sum(seconds), 1), "per_epoch_seconds": seconds},
+        "train_loss_per_epoch": [e["train_loss"] for e in epochs],
+        "val_loss_per_epoch": [e["val_loss"] for e in epochs],
+        "val_accuracy_per_epoch": [e["val_accuracy"] for e in epochs],
+        "parameters": {
+            "total": base_parameters["total"],
+            "trainable": n_parameters["trainable"],
+            "trainable_percent": round(100 * n_parameters["trainable"] / base_parameters["total"], 4),
+            "numel_as_stored": base_parameters["numel_as_stored"],
+        },
+        "adapter_bytes": tree_size_bytes("models/adapter"),
+        "throughput": {
+            "examples_per_second": round(len(train_rows) * len(epochs) / sum(seconds), 2),
+            "tokens_per_second": round(sum(e["tokens"] for e in epochs) / sum(seconds), 1),
+        },
+        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"]),
+    })
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main()

@@ -1,0 +1,48 @@
+"""Stage prepare: read SNLI (Hub, NLI_DATA_MIRROR or a local directory), take evenly spaced samples, write data/.
+
+Outputs: data/{train,validation,test}.jsonl with rows {"id", "premise", "hypothesis", "label"}, and
+data/manifest.json saying where the data came from, the hash of each raw split and what was dropped or sampled.
+"""
+import logging
+
+from qlora_nli.data import SPLITS, evenly_spaced, load_splits
+from qlora_nli.io import write_json, write_jsonl
+from qlora_nli.params import load_params
+
+log = logging.getLogger("prepare")
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    params = load_params()["data"]
+    sizes = {"train": ("data.n_train", params["n_train"]),
+             "validation": ("data.n_val", params["n_val"]),
+             "test": ("data.n_test", params["n_test"])}
+
+    log.info("reading %s", params["source"])
+    splits, info = load_splits(params["source"])
+    log.info("read from %s", info["read_from"])
+
+    # Sample every split before writing anything, so that a too-large n fails before any output changes.
+    samples = {}
+    for split in SPLITS:
+        key, n = sizes[split]
+        rows = splits[split]
+        samples[split] = rows if n == "all" else evenly_spaced(rows, n, key=key)
+        info["counts"][split]["sampled"] = len(samples[split])
+        log.info("%s: %d of %d labeled pairs", split, len(samples[split]), len(rows))
+
+    for split in SPLITS:
+        write_jsonl(f"data/{split}.jsonl", samples[split])
+    write_json("data/manifest.json", {
+        "source": params["source"],
+        "read_from": info["read_from"],
+        "raw_sha256": info["raw_sha256"],
+        "counts": info["counts"],
+        "sampling": "evenly spaced: index floor(i*N/n)",
+    })
+    log.info("wrote data/{train,validation,test}.jsonl and data/manifest.json")
+
+
+if __name__ == "__main__":
+    main()

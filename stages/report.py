@@ -1,0 +1,236 @@
+"""Stage report: reports/report.md answers the assignment's five questions with the numbers the pipeline measured.
+
+Reads only artifacts (no model): metrics/{baseline,finetuned,train,comparison}.json, reports/failure_cases.json,
+data/manifest.json. Writes reports/report.md.
+"""
+import logging
+from pathlib import Path
+
+from qlora_nli import markdown as md
+from qlora_nli.features import EVIDENCE_MIN_N
+from qlora_nli.io import read_json, write_text
+from qlora_nli.prompts import LABELS
+
+log = logging.getLogger("report")
+
+INPUTS = {
+    "baseline": "metrics/baseline.json",
+    "finetuned": "metrics/finetuned.json",
+    "train": "metrics/train.json",
+    "comparison": "metrics/comparison.json",
+    "failures": "reports/failure_cases.json",
+    "manifest": "data/manifest.json",
+}
+METHODS = {
+    "score": "each of the three label words is scored by its log-likelihood after the prompt and the most likely one "
+             "is the prediction (no parsing, so no invalid outputs)",
+    "generate": "greedy decoding after the prompt; the first label word in the output is the prediction, and an "
+                "output with no label word is invalid and counts as wrong",
+}
+
+
+def load_inputs():
+    for path in INPUTS.values():
+        if not Path(path).exists():
+            raise SystemExit(f"{path}: missing; run dvc repro")
+    art = {k: read_json(p) for k, p in INPUTS.items()}
+    # every number must come from the same run: a stale metrics file would make the report contradict itself
+    for name in ("baseline", "finetuned"):
+        got, want = art["comparison"][f"{name}_accuracy"], art[name]["accuracy"]
+        if abs(got - want) > 1e-4 or art["comparison"]["n"] != art[name]["n"]:
+            raise SystemExit(f"{INPUTS['comparison']}: accuracy {got} disagrees with {INPUTS[name]} ({want}); "
+                             "artifacts are stale, run dvc repro")
+    return art
+
+
+def seconds(s):
+    return f"{s:.1f} s ({s / 60:.1f} min)"
+
+
+def data_section(manifest):
+    lines = ["## Data\n",
+             f"- Source: `{manifest.get('source')}`, read from `{manifest.get('read_from')}`.\n"]
+    counts, hashes = manifest.get("counts", {}), manifest.get("raw_sha256", {})
+    rows = [(split, c.get("raw"), c.get("unlabeled_dropped"), c.get("sampled"), f"`{hashes.get(split, 'n/a')}`")
+            for split, c in counts.items()]
+    lines.append(md.table(["split", "raw pairs", "unlabeled dropped", "sampled", "raw sha256"], rows))
+    extra = {k: v for k, v in manifest.items() if k not in ("source", "read_from", "raw_sha256", "counts")}
+    lines += [f"- {k}: `{v}`" for k, v in extra.items()]
+    return lines
+
+
+def method_section(base, tuned, comparison):
+    methods = {base["method"], tuned["method"]}
+    lines = ["\n## Evaluation method\n",
+             f"Both models answer the same {comparison['n']} test pairs, formatted with the same prompt.\n"]
+    lines += [f"- Method `{m}`: {METHODS.get(m, 'see the evaluate stage')}." for m in sorted(methods)]
+    lines += [
+        f"- Baseline: `{base['model']}` without adapter; fine-tuned: the same base with the LoRA adapter "
+        f"`{tuned.get('adapter')}`.",
+        "- Accuracy intervals: Wilson score 95%. Difference: paired 95% interval, "
+        f"{comparison.get('ci_method', 'Newcombe method 10')}. Significance: exact McNemar test on the pairs where "
+        "exactly one model is right.",
+        f"- Evaluation time: baseline {base['eval_seconds']:.1f} s ({base['pairs_per_second']:.2f} pairs/s), "
+        f"fine-tuned {tuned['eval_seconds']:.1f} s ({tuned['pairs_per_second']:.2f} pairs/s).\n",
+    ]
+    return lines
+
+
+def accuracy_section(base, tuned, comparison):
+    rows = [(name, md.pct(m["accuracy"]), md.ci(m["accuracy_ci95"]), f"{m['macro_f1']:.4f}", md.pct(m["invalid_rate"]))
+            for name, m in (("baseline (pretrained)", base), ("fine-tuned", tuned))]
+    lo, hi = comparison["difference_ci95"]
+    verdict = ("the interval excludes 0" if lo > 0 or hi < 0
+               else f"the interval includes 0: on {comparison['n']} pairs the difference is not resolved at 95%")
+    lines = [
+        "## 1. Accuracy: pretrained vs fine-tuned\n",
+        md.table(["model", "accuracy", "95% CI", "macro-F1", "invalid outputs"], rows),
+        f"Difference (fine-tuned minus baseline): {md.pp(comparison['difference'])}, "
+        f"95% CI {md.ci(comparison['difference_ci95'], md.pp)}; {verdict}. "
+        f"Exact McNemar p = {md.pvalue(comparison['mcnemar_p'])} ({comparison['corrected']} pairs corrected, "
+        f"{comparison['regressed']} regressed, {comparison['both_right']} right for both, "
+        f"{comparison['both_wrong']} wrong for both).\n",
+        "### Per class\n",
+    ]
+    rows = []
+    for label in LABELS:
+        b, t = base["per_class"][label], tuned["per_class"][label]
+        rows.append((label, b["support"], *(f"{b[k]:.4f}" for k in ("precision", "recall", "f1")),
+                     *(f"{t[k]:.4f}" for k in ("precision", "recall", "f1"))))
+    lines.append(md.table(["gold label", "support", "baseline P", "baseline R", "baseline F1",
+                           "fine-tuned P", "fine-tuned R", "fine-tuned F1"], rows))
+    dist = [(k, base["predicted_distribution"].get(k, 0), tuned["predicted_distribution"].get(k, 0))
+            for k in (*LABELS, "invalid")]
+    lines += ["### Predicted labels\n", md.table(["predicted", "baseline", "fine-tuned"], dist),
+              "### Confusion matrices (rows gold, columns predicted; invalid outputs not included)\n",
+              "Baseline:\n", md.confusion_matrix(base["confusion_matrix"], LABELS),
+              "Fine-tuned:\n", md.confusion_matrix(tuned["confusion_matrix"], LABELS)]
+    return lines
+
+
+def time_section(train):
+    t = train["time"]
+    per_epoch = t["per_epoch_seconds"]
+
+    def at(key, i):
+        values = train.get(key) or []
+        return f"{values[i]:.4f}" if i < len(values) else "n/a"
+
+    rows = [(i + 1, f"{s:.1f}", at("train_loss_per_epoch", i), at("val_loss_per_epoch", i),
+             at("val_accuracy_per_epoch", i)) for i, s in enumerate(per_epoch)]
+    tp = train.get("throughput", {})
+    return [
+        "\n## 2. Fine-tuning time\n",
+        f"Total: {seconds(t['total_seconds'])} for {train['epochs']} epochs on {train['train_examples']} examples "
+        f"(device `{train['device']}`, compute dtype `{train['compute_dtype']}`, 4-bit base: {train['load_in_4bit']}). "
+        f"Mean per epoch: {seconds(sum(per_epoch) / len(per_epoch)) if per_epoch else 'n/a'}.\n",
+        md.table(["epoch", "seconds", "train loss", "val loss", "val accuracy"], rows),
+        f"Throughput: {tp.get('examples_per_second', 'n/a')} examples/s, "
+        f"{tp.get('tokens_per_second', 'n/a')} tokens/s.\n",
+    ]
+
+
+def parameters_section(train):
+    p = train["parameters"]
+    if p["numel_as_stored"] != p["total"]:
+        why = (f"Summing `numel()` over the model's tensors gives {p['numel_as_stored']:,}, fewer than the total, "
+               "because bitsandbytes stores 4-bit NF4 weights packed two per byte in uint8 tensors: each quantized "
+               "matrix reports half its logical size. The total counts each weight once, from the quantized layers' "
+               "original shapes.")
+    else:
+        why = "No weights are 4-bit packed, so summing `numel()` over the tensors gives the total."
+    return [
+        "\n## 3. Parameters\n",
+        md.table(["total", "trainable (LoRA)", "trainable %", "numel as stored"],
+                 [(f"{p['total']:,}", f"{p['trainable']:,}", f"{p['trainable_percent']:.4f}%",
+                   f"{p['numel_as_stored']:,}")]),
+        why + " Only the LoRA adapter matrices are trained; the base model is frozen. "
+        f"Saved adapter: {train['adapter_bytes'] / 2**20:.2f} MB.\n",
+    ]
+
+
+def resources_section(train):
+    r = train["resources"]
+    reason = r.get("gpu_unavailable_reason")
+    lines = [
+        "## 4. Resources used by fine-tuning\n",
+        f"Sampled {r['samples']} times over {r['wall_seconds']:.1f} s of the fine-tuning process.\n",
+        f"- RAM (process RSS): peak {r['process_rss_peak_mb']:.1f} MB, mean {r['process_rss_mean_mb']:.1f} MB.",
+        f"- CPU (percent of all cores): mean {r['cpu_percent_mean']}%, peak {r['cpu_percent_peak']}%.",
+    ]
+    if r.get("gpu_name") is None:
+        lines.append(f"- GPU: none used: {reason or 'no reason recorded'}.")
+    else:
+        def gpu(key, unit):
+            # a missing reading is reported as missing, never as zero
+            return "not measured" + (f" ({reason})" if reason else "") if r.get(key) is None else f"{r[key]:.1f} {unit}"
+
+        lines += [
+            f"- GPU: {r['gpu_name']}.",
+            f"  - Memory used on the device: peak {gpu('gpu_memory_used_peak_mb', 'MB')}, "
+            f"mean {gpu('gpu_memory_used_mean_mb', 'MB')}.",
+            f"  - Memory of this process (NVML): peak {gpu('gpu_process_memory_peak_mb', 'MB')}; "
+            f"torch max allocated: {gpu('torch_max_memory_allocated_mb', 'MB')}.",
+            f"  - Utilization: mean {gpu('gpu_utilization_mean_percent', '%')}, "
+            f"peak {gpu('gpu_utilization_peak_percent', '%')}.",
+        ]
+    lines.append(f"- Disk: {r['disk_outputs_mb']:.1f} MB of outputs written by fine-tuning.\n")
+    return lines
+
+
+def change(s):
+    return round(s["finetuned_error"] - s["baseline_error"], 4)
+
+
+def failures_section(failures):
+    c = failures["counts"]
+    overall = next(s for s in failures["slices"] if s["slice"] == "all")
+    # a slice of 2 pairs swings by 50 points on one pair: only slices large enough to count as evidence are compared
+    shifts = sorted((s for s in failures["slices"] if s["slice"] != "all" and s["n"] >= EVIDENCE_MIN_N), key=change)
+    lines = [
+        "## 5. Failure cases\n",
+        f"Of {failures['n']} test pairs, fine-tuning corrected {c['corrected']}, left {c['not_corrected']} wrong, "
+        f"and broke {c['regressed']} ({c['both_right']} were right for both). Every case, with scores, features and "
+        "the selection rule of the shown examples, is in [failure_cases.md](failure_cases.md) and "
+        "`reports/failure_cases.json`.\n",
+        f"Error rate by slice (overall: baseline {md.pct(overall['baseline_error'])}, "
+        f"fine-tuned {md.pct(overall['finetuned_error'])}):\n",
+        md.slice_table(failures["slices"]),
+    ]
+    if shifts:
+        def shift(s):
+            return (f"{s['slice']} = {s['value']} ({s['n']} pairs, {md.pct(s['baseline_error'])} -> "
+                    f"{md.pct(s['finetuned_error'])}, {md.pp(change(s))})")
+
+        lines.append(f"Error change by slice ranges from {shift(shifts[0])} to {shift(shifts[-1])}; "
+                     f"overall {md.pp(change(overall))} (slices of at least {EVIDENCE_MIN_N} pairs; "
+                     "small slices carry wide uncertainty).\n")
+    top = list(failures["confusion_pairs"]["finetuned"].items())[:3]
+    if top:
+        lines.append("Most frequent fine-tuned confusions (gold -> predicted): "
+                     + ", ".join(f"{k} ({v})" for k, v in top) + ".\n")
+    return lines
+
+
+def main():
+    art = load_inputs()
+    base, tuned, train, comparison = art["baseline"], art["finetuned"], art["train"], art["comparison"]
+    lines = [
+        f"# QLoRA fine-tuning of `{train['model']}` on SNLI: report\n",
+        "Every number below is read from the pipeline's artifacts (metrics/, reports/failure_cases.json, "
+        "data/manifest.json); `dvc repro` regenerates them and this file.\n",
+        *data_section(art["manifest"]),
+        *method_section(base, tuned, comparison),
+        *accuracy_section(base, tuned, comparison),
+        *time_section(train),
+        *parameters_section(train),
+        *resources_section(train),
+        *failures_section(art["failures"]),
+    ]
+    log.info("writing reports/report.md")
+    write_text("reports/report.md", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    main()

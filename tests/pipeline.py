@@ -1,0 +1,67 @@
+"""A throwaway copy of the project wired to a tiny model and made-up data, for end-to-end tests."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tiny import make_tiny_model, write_nli_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_project(root, arch="phi", **overrides):
+    """Copy the pipeline into `root` (a git + DVC repo), with params for a tiny model and tiny data."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ["stages", "qlora_nli"]:
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
+        shutil.copy(REPO / name, root / name)
+    model_dir = make_tiny_model(arch, root.parent / f"{root.name}-model")
+    data_dir = write_nli_dir(root.parent / f"{root.name}-nli")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source=str(data_dir), n_train=24, n_val=6, n_test=9)
+    params["model"]["name"] = str(model_dir)
+    params["train"].update(epochs=2, batch_size=8, micro_batch_size=8, num_threads=1)
+    params["evaluate"]["batch_size"] = 4
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        params[group][name] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)  # dvclive needs a commit to exist
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"], root)
+    return root
+
+
+def env(root):
+    # the copied package, not the installed one, so the test exercises what it copied
+    return {**os.environ, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd, root, check=True, extra_env=None):
+    result = subprocess.run(cmd, cwd=root, env={**env(root), **(extra_env or {})}, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+def dvc(root, *args, check=True):
+    return run([sys.executable, "-m", "dvc", *args], root, check=check)
+
+
+def stages_run(output):
+    """Names of the stages that `dvc repro` actually ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def set_param(root, key, value):
+    path = Path(root) / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    group, name = key.split(".")
+    params[group][name] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,371 @@
+"""The loader on tiny made-up data sets in every accepted layout, its errors, mirror/Hub resolution, and prepare."""
+import csv
+import hashlib
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_nli import data
+from qlora_nli.data import evenly_spaced, load_splits, resolve_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Made-up pairs (never SNLI text). The -1 row is unlabeled, the blank hypothesis is skipped as empty.
+RAW = [
+    {"premise": "A cook stirs a pot.", "hypothesis": "Someone is cooking.", "label": 0},
+    {"premise": "A cook stirs a pot.", "hypothesis": "The soup is for a party.", "label": 1},
+    {"premise": "Two dogs nap.", "hypothesis": "No pet is asleep.", "label": -1},
+    {"premise": "Two dogs nap.", "hypothesis": "The dogs are running.", "label": 2},
+    {"premise": "A girl reads.", "hypothesis": "  ", "label": 0},
+    {"premise": "A girl reads.", "hypothesis": "A girl holds a book.", "label": 0},
+]
+KEPT = [{"id": i, **r} for i, r in enumerate(RAW) if r["label"] != -1 and r["hypothesis"].strip()]
+COUNTS = {"raw": 6, "unlabeled_dropped": 1, "skipped_empty": 1}
+SPLITS = ("train", "validation", "test")
+
+
+def write_split(path, rows, fmt):
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif fmt == "json-lines":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def hf_dir(root, fmt="jsonl", rows=RAW):
+    root.mkdir(parents=True, exist_ok=True)
+    ext = "json" if fmt == "json-lines" else fmt
+    for split in SPLITS:
+        write_split(root / f"{split}.{ext}", rows, fmt)
+    return root
+
+
+def snli1_dir(root, rows=RAW):
+    root.mkdir(parents=True, exist_ok=True)
+    words = {-1: "-", 0: "entailment", 1: "neutral", 2: "contradiction"}
+    lines = [{"annotator_labels": ["x"], "captionID": "c", "gold_label": words[r["label"]], "pairID": str(i),
+              "sentence1": r["premise"], "sentence1_parse": "(ROOT)", "sentence2": r["hypothesis"]}
+             for i, r in enumerate(rows)]
+    for name in ("snli_1.0_train.jsonl", "snli_1.0_dev.jsonl", "snli_1.0_test.jsonl"):
+        (root / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def one_line_error(call):
+    with pytest.raises(SystemExit) as e:
+        call()
+    message = str(e.value.code)
+    assert message and "\n" not in message, message
+    return message
+
+
+# --- evenly_spaced ------------------------------------------------------------------------------------------------
+
+def test_evenly_spaced_indices():
+    assert evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
+    assert evenly_spaced(list(range(10)), 1) == [0]
+    picked = evenly_spaced(range(550_152), 1000)
+    assert len(picked) == 1000 and picked[:3] == [0, 550, 1100] and picked[-1] == 999 * 550_152 // 1000
+
+
+def test_evenly_spaced_all_and_too_many():
+    rows = list("abcde")
+    assert evenly_spaced(rows, 5) == rows
+    message = one_line_error(lambda: evenly_spaced(rows, 6, key="data.n_train"))
+    assert "data.n_train = 6 is larger than the split (5 labeled pairs)" in message
+
+
+# --- layouts ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json-lines", "csv", "parquet"])
+def test_hugging_face_file_layouts(tmp_path, fmt):
+    root = hf_dir(tmp_path / "nli", fmt)
+    splits, info = load_splits(str(root))
+    for split in SPLITS:
+        assert splits[split] == KEPT
+        assert info["counts"][split] == COUNTS
+    assert info["read_from"] == f"local:{root}"
+    ext = "json" if fmt == "json-lines" else fmt
+    assert info["raw_sha256"]["test"] == hashlib.sha256((root / f"test.{ext}").read_bytes()).hexdigest()
+
+
+def test_save_to_disk_layout(tmp_path):
+    import datasets
+
+    root = tmp_path / "saved"
+    datasets.DatasetDict({s: datasets.Dataset.from_list(RAW) for s in SPLITS}).save_to_disk(str(root))
+    splits, info = load_splits(str(root))
+    assert all(splits[s] == KEPT and info["counts"][s] == COUNTS for s in SPLITS)
+    assert len(info["raw_sha256"]["train"]) == 64
+
+
+def test_snli_1_0_layout(tmp_path):
+    splits, info = load_splits(str(snli1_dir(tmp_path / "snli_1.0")))
+    assert all(splits[s] == KEPT and info["counts"][s] == COUNTS for s in SPLITS)
+
+
+def test_label_words_in_hugging_face_layout(tmp_path):
+    words = ["entailment", "Neutral", " contradiction ", "-1", "2"]
+    rows = [{"premise": "p", "hypothesis": f"h{i}", "label": w} for i, w in enumerate(words)]
+    splits, info = load_splits(str(hf_dir(tmp_path / "nli", "jsonl", rows)))
+    assert [r["label"] for r in splits["train"]] == [0, 1, 2, 2]
+    assert [r["id"] for r in splits["train"]] == [0, 1, 2, 4]
+    assert info["counts"]["train"]["unlabeled_dropped"] == 1
+
+
+def test_null_text_is_skipped_as_empty(tmp_path):
+    rows = RAW + [{"premise": None, "hypothesis": "h", "label": 1}]
+    splits, info = load_splits(str(hf_dir(tmp_path / "nli", "jsonl", rows)))
+    assert splits["train"] == KEPT and info["counts"]["train"]["skipped_empty"] == 2
+
+
+def test_blank_lines_and_bom_are_ignored(tmp_path):
+    root = hf_dir(tmp_path / "nli")
+    (root / "train.jsonl").write_text("\ufeff" + "\n".join(json.dumps(r) for r in RAW[:2]) + "\n\n  \n")
+    splits, info = load_splits(str(root))
+    assert splits["train"] == KEPT[:2] and info["counts"]["train"]["raw"] == 2
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+def broken_train(tmp_path, text, name="train.jsonl"):
+    root = hf_dir(tmp_path / "nli")
+    (root / "train.jsonl").unlink()
+    (root / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(root)
+
+
+def lines(*rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+GOOD = RAW[0]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (lines(GOOD, GOOD, '{"premise": "p", "hypo'), "train.jsonl line 3: not valid JSON"),
+    (lines(GOOD, "[1, 2]"), "train.jsonl line 2: expected an object"),
+    (lines(GOOD, {"premise": "p", "label": 1}), "train.jsonl line 2: missing key 'hypothesis'"),
+    (lines(GOOD, {**GOOD, "label": 5}), "train.jsonl line 2: label = 5 is not a known label; allowed: 0, 1, 2"),
+    (lines(GOOD, {**GOOD, "label": True}), "line 2: label = True is not a known label"),
+    (lines(GOOD, {**GOOD, "label": 1.0}), "line 2: label = 1.0 is not a known label"),
+    (lines(GOOD, {**GOOD, "label": "maybe"}), "line 2: label = 'maybe' is not a known label"),
+    (lines(GOOD, {**GOOD, "label": None}), "line 2: label = None is not a known label"),
+    (lines(GOOD, {**GOOD, "premise": 42}), "line 2: premise = 42 is not a string"),
+    (lines(GOOD, {**GOOD, "hypothesis": ["a"]}), "line 2: hypothesis = ['a'] is not a string"),
+    (lines(GOOD, '{"premise": "\\ud800", "hypothesis": "h", "label": 0}'), "line 2: premise holds invalid Unicode"),
+    (lines(GOOD) + "1" * 5000 + "\n", "line 2: not valid JSON"),
+    (lines(GOOD) + "[" * 100_000 + "\n", "line 2: not valid JSON"),
+    (lines(GOOD).encode() + b'{"premise": "\xff"}\n', "train.jsonl line 2: not valid UTF-8"),
+    (lines({**GOOD, "label": -1}, {**GOOD, "hypothesis": ""}),
+     "train.jsonl: no labeled pairs (2 rows, 1 unlabeled, 1 with empty text)"),
+    ("", "train.jsonl: no labeled pairs (0 rows"),
+])
+def test_malformed_jsonl(tmp_path, text, fragment):
+    assert fragment in one_line_error(lambda: load_splits(broken_train(tmp_path, text)))
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("train.csv", "premise,label\np,0\n", "train.csv: missing column 'hypothesis' (found: premise, label)"),
+    ("train.csv", "premise,hypothesis,label\np,h,7\n", "train.csv line 2: label = '7' is not a known label"),
+    ("train.csv", "", "train.csv: missing column 'premise' (found: none)"),
+    ("train.csv", b"premise,hypothesis,label\n\xff,h,0\n", "train.csv: not valid UTF-8 at byte"),
+    ("train.parquet", "not parquet at all", "train.parquet: cannot read it as Parquet"),
+    ("train.json", "[1, 2]", "train.json item 1: expected an object"),
+    ("train.json", '{"data": [{"premise": "p", "hypothesis": "h"}]}', "train.json item 1: missing key 'label'"),
+])
+def test_malformed_other_formats(tmp_path, name, text, fragment):
+    assert fragment in one_line_error(lambda: load_splits(broken_train(tmp_path, text, name)))
+
+
+def test_csv_field_limit(tmp_path):
+    text = "premise,hypothesis,label\n" + '"' + "x" * 200_000 + '",h,0\n'
+    assert "not valid CSV" in one_line_error(lambda: load_splits(broken_train(tmp_path, text, "train.csv")))
+
+
+def test_missing_and_ambiguous_splits(tmp_path):
+    root = hf_dir(tmp_path / "nli")
+    (root / "validation.jsonl").unlink()
+    message = one_line_error(lambda: load_splits(str(root)))
+    assert "has no validation split; expected one of validation.jsonl" in message
+    write_split(root / "validation.jsonl", RAW, "jsonl")
+    write_split(root / "validation.csv", RAW, "csv")
+    assert "several validation files" in one_line_error(lambda: load_splits(str(root)))
+    root = snli1_dir(tmp_path / "snli")
+    (root / "snli_1.0_dev.jsonl").unlink()
+    assert "snli_1.0_dev.jsonl is missing" in one_line_error(lambda: load_splits(str(root)))
+
+
+def test_snli_1_0_unknown_gold_label(tmp_path):
+    root = snli1_dir(tmp_path / "snli")
+    (root / "snli_1.0_test.jsonl").write_text(lines({"sentence1": "p", "sentence2": "h", "gold_label": "yes"}))
+    message = one_line_error(lambda: load_splits(str(root)))
+    assert "snli_1.0_test.jsonl line 1: gold_label = 'yes' is not a known label" in message
+
+
+def test_save_to_disk_errors(tmp_path):
+    import datasets
+
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(RAW).save_to_disk(str(single))
+    (single / "dataset_dict.json").write_text("{}")  # looks like a DatasetDict folder, but is not one
+    assert "holds a single Dataset" in one_line_error(lambda: load_splits(str(single)))
+    damaged = tmp_path / "damaged"
+    datasets.DatasetDict({s: datasets.Dataset.from_list(RAW) for s in SPLITS}).save_to_disk(str(damaged))
+    (damaged / "dataset_dict.json").write_text("not json")
+    assert "cannot read" in one_line_error(lambda: load_splits(str(damaged)))
+    no_test = tmp_path / "no_test"
+    datasets.DatasetDict({s: datasets.Dataset.from_list(RAW) for s in SPLITS[:2]}).save_to_disk(str(no_test))
+    assert "has no 'test' split (found: train, validation)" in one_line_error(lambda: load_splits(str(no_test)))
+    renamed = tmp_path / "renamed"
+    rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": r["label"]} for r in RAW]
+    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s in SPLITS}).save_to_disk(str(renamed))
+    assert "missing column 'premise'" in one_line_error(lambda: load_splits(str(renamed)))
+
+
+# --- where the data comes from: local, mirror, Hub -----------------------------------------------------------------
+
+def test_local_directory_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path / "nowhere"))
+    root = hf_dir(tmp_path / "nli")
+    assert resolve_source(str(root)) == ("local", str(root))
+
+
+@pytest.mark.parametrize("layout", ["owner/name", "name"])
+def test_mirror(tmp_path, monkeypatch, layout):
+    hf_dir(tmp_path / "mirror" / layout.replace("owner", "stanfordnlp").replace("name", "snli"))
+    monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path / "mirror"))
+    splits, info = load_splits("stanfordnlp/snli")
+    expected = "stanfordnlp/snli" if layout == "owner/name" else "snli"
+    # no absolute path: the manifest (a DVC output) must be the same on every machine
+    assert info["read_from"] == f"mirror:$NLI_DATA_MIRROR/{expected}"
+    assert splits["test"] == KEPT
+
+
+def test_mirror_without_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path))
+    message = one_line_error(lambda: resolve_source("stanfordnlp/snli"))
+    assert f"{tmp_path}/stanfordnlp/snli or {tmp_path}/snli" in message and "NLI_DATA_MIRROR" in message
+
+
+def test_source_that_is_neither_a_directory_nor_a_hub_id(tmp_path):
+    message = one_line_error(lambda: resolve_source(str(tmp_path / "missing")))
+    assert "is neither an existing directory nor a Hugging Face dataset id" in message
+
+
+HUB_DOWN = ("data.source: cannot reach the Hugging Face Hub for 'stanfordnlp/snli' and NLI_DATA_MIRROR is not set; "
+            "connect to the Hub, or set NLI_DATA_MIRROR to a directory holding snli/{train,validation,test}.jsonl")
+
+
+def test_no_mirror_and_no_hub(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("NLI_DATA_MIRROR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    start = time.monotonic()
+    assert one_line_error(lambda: load_splits("stanfordnlp/snli")) == HUB_DOWN
+    assert time.monotonic() - start < 5
+
+
+def test_hub_offline_mode_without_cache(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    def no_cache(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'stanfordnlp/snli' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.delenv("NLI_DATA_MIRROR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets, "load_dataset", no_cache)
+    assert one_line_error(lambda: load_splits("stanfordnlp/snli")) == HUB_DOWN
+
+
+def test_hub_dataset(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    hub = datasets.DatasetDict({s: datasets.Dataset.from_list(RAW) for s in SPLITS})
+    monkeypatch.delenv("NLI_DATA_MIRROR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda source: hub)
+    splits, info = load_splits("owner/made-up-nli")
+    assert info["read_from"] == "hub:owner/made-up-nli"
+    assert all(splits[s] == KEPT and info["counts"][s] == COUNTS for s in SPLITS)
+    canonical = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in RAW)
+    assert info["raw_sha256"]["train"] == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- the prepare stage ---------------------------------------------------------------------------------------------
+
+def prepare_project(tmp_path, **data_params):
+    many = [{"premise": f"Made-up scene {i}.", "hypothesis": f"Claim {i}.", "label": i % 3} for i in range(40)]
+    many[7]["label"] = -1
+    hf_dir(tmp_path / "nli", "jsonl", many)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update({"source": str(tmp_path / "nli"), "n_train": 10, "n_val": 4, "n_test": "all", **data_params})
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def run_prepare(project, monkeypatch):
+    monkeypatch.chdir(project)
+    runpy.run_path(str(REPO / "stages" / "prepare.py"), run_name="__main__")
+    return {p.name: p.read_bytes() for p in sorted((project / "data").iterdir())}
+
+
+def test_prepare_end_to_end_is_reproducible(tmp_path, monkeypatch):
+    project = prepare_project(tmp_path)
+    first = run_prepare(project, monkeypatch)
+    assert sorted(first) == ["manifest.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert run_prepare(project, monkeypatch) == first
+
+    train = [json.loads(line) for line in first["train.jsonl"].decode().splitlines()]
+    labeled_ids = [i for i in range(40) if i != 7]
+    assert [r["id"] for r in train] == [labeled_ids[i * 39 // 10] for i in range(10)]
+    assert set(train[0]) == {"id", "premise", "hypothesis", "label"}
+    manifest = json.loads(first["manifest.json"])
+    assert manifest["read_from"] == f"local:{tmp_path / 'nli'}"
+    assert manifest["counts"]["train"] == {"raw": 40, "unlabeled_dropped": 1, "skipped_empty": 0, "sampled": 10}
+    assert manifest["counts"]["test"]["sampled"] == 39
+    assert manifest["sampling"] == "evenly spaced: index floor(i*N/n)"
+    assert set(manifest["raw_sha256"]) == set(SPLITS)
+
+
+def test_prepare_as_a_script(tmp_path):
+    project = prepare_project(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(REPO / "stages" / "prepare.py")], cwd=project, env=env, check=True)
+    assert (project / "data" / "manifest.json").is_file()
+
+
+def test_prepare_too_large_sample_writes_nothing(tmp_path, monkeypatch):
+    project = prepare_project(tmp_path, n_val=40)
+    message = one_line_error(lambda: run_prepare(project, monkeypatch))
+    assert "data.n_val = 40 is larger than the split (39 labeled pairs)" in message
+    assert not (project / "data").exists()

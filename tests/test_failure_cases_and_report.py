@@ -1,0 +1,278 @@
+"""The failure_cases and report stages, run as DVC runs them (a subprocess in the workspace) on made-up artifacts."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_nli import markdown as md
+from qlora_nli.features import error_rates_by_slice
+from qlora_nli.prompts import LABELS
+from qlora_nli.stats import classification_metrics, paired_accuracy_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (id, premise, hypothesis, gold, baseline pred, baseline margin, fine-tuned pred, fine-tuned margin); made up, not SNLI
+PAIRS = [
+    (1, "A chef slices onions in a kitchen.", "A chef is not cooking.", 2, 0, 1.0, 2, 3.0),          # corrected
+    (2, "Two dogs run on a beach.", "Two dogs run.", 0, 1, 2.0, 0, 0.5),                             # corrected
+    (3, "A boy paints a fence.", "The boy is painting for money.", 1, 2, 0.2, 1, 2.5),               # corrected
+    (4, "A woman jogs in a park.", "Nobody is jogging.", 2, 0, 1.5, 1, 2.0),                         # not corrected
+    (5, "A man plays a violin.", "A man plays a violin for his wife at a wedding.", 1, 0, 1.0, 0, 3.5),  # not corrected
+    (6, "Kids swim in a lake.", "Kids swim in a lake.", 0, 0, 2.0, 2, 1.0),                          # regressed
+    (7, "A cat sleeps on a sofa.", "An animal rests.", 0, 0, 1.0, 0, 2.0),                           # both right
+    (8, "A girl climbs a tree.", "A girl never climbs.", 2, 2, 0.5, 2, 3.0),                         # both right
+    (9, "A band plays music outside.", "A band plays a concert for charity tonight.", 1, 1, 0.3, 1, 1.0),
+    (10, "An old man feeds pigeons.", "A man feeds birds.", 0, 0, 1.2, 0, 2.2),
+    (11, "A baker holds bread.", "The baker isn't holding anything.", 2, 2, 0.8, 2, 2.8),
+    (12, "People wait for a bus.", "People wait.", 0, 0, 0.9, 0, 1.9),
+]
+EXPECTED = {"corrected": [1, 2, 3], "not_corrected": [4, 5], "regressed": [6],
+            "both_right": [7, 8, 9, 10, 11, 12]}
+
+
+def scores_for(pred, margin):
+    scores = [-4.0, -4.0, -4.0]
+    scores[pred] += margin
+    return scores
+
+
+def softmax(scores):
+    exp = [math.exp(s) for s in scores]
+    return [e / sum(exp) for e in exp]
+
+
+def prediction_rows(which):
+    rows = []
+    for i, premise, hypothesis, gold, bp, bm, tp, tm in PAIRS:
+        pred, margin = (bp, bm) if which == "baseline" else (tp, tm)
+        rows.append({"id": i, "premise": premise, "hypothesis": hypothesis, "label": gold, "pred": pred,
+                     "scores": scores_for(pred, margin), "correct": pred == gold, "generation": None})
+    return rows
+
+
+def train_metrics(gpu=False):
+    resources = {"wall_seconds": 130.2, "samples": 260, "process_rss_peak_mb": 2345.6, "process_rss_mean_mb": 2100.4,
+                 "cpu_percent_mean": 71.3, "cpu_percent_peak": 98.8, "gpu_name": None,
+                 "gpu_memory_used_peak_mb": None, "gpu_memory_used_mean_mb": None, "gpu_process_memory_peak_mb": None,
+                 "torch_max_memory_allocated_mb": None, "gpu_utilization_mean_percent": None,
+                 "gpu_utilization_peak_percent": None,
+                 "gpu_unavailable_reason": "no CUDA GPU visible to torch (CPU run)",
+                 "disk_outputs_mb": 18.7}
+    if gpu:
+        resources.update({"gpu_name": "Made-up GPU 80GB", "gpu_memory_used_peak_mb": 5123.4,
+                          "gpu_memory_used_mean_mb": 4000.2, "torch_max_memory_allocated_mb": 3456.7,
+                          "gpu_utilization_mean_percent": 55.5, "gpu_utilization_peak_percent": 97.0,
+                          "gpu_unavailable_reason": None})
+    return {"model": "made-up/tiny-model", "device": "cpu", "compute_dtype": "float32", "load_in_4bit": True,
+            "epochs": 2, "train_examples": 1000,
+            "time": {"total_seconds": 125.44, "per_epoch_seconds": [60.12, 62.87]},
+            "train_loss_per_epoch": [0.9123, 0.5012], "val_loss_per_epoch": [0.8123, 0.6543],
+            "val_accuracy_per_epoch": [0.55, 0.71],
+            "parameters": {"total": 134515008, "trainable": 4884480, "trainable_percent": 3.6312,
+                           "numel_as_stored": 106137600},
+            "adapter_bytes": 19580000, "throughput": {"examples_per_second": 15.9, "tokens_per_second": 1020.5},
+            "resources": resources}
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in obj))
+    else:
+        path.write_text(json.dumps(obj, indent=2))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["report"]["n_examples"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for which in ("baseline", "finetuned"):
+        rows = prediction_rows(which)
+        # the fine-tuned file in another order: the stage must join by id, not by line
+        write(tmp_path / f"predictions/{which}.jsonl", rows if which == "baseline" else rows[::-1])
+        metrics = classification_metrics([r["label"] for r in rows], [r["pred"] for r in rows])
+        metrics.update({"model": "made-up/tiny-model", "method": "score",
+                        "adapter": None if which == "baseline" else "models/adapter",
+                        "eval_seconds": 12.3 if which == "baseline" else 14.6, "pairs_per_second": 0.98})
+        write(tmp_path / f"metrics/{which}.json", metrics)
+    write(tmp_path / "metrics/train.json", train_metrics())
+    write(tmp_path / "data/manifest.json", {
+        "source": "made-up/snli-like", "read_from": "/made/up/mirror",
+        "raw_sha256": {"train": "a" * 64, "validation": "b" * 64, "test": "c" * 64},
+        "counts": {"train": {"raw": 5000, "unlabeled_dropped": 7, "sampled": 1000},
+                   "validation": {"raw": 900, "unlabeled_dropped": 2, "sampled": 100},
+                   "test": {"raw": 900, "unlabeled_dropped": 3, "sampled": 12}},
+        "sampling": "evenly spaced"})
+    return tmp_path
+
+
+def run_stage(name, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def run_ok(name, cwd):
+    proc = run_stage(name, cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_failure_cases_categories(workdir):
+    run_ok("failure_cases", workdir)
+    result = read(workdir / "reports/failure_cases.json")
+    assert result["n"] == 12
+    assert result["counts"] == {k: len(v) for k, v in EXPECTED.items()}
+    for category in ("corrected", "not_corrected", "regressed"):
+        cases = result[category]
+        assert [c["id"] for c in cases] == EXPECTED[category]
+        assert all(c["category"] == category for c in cases)
+    case = result["regressed"][0]
+    assert case["gold_label"] == "entailment" and case["finetuned"]["pred_label"] == "contradiction"
+    assert case["finetuned"]["confidence"] == round(softmax(scores_for(2, 1.0))[2], 4)
+    assert case["features"]["word_overlap"] == 1.0 and "high overlap (100%)" in case["tags"]
+    assert case["explanation"] and result["selection_rule"]
+    assert result["confusion_pairs"]["finetuned"] == {"entailment -> contradiction": 1, "contradiction -> neutral": 1,
+                                                      "neutral -> entailment": 1}
+    rows = [{"premise": p[1], "hypothesis": p[2], "label": p[3], "baseline_correct": p[4] == p[3],
+             "finetuned_correct": p[6] == p[3]} for p in PAIRS]
+    assert result["slices"] == error_rates_by_slice(rows)
+
+
+def test_comparison_metrics_and_plot(workdir):
+    run_ok("failure_cases", workdir)
+    comparison = read(workdir / "metrics/comparison.json")
+    base = [p[4] == p[3] for p in sorted(PAIRS)]
+    tuned = [p[6] == p[3] for p in sorted(PAIRS)]
+    assert comparison["n"] == 12
+    assert comparison["baseline_accuracy"] == read(workdir / "metrics/baseline.json")["accuracy"] == round(7 / 12, 4)
+    assert comparison["finetuned_accuracy"] == read(workdir / "metrics/finetuned.json")["accuracy"] == round(9 / 12, 4)
+    paired = paired_accuracy_difference(base, tuned)
+    assert {k: comparison[k] for k in paired} == paired
+    assert (comparison["corrected"], comparison["regressed"]) == (3, 1)
+    assert read(workdir / "plots/accuracy.json") == [{"model": "baseline", "accuracy": round(7 / 12, 4)},
+                                                     {"model": "finetuned", "accuracy": 0.75}]
+
+
+def test_failure_cases_markdown(workdir):
+    run_ok("failure_cases", workdir)
+    result = read(workdir / "reports/failure_cases.json")
+    text = (workdir / "reports/failure_cases.md").read_text()
+    for heading in ("# Failure cases", "## Error rate by feature slice", "## Most frequent confusions", "## Examples",
+                    "### Corrected: 2 of 3", "### Not corrected: 2 of 2", "### Regressed: 1 of 1"):
+        assert heading in text
+    assert md.slice_table(result["slices"]) in text
+    assert "| corrected | baseline wrong, fine-tuned right | 3 |" in text
+    assert result["selection_rule"] in text
+    # corrected examples: the two largest gains in gold-label probability, largest first
+    gains = {c["id"]: c["gold_probability_gain"] for c in result["corrected"]}
+    top2 = sorted(gains, key=lambda i: -gains[i])[:2]
+    shown = [i for i in gains if f"**#{i}**" in text]
+    assert sorted(shown) == sorted(top2) and text.index(f"**#{top2[0]}**") < text.index(f"**#{top2[1]}**")
+    # not-corrected examples: most confident fine-tuned answer first (#5 has margin 3.5, #4 has 2.0)
+    assert text.index("**#5**") < text.index("**#4**")
+    for case in result["corrected"] + result["not_corrected"] + result["regressed"]:
+        if f"**#{case['id']}**" in text:
+            assert "; ".join(case["tags"]) in text and case["explanation"] in text
+
+
+def test_report_sections_and_numbers(workdir):
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    text = (workdir / "reports/report.md").read_text()
+    base, tuned = read(workdir / "metrics/baseline.json"), read(workdir / "metrics/finetuned.json")
+    comparison, train = read(workdir / "metrics/comparison.json"), read(workdir / "metrics/train.json")
+    failures = read(workdir / "reports/failure_cases.json")
+
+    for heading in ("## Data", "## Evaluation method", "## 1. Accuracy", "## 2. Fine-tuning time", "## 3. Parameters",
+                    "## 4. Resources", "## 5. Failure cases"):
+        assert heading in text
+    # data provenance
+    for needle in ("made-up/snli-like", "/made/up/mirror", "a" * 64, "c" * 64, "| test | 900 | 3 | 12 |", "sampling"):
+        assert needle in text
+    # 1. accuracy
+    for m in (base, tuned):
+        assert f"| {md.pct(m['accuracy'])} | {md.ci(m['accuracy_ci95'])} | {m['macro_f1']:.4f} |" in text
+        assert md.confusion_matrix(m["confusion_matrix"], LABELS) in text
+    assert md.pp(comparison["difference"]) in text and md.ci(comparison["difference_ci95"], md.pp) in text
+    assert f"McNemar p = {md.pvalue(comparison['mcnemar_p'])}" in text
+    assert "3 pairs corrected, 1 regressed" in text
+    # 2. time
+    assert "125.4 s (2.1 min)" in text and "| 1 | 60.1 | 0.9123 | 0.8123 | 0.5500 |" in text and "| 2 | 62.9 |" in text
+    # 3. parameters, with the packed 4-bit explanation
+    assert "| 134,515,008 | 4,884,480 | 3.6312% | 106,137,600 |" in text and "two per byte" in text
+    # 4. resources: CPU run prints the reason, never zeros
+    assert "peak 2345.6 MB, mean 2100.4 MB" in text and "mean 71.3%, peak 98.8%" in text
+    assert "GPU: none used: no CUDA GPU visible to torch (CPU run)." in text
+    assert "18.7 MB" in text
+    # 5. failure cases
+    assert "[failure_cases.md](failure_cases.md)" in text
+    assert md.slice_table(failures["slices"]) in text
+    assert "corrected 3, left 2 wrong, and broke 1" in text
+
+
+def test_report_gpu_fields_missing_are_not_zero(workdir):
+    write(workdir / "metrics/train.json", train_metrics(gpu=True))
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    text = (workdir / "reports/report.md").read_text()
+    assert "GPU: Made-up GPU 80GB" in text and "peak 5123.4 MB, mean 4000.2 MB" in text
+    assert "Memory of this process (NVML): peak not measured" in text  # null in train.json
+    assert "torch max allocated: 3456.7 MB" in text
+
+
+def test_mismatched_ids_give_one_line_error(workdir):
+    rows = prediction_rows("finetuned")
+    rows[0]["id"] = 99
+    write(workdir / "predictions/finetuned.jsonl", rows)
+    proc = run_stage("failure_cases", workdir)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "predictions/baseline.jsonl" in last and "predictions/finetuned.jsonl" in last
+    assert "rerun dvc repro" in last
+
+
+def test_report_missing_input_gives_one_line_error(workdir):
+    run_ok("failure_cases", workdir)
+    (workdir / "metrics/train.json").unlink()
+    proc = run_stage("report", workdir)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "metrics/train.json: missing; run dvc repro"
+
+
+def test_report_refuses_stale_metrics(workdir):
+    run_ok("failure_cases", workdir)
+    stale = read(workdir / "metrics/finetuned.json")
+    stale["accuracy"] = 0.5
+    write(workdir / "metrics/finetuned.json", stale)
+    proc = run_stage("report", workdir)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "stale" in proc.stderr and "metrics/finetuned.json" in proc.stderr
+
+
+def test_generate_method_without_scores(workdir):
+    for which in ("baseline", "finetuned"):
+        rows = prediction_rows(which)
+        for r in rows:
+            r["scores"], r["generation"] = None, LABELS[r["pred"]]
+        if which == "baseline":  # an unparseable answer: invalid, counted as wrong
+            rows[1].update(pred=None, correct=False, generation="I am not sure")
+        write(workdir / f"predictions/{which}.jsonl", rows)
+    run_ok("failure_cases", workdir)
+    result = read(workdir / "reports/failure_cases.json")
+    assert result["counts"] == {k: len(v) for k, v in EXPECTED.items()}  # pair 2 was wrong for the baseline anyway
+    case = next(c for c in result["corrected"] if c["id"] == 2)
+    assert case["baseline"]["pred_label"] == "invalid" and case["baseline"]["confidence"] is None
+    assert result["confusion_pairs"]["baseline"]["entailment -> invalid"] == 1
+    text = (workdir / "reports/failure_cases.md").read_text()
+    assert "baseline: invalid" in text and "**#1**" in text  # without scores, examples go by id

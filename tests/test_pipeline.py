@@ -1,0 +1,79 @@
+"""`dvc repro` end to end on a tiny model: every stage runs, reruns are minimal, and results are reproducible."""
+import json
+
+import pytest
+
+from pipeline import dvc, make_project, set_param, stages_run
+
+ALL_STAGES = {"prepare", "finetune", "evaluate@baseline", "evaluate@finetuned", "failure_cases", "report"}
+MACHINE_SPECIFIC = {"eval_seconds", "pairs_per_second", "model"}  # timings, and the tiny model's tmp path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("e2e") / "project")
+    first = dvc(root, "repro")
+    return root, first.stdout
+
+
+def _metrics(root, name):
+    return {k: v for k, v in json.loads((root / "metrics" / f"{name}.json").read_text()).items() if k not in MACHINE_SPECIFIC}
+
+
+def test_repro_runs_every_stage_and_writes_artifacts(project):
+    root, output = project
+    assert stages_run(output) == ALL_STAGES
+    for path in ["data/train.jsonl", "data/manifest.json", "models/adapter/adapter_model.safetensors",
+                 "checkpoints/epoch-1/state.pt", "checkpoints/epoch-2/adapter_model.safetensors",
+                 "predictions/baseline.jsonl", "predictions/finetuned.jsonl", "plots/baseline/confusion.csv",
+                 "reports/failure_cases.md", "reports/report.md", "dvclive/metrics.json", "dvc.lock"]:
+        assert (root / path).exists(), path
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["epochs"] == 2 and len(train["val_accuracy_per_epoch"]) == 2
+    assert 0 < train["parameters"]["trainable"] < train["parameters"]["total"]
+    assert train["resources"]["gpu_unavailable_reason"]  # CPU run: a reason, not zeros
+    baseline = json.loads((root / "metrics/baseline.json").read_text())
+    assert baseline["n"] == 9 and 0 <= baseline["accuracy"] <= 1
+    assert not (root / "models/adapter/model.safetensors").exists()  # adapter only, never base weights
+    assert "up to date" in dvc(root, "status").stdout
+
+
+def test_second_repro_runs_nothing(project):
+    root, _ = project
+    assert stages_run(dvc(root, "repro").stdout) == set()
+
+
+def test_evaluation_param_reruns_only_evaluation(project):
+    root, _ = project
+    set_param(root, "evaluate.max_new_tokens", 7)
+    ran = stages_run(dvc(root, "repro").stdout)
+    assert {"evaluate@baseline", "evaluate@finetuned"} <= ran
+    assert not ran & {"prepare", "finetune"}
+
+
+def test_generate_method_is_comparable(project):
+    root, _ = project
+    set_param(root, "evaluate.method", "generate")
+    ran = stages_run(dvc(root, "repro").stdout)
+    assert {"evaluate@baseline", "evaluate@finetuned"} <= ran and "finetune" not in ran
+    metrics = _metrics(root, "finetuned")
+    assert metrics["method"] == "generate" and 0 <= metrics["invalid_rate"] <= 1
+    rows = [json.loads(line) for line in (root / "predictions/finetuned.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["generation"], str) for r in rows)
+    set_param(root, "evaluate.method", "score")
+    dvc(root, "repro")
+
+
+def test_same_params_same_results(project, tmp_path):
+    """A second project from scratch with the same params: byte-identical data, identical metrics."""
+    root, _ = project
+    other = make_project(tmp_path / "project")
+    set_param(other, "evaluate.max_new_tokens", 7)
+    dvc(other, "repro")
+    for split in ["train", "validation", "test"]:
+        assert (root / f"data/{split}.jsonl").read_bytes() == (other / f"data/{split}.jsonl").read_bytes()
+    for name in ["baseline", "finetuned", "comparison"]:
+        assert _metrics(root, name) == _metrics(other, name)
+    a, b = (json.loads((r / "metrics/train.json").read_text()) for r in (root, other))
+    for key in ["train_loss_per_epoch", "val_loss_per_epoch", "val_accuracy_per_epoch", "parameters"]:
+        assert a[key] == b[key], key

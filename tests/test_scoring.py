@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from qlora_nli import modeling
+from qlora_nli.prompts import LABELS, TEMPLATE
+from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, generate_answers, parse_label, score_labels
+from tiny import made_up_pairs
+
+
+def _model(path, load_in_4bit):
+    params = {"name": str(path), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
+    return modeling.load_base_model(params, "cpu"), modeling.load_tokenizer(str(path))
+
+
+def _prompts(n):
+    return [TEMPLATE.format(**r) for r in made_up_pairs(n, 5)]
+
+
+@torch.no_grad()
+def brute_force_scores(model, tokenizer, prompts):
+    """One unpadded sequence per (prompt, label), log-probabilities summed by hand from full logits."""
+    answers = encode_answers(tokenizer)
+    scores = torch.zeros(len(prompts), len(LABELS))
+    for i, p in enumerate(encode_prompts(tokenizer, prompts)):
+        for k, a in enumerate(answers):
+            logits = model(input_ids=torch.tensor([p + a])).logits[0].float()
+            logprobs = torch.log_softmax(logits, -1)
+            scores[i, k] = sum(logprobs[len(p) - 1 + j, t] for j, t in enumerate(a))
+    return scores
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_scores_match_brute_force(tiny_model_dir, load_in_4bit):
+    model, tokenizer = _model(tiny_model_dir, load_in_4bit)
+    assert max(len(a) for a in encode_answers(tokenizer)) > 1, "test tokenizer should split some label words"
+    prompts = _prompts(7)  # different lengths -> padding inside batches
+    fast = score_labels(model, tokenizer, prompts, batch_size=3)
+    slow = brute_force_scores(model, tokenizer, prompts)
+    assert torch.allclose(fast, slow, atol=1e-3), (fast - slow).abs().max()
+
+
+def test_answer_loss_is_mean_answer_token_nll(tiny_model_dir):
+    model, tokenizer = _model(tiny_model_dir, False)
+    prompts, labels = _prompts(5), [0, 1, 2, 0, 2]
+    prompt_ids, answers = encode_prompts(tokenizer, prompts), encode_answers(tokenizer)
+    with torch.no_grad():
+        loss = answer_loss(model, prompt_ids, [answers[k] for k in labels], tokenizer.pad_token_id)
+        per_label = brute_force_scores(model, tokenizer, prompts)
+    total_tokens = sum(len(answers[k]) for k in labels)
+    expected = -sum(per_label[i, k] for i, k in enumerate(labels)) / total_tokens
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_generate_returns_text_per_prompt(tiny_model_dir):
+    model, tokenizer = _model(tiny_model_dir, False)
+    texts = generate_answers(model, tokenizer, _prompts(4), batch_size=3, max_new_tokens=3)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" entailment", 0), ("Entailment.", 0), (" NEUTRAL\n", 1), ("**contradiction**", 2), (" contradiction, because", 2),
+    ("not entailment", None), ("", None), (None, None), (" yes", None), ("entailed", None), ("neutrality", None),
+    ("\n\n", None), ("123", None),
+])
+def test_parse_label(text, expected):
+    assert parse_label(text) == expected

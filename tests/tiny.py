@@ -1,0 +1,69 @@
+"""Tiny, randomly initialised models and a made-up NLI data set, so tests run in seconds without downloads."""
+import json
+import random
+from pathlib import Path
+
+SUBJECTS = ["a man", "a woman", "two kids", "the dog", "an old cook", "three girls", "a tall player", "the band"]
+VERBS = ["runs across", "sits near", "paints", "climbs", "waits beside", "jumps over", "cleans", "watches"]
+OBJECTS = ["the fence", "a red car", "the river", "a small boat", "the old bridge", "a green door", "the stage"]
+
+
+def made_up_pairs(n, seed):
+    """Pairs whose label follows from their construction (no SNLI text)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s, v, o = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
+        label = i % 3
+        premise = f"{s} {v} {o} in the morning."
+        if label == 0:
+            hypothesis = f"{s} {v} {o}."
+        elif label == 1:
+            hypothesis = f"{s} {v} {o} because it is late."
+        else:
+            hypothesis = f"{s} does not {v.split()[0].rstrip('s')} anything."
+        rows.append({"premise": premise, "hypothesis": hypothesis, "label": label})
+    return rows
+
+
+def write_nli_dir(path, n_train=24, n_val=9, n_test=12, unlabeled=2):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in [("train", n_train, 1), ("validation", n_val, 2), ("test", n_test, 3)]:
+        rows = made_up_pairs(n, seed)
+        rows += [{"premise": "a cat sleeps.", "hypothesis": "a cat.", "label": -1}] * unlabeled
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tokenizer():
+    """A small byte-level BPE: the label words split into several tokens, as with real tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"{r['premise']} {r['hypothesis']}" for r in made_up_pairs(200, 0)]
+    corpus += ["Premise: Hypothesis: Relation (entailment, neutral or contradiction):"] * 5
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def make_tiny_model(arch, path, seed=0):
+    """Save a tiny random `llama` or `phi` causal LM with the test tokenizer into `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
+
+    tokenizer = make_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**common) if arch == "llama" else PhiConfig(**common, partial_rotary_factor=0.5)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
