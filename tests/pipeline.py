@@ -28,7 +28,7 @@ def make_project(root, arch="phi", **overrides):
     params["train"].update(epochs=2, batch_size=8, micro_batch_size=8, num_threads=1)
     params["evaluate"]["batch_size"] = 4
     for key, value in overrides.items():
-        group, name = key.split(".")
+        group, name = key.split(".") if "." in key else ("train", key)
         params[group][name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)

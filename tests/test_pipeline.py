@@ -77,3 +77,12 @@ def test_same_params_same_results(project, tmp_path):
     a, b = (json.loads((r / "metrics/train.json").read_text()) for r in (root, other))
     for key in ["train_loss_per_epoch", "val_loss_per_epoch", "val_accuracy_per_epoch", "parameters"]:
         assert a[key] == b[key], key
+
+
+def test_plots_have_data(project):
+    """Every plot declared in dvc.yaml resolves to data, so `dvc plots show` renders six charts."""
+    root, _ = project
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
+    assert len(plots) == 6
+    for title, entries in plots.items():
+        assert entries and entries[0]["content"]["data"]["values"], title

@@ -1,0 +1,93 @@
+"""The finetune stage on a tiny model: resume after a hard kill, parameter accounting, one-line errors."""
+import json
+import signal
+
+import pytest
+
+from pipeline import make_project, run, set_param
+
+STAGE_ORDER = ["stages/prepare.py", "stages/finetune.py"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("full") / "project", epochs=3)
+    for script in STAGE_ORDER:
+        run(["python", script], root)
+    return root
+
+
+def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
+    root = make_project(tmp_path / "project", epochs=3)
+    run(["python", "stages/prepare.py"], root)
+    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    assert not (root / "models/adapter").exists()
+
+    resumed = run(["python", "stages/finetune.py"], root)
+    assert "resuming after epoch 1" in resumed.stderr
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (root / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
+    a, b = (json.loads((r / "metrics/train.json").read_text()) for r in (root, uninterrupted))
+    for key in ["train_loss_per_epoch", "val_loss_per_epoch", "val_accuracy_per_epoch", "parameters"]:
+        assert a[key] == b[key], key
+    assert a["resumed_from_epoch"] == 1 and b["resumed_from_epoch"] is None
+    steps = (root / "dvclive/plots/metrics/train/step_loss.tsv").read_text()
+    assert steps == (uninterrupted / "dvclive/plots/metrics/train/step_loss.tsv").read_text()
+
+
+def test_changed_params_start_fresh(uninterrupted, tmp_path):
+    root = make_project(tmp_path / "project", epochs=3)
+    run(["python", "stages/prepare.py"], root)
+    run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    set_param(root, "train.learning_rate", 0.002)
+    result = run(["python", "stages/finetune.py"], root)
+    assert "resuming" not in result.stderr and "starting fresh" in result.stderr
+    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] is None
+
+
+def test_parameter_counts_are_dense_counts(uninterrupted):
+    train = json.loads((uninterrupted / "metrics/train.json").read_text())
+    p = train["parameters"]
+    # 4-bit packing stores two weights per byte, so numel() of the quantized layers is half their real size
+    assert p["numel_as_stored"] < p["total"]
+    assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["total"], abs=1e-3)
+    assert train["adapter_bytes"] > 0 and train["optimizer"] == "adamw" and train["compute_dtype"] == "float32"
+
+
+def test_unknown_target_module_is_one_line(tmp_path):
+    root = make_project(tmp_path / "project", **{"lora.target_modules": ["no_such_proj"]})
+    run(["python", "stages/prepare.py"], root)
+    result = run(["python", "stages/finetune.py"], root, check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "lora.target_modules" in last and "no_such_proj" in last and "Traceback" not in result.stderr
+
+
+def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
+    """SIGKILL at several points of a run: every checkpoint and output present is complete, nothing half-written
+    (atomic writes), and the next run finishes from there."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import env
+
+    root = make_project(tmp_path / "project", epochs=3)
+    run(["python", "stages/prepare.py"], root)
+    for delay in (0.5, 2.0, 4.0, 6.0):
+        proc = subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=root, env=env(root),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        # a kill mid-write leaves at most a hidden temporary sibling, never a partial file under the real name
+        for checkpoint in (root / "checkpoints").glob("epoch-*"):
+            assert {"state.pt", "adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in checkpoint.iterdir()}
+        if (root / "metrics/train.json").exists():
+            json.loads((root / "metrics/train.json").read_text())  # complete JSON, never truncated
+    run(["python", "stages/finetune.py"], root)
+    assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 3
+    # the next write of the same output removes what a killed write left behind
+    assert not [p for d in ("checkpoints", "metrics", "models") for p in (root / d).glob(".*")]

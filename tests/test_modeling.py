@@ -1,0 +1,42 @@
+"""Model loading: the real embedded GGUF file, 4-bit parameter accounting, device and dtype choice."""
+import pytest
+import torch
+
+from qlora_nli import modeling
+
+
+def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    name = "embedded:smollm2-135m-instruct"
+    path = modeling.resolve_model_path(name)
+    assert (tmp_path / "qlora-nli/models/smollm2-135m-instruct/config.json").exists() and path.startswith(str(tmp_path))
+    tokenizer = modeling.load_tokenizer(name)
+    assert tokenizer.pad_token is not None and len(tokenizer("Premise: a dog runs.").input_ids) > 3
+    model = modeling.load_base_model({"name": name, "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    counts = modeling.count_parameters(model)
+    assert counts["total"] == 134_515_008  # SmolLM2-135M, embeddings tied
+    assert counts["numel_as_stored"] < counts["total"]  # packed 4-bit halves numel()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokenizer("Hello").input_ids])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_compute_dtype_choice():
+    assert modeling.pick_compute_dtype("cpu") == torch.float32
+    assert modeling.pick_compute_dtype("cpu", "bfloat16") == torch.bfloat16
+
+
+def test_cuda_requested_without_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="model.device"):
+        modeling.pick_device("cuda")
+    assert modeling.pick_device("auto") == "cpu"
+
+
+def test_lora_attaches_to_tiny_models(tiny_model_dir):
+    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
+    base = modeling.count_parameters(model)
+    model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    after = modeling.count_parameters(model)
+    assert 0 < after["trainable"] and after["total"] == base["total"] + after["trainable"]
