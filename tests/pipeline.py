@@ -40,7 +40,9 @@ def make_project(root, arch="phi", **overrides):
 
 def env(root):
     # the copied package, not the installed one, so the test exercises what it copied
-    return {**os.environ, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
+    # this interpreter's bin first: dvc.yaml runs `python stages/...`, which must be the python running the tests
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(cmd, root, check=True, extra_env=None):
