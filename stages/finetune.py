@@ -85,7 +85,7 @@ def main():
 
             def on_step(loss, lr):
                 step = len(history["steps"]) + 1
-                history["steps"].append({"step": step, "loss": round(loss, 6), "lr": lr})
+                history["steps"].append({"step": step, "loss": loss, "lr": lr})  # unrounded: a resumed run replays it
                 live.step = step
                 live.log_metric("train/step_loss", loss)
                 live.log_metric("train/learning_rate", lr)
