@@ -95,10 +95,20 @@ def resolve_model_path(name):
     return name
 
 
+def _from_pretrained(auto_class, name, **kwargs):
+    """`from_pretrained`, with a failure (unknown id, no Hub access, broken directory) as one line saying the ways out."""
+    try:
+        return auto_class.from_pretrained(resolve_model_path(name), **kwargs)
+    except (OSError, ValueError) as e:  # OSError: not found / unreachable; ValueError: no usable files in it
+        reason = str(e).strip().splitlines()[0][:160]
+        raise SystemExit(f"params.yaml model.name: cannot load '{name}' ({reason}); use a Hub id with Hub access or a "
+                         f"local Hugging Face cache, a local model directory, or one of {', '.join(EMBEDDED_MODELS)}")
+
+
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer = _from_pretrained(AutoTokenizer, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -118,8 +128,9 @@ def load_base_model(model_params, device):
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_params["name"]),
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        model_params["name"],
         quantization_config=quant,
         dtype=dtype,
         device_map={"": device},

@@ -40,3 +40,12 @@ def test_lora_attaches_to_tiny_models(tiny_model_dir):
     model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     after = modeling.count_parameters(model)
     assert 0 < after["trainable"] and after["total"] == base["total"] + after["trainable"]
+
+
+def test_unloadable_model_is_one_line(tmp_path):
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    with pytest.raises(SystemExit) as e:
+        modeling.load_tokenizer(str(broken))
+    message = str(e.value)
+    assert "model.name" in message and str(broken) in message and "\n" not in message
