@@ -91,3 +91,38 @@ def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
     assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 3
     # the next write of the same output removes what a killed write left behind
     assert not [p for d in ("checkpoints", "metrics", "models") for p in (root / d).glob(".*")]
+
+
+def _load_stage(root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_stage", root / "stages/finetune.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+@pytest.mark.parametrize("error, expected", [
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory"), SystemExit),
+    (KeyboardInterrupt, KeyboardInterrupt),
+])
+def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch, error, expected):
+    root = make_project(tmp_path / "project", epochs=3)
+    run(["python", "stages/prepare.py"], root)
+    monkeypatch.chdir(root)
+    stage = _load_stage(root)
+    real_epoch, calls = stage.train_one_epoch, []
+
+    def fails_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error()
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "train_one_epoch", fails_in_epoch_2)
+    with pytest.raises(expected) as e:
+        stage.main()
+    if expected is SystemExit:
+        assert "train.micro_batch_size" in str(e.value) and "gradient_checkpointing" in str(e.value)
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    assert {"state.pt", "adapter_model.safetensors"} <= {p.name for p in (root / "checkpoints/epoch-1").iterdir()}
