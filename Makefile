@@ -22,11 +22,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # The venv first on PATH: dvc.yaml's `python stages/...` commands must find the venv's python.
+IN_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
+
 repro: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(IN_VENV) $(BIN)/dvc repro
 
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+	$(IN_VENV) $(BIN)/python -m pytest -q tests
 
 bench: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/bench_cpu.py
+	$(IN_VENV) $(BIN)/python benchmarks/bench_cpu.py

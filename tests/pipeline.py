@@ -12,8 +12,9 @@ from tiny import make_tiny_model, write_nli_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_project(root, arch="phi", **overrides):
-    """Copy the pipeline into `root` (a git + DVC repo), with params for a tiny model and tiny data."""
+def make_project(root, arch="phi", overrides=None):
+    """Copy the pipeline into `root` (a git + DVC repo), with params for a tiny model and tiny data;
+    `overrides` maps "group.key" to a value."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for name in ["stages", "qlora_nli"]:
@@ -27,8 +28,8 @@ def make_project(root, arch="phi", **overrides):
     params["model"]["name"] = str(model_dir)
     params["train"].update(epochs=2, batch_size=8, micro_batch_size=8, num_threads=1)
     params["evaluate"]["batch_size"] = 4
-    for key, value in overrides.items():
-        group, name = key.split(".") if "." in key else ("train", key)
+    for key, value in (overrides or {}).items():
+        group, name = key.split(".")
         params[group][name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)

@@ -1,24 +1,28 @@
 """The finetune stage on a tiny model: resume after a hard kill, parameter accounting, one-line errors."""
+import importlib.util
 import json
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from pipeline import make_project, run, set_param
+from pipeline import env, make_project, run, set_param
 
 STAGE_ORDER = ["stages/prepare.py", "stages/finetune.py"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("full") / "project", epochs=3)
+    root = make_project(tmp_path_factory.mktemp("full") / "project", overrides={"train.epochs": 3})
     for script in STAGE_ORDER:
         run(["python", script], root)
     return root
 
 
 def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
-    root = make_project(tmp_path / "project", epochs=3)
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "stages/prepare.py"], root)
     killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
@@ -38,7 +42,7 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
 
 
 def test_changed_params_start_fresh(uninterrupted, tmp_path):
-    root = make_project(tmp_path / "project", epochs=3)
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "stages/prepare.py"], root)
     run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     set_param(root, "train.learning_rate", 0.002)
@@ -57,7 +61,7 @@ def test_parameter_counts_are_dense_counts(uninterrupted):
 
 
 def test_unknown_target_module_is_one_line(tmp_path):
-    root = make_project(tmp_path / "project", **{"lora.target_modules": ["no_such_proj"]})
+    root = make_project(tmp_path / "project", overrides={"lora.target_modules": ["no_such_proj"]})
     run(["python", "stages/prepare.py"], root)
     result = run(["python", "stages/finetune.py"], root, check=False)
     assert result.returncode != 0
@@ -68,13 +72,7 @@ def test_unknown_target_module_is_one_line(tmp_path):
 def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
     """SIGKILL at several points of a run: every checkpoint and output present is complete, nothing half-written
     (atomic writes), and the next run finishes from there."""
-    import subprocess
-    import sys
-    import time
-
-    from pipeline import env
-
-    root = make_project(tmp_path / "project", epochs=3)
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "stages/prepare.py"], root)
     for delay in (0.5, 2.0, 4.0, 6.0):
         proc = subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=root, env=env(root),
@@ -94,8 +92,6 @@ def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
 
 
 def _load_stage(root):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("finetune_stage", root / "stages/finetune.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
@@ -107,7 +103,7 @@ def _load_stage(root):
     (KeyboardInterrupt, KeyboardInterrupt),
 ])
 def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch, error, expected):
-    root = make_project(tmp_path / "project", epochs=3)
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "stages/prepare.py"], root)
     monkeypatch.chdir(root)
     stage = _load_stage(root)
