@@ -4,18 +4,19 @@ Same model (params.yaml model.*, 4-bit NF4 base + the same LoRA config), same tr
 torch thread count, one run. Reads data/train.jsonl and data/test.jsonl: run `dvc repro prepare` first.
 
     python benchmarks/bench_cpu.py [--epochs 1] [--n-train 1000] [--n-test 100] [--max-batches N]
-                                   [--sides ours,naive] [--threads N] [--set train.micro_batch_size=8 ...]
+                                   [--sides ours,naive] [--threads N] [--set train.micro_batch_tokens=384 ...]
                                    [--naive-eval-batch-size N] [--no-cross-eval] [--no-dvc]
                                    [--out benchmarks/results/cpu.json]
-Levers (ours only, each a params.yaml key): --set train.micro_batch_size=4, --set train.gradient_checkpointing=true,
+Levers (ours only, each a params.yaml key): --set train.micro_batch_tokens=384, --set train.gradient_checkpointing=true,
 --set lora.dropout=0, --set 'lora.target_modules=[q_proj,v_proj]', --set 'prompt.template=...',
 --set train.num_threads=1 (--threads N sets both sides). Develop with e.g. --n-train 32 --n-test 8 --max-batches 2.
 
 Sides (each runs in its own subprocess, so its peak RSS is its own):
-  ours   the `finetune` and `evaluate` code paths of the package: length-grouped batches with dynamic padding
-         (training.length_grouped_batches + train_one_epoch), loss on the answer tokens only with logits computed
-         only at the answer positions (scoring.answer_loss), evaluation by label log-likelihood with the KV-cache
-         trick (scoring.score_labels). params.yaml lora/train/evaluate values, plus any `--set group.key=value`.
+  ours   the `finetune` and `evaluate` code paths of the package: length-grouped batches with dynamic padding,
+         split into micro-batches by a token budget (training.length_grouped_batches, micro_batches,
+         train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
+         the answer tokens only with logits computed only there (scoring.answer_loss), evaluation by label
+         log-likelihood with the KV-cache trick (scoring.score_labels). params.yaml lora/train/evaluate values, plus any `--set group.key=value`.
   naive  the assignment-notebook recipe: transformers.Trainer + DataCollatorForLanguageModeling(mlm=False) on the
          full "prompt + answer" text padded to one fixed length (the longest tokenized example of the sample, its
          fairest value), loss over ALL tokens, evaluation by greedy `model.generate` (max_new_tokens =
@@ -54,9 +55,11 @@ FLOP estimate (forward + backward of a frozen base with LoRA adapters; elementwi
              from the hardware the task is done)
     model    each recipe's own objective on real tokens: ours = useful; naive projects every real position but
              the last (L - 1 per example), as its loss over all tokens requires
-    executed what actually ran, padding included: ours (longest answer + 1) logit positions per row of each
-             micro-batch padded to its longest example; naive every position of the fixed length; with
-             gradient checkpointing the blocks' forward again (2N + 2N_lora per position)
+    executed what actually ran, padding included: ours the prompts' shared prefix once per micro-batch plus each
+             row's own tokens padded to the micro-batch's longest, logits at the answer tokens only (so ours'
+             executed can be below useful: the useful count charges the template's fixed prefix to every
+             example); naive every position of the fixed length; with gradient checkpointing the blocks'
+             forward again (2N + 2N_lora per position)
 
 Also: `dvc repro` with nothing changed, timed in the repository root (3 runs, median), only when `dvc status`
 says everything is up to date (otherwise null with the reason).
@@ -128,7 +131,7 @@ def parse_args(argv=None):
                          "0 = torch's default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
                     help="override a params.yaml value for the ours side only (YAML value), repeatable, "
-                         "e.g. --set train.micro_batch_size=8 --set 'lora.target_modules=[q_proj,v_proj]'")
+                         "e.g. --set train.micro_batch_tokens=384 --set 'lora.target_modules=[q_proj,v_proj]'")
     ap.add_argument("--naive-eval-batch-size", type=int, default=None,
                     help="batch size of the naive side's generation (default params evaluate.batch_size, its "
                          "fairest; 1 = the one-prompt-at-a-time loop of many notebooks)")
@@ -173,7 +176,7 @@ def build_params(overrides, epochs, threads):
         key, sep, text = item.partition("=")
         group, dot, name = key.strip().partition(".")
         if not sep or not dot:
-            raise SystemExit(f"--set {item!r}: expected GROUP.KEY=VALUE, e.g. train.micro_batch_size=8")
+            raise SystemExit(f"--set {item!r}: expected GROUP.KEY=VALUE, e.g. train.micro_batch_tokens=384")
         if key.strip() == "train.epochs":
             raise SystemExit("--set train.epochs: use --epochs, which applies to both sides")
         ours.setdefault(group, {})[name] = _parse_value(text)
@@ -597,7 +600,9 @@ def child_ours(spec):
 
     from qlora_nli import modeling
     from qlora_nli.resources import ResourceMonitor
-    from qlora_nli.training import length_grouped_batches, make_optimizer, make_scheduler, train_one_epoch
+    from qlora_nli.scoring import shared_prefix_length
+    from qlora_nli.training import (length_grouped_batches, make_optimizer, make_scheduler, micro_batches,
+                                    train_one_epoch)
 
     params, t = spec["params"], spec["params"]["train"]
     result = {"torch_threads": _set_threads(t["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
@@ -627,23 +632,24 @@ def child_ours(spec):
         train_seconds = time.perf_counter() - start
         result["rss_mb_peak_after_train"] = _rss_peak_mb()
 
-        # What ran, for the FLOP estimate: each micro-batch is left-padded to its longest example and projects
-        # (longest answer + 1) positions per row onto the vocabulary (scoring.answer_loss).
+        # What ran, for the FLOP estimate (training.micro_batches + scoring.answer_loss): per micro-batch, the
+        # prompts' shared prefix once, then each row's own tokens left-padded to the longest; vocabulary
+        # projection at the answer tokens only.
         counts = dict.fromkeys(("examples", "real_tokens", "answer_tokens", "attn_pairs_real", "executed_positions",
                                 "lm_head_positions_executed", "attn_pairs_executed"), 0)
-        micro = t["micro_batch_size"]
         for batches in epochs:
             for batch in batches:
-                for s in range(0, len(batch), micro):
-                    part = batch[s : s + micro]
+                prefix = shared_prefix_length([prompt_ids[i] for i in batch])
+                for part in micro_batches(batch, lengths, prefix, t["micro_batch_tokens"]):
+                    shared = shared_prefix_length([prompt_ids[i] for i in part])
                     width = max(lengths[i] for i in part)
                     counts["examples"] += len(part)
                     counts["real_tokens"] += sum(lengths[i] for i in part)
                     counts["answer_tokens"] += sum(len(answer_ids[i]) for i in part)
                     counts["attn_pairs_real"] += sum(lengths[i] * (lengths[i] + 1) // 2 for i in part)
-                    counts["executed_positions"] += len(part) * width
-                    counts["lm_head_positions_executed"] += len(part) * (max(len(answer_ids[i]) for i in part) + 1)
-                    counts["attn_pairs_executed"] += len(part) * width * width
+                    counts["executed_positions"] += shared + len(part) * (width - shared)
+                    counts["lm_head_positions_executed"] += sum(len(answer_ids[i]) for i in part)
+                    counts["attn_pairs_executed"] += shared * shared + len(part) * (width - shared) * width
         counts["lm_head_positions_model"] = counts["answer_tokens"]
         result.update(_train_summary(counts, train_seconds, losses, "mean cross-entropy over answer tokens",
                                      t["gradient_checkpointing"]))
@@ -716,14 +722,14 @@ def child_naive(spec):
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
-    accumulation = t["batch_size"] // t["micro_batch_size"]
+    accumulation = 1  # the whole batch in one pass: the notebooks' way, and its fastest on CPU
     with ResourceMonitor() as monitor, tempfile.TemporaryDirectory(prefix="bench_naive.") as output_dir:
         model, result["model_dims"] = _load_model(params)  # same 4-bit base, LoRA config and seed as ours
         result["rss_mb_after_load"] = _rss_peak_mb()
         collator, loss_log = CountingCollator(), LossLog()
         args = TrainingArguments(
             output_dir=output_dir,
-            per_device_train_batch_size=t["micro_batch_size"],
+            per_device_train_batch_size=t["batch_size"],
             gradient_accumulation_steps=accumulation,
             num_train_epochs=t["epochs"],
             max_steps=spec["max_batches"] * t["epochs"] if spec["max_batches"] else -1,

@@ -101,7 +101,7 @@ SCHEMA = {
         "seed": (_integer, None, "an integer"),
         "epochs": POSITIVE_INT,
         "batch_size": POSITIVE_INT,
-        "micro_batch_size": POSITIVE_INT,
+        "micro_batch_tokens": POSITIVE_INT,
         "learning_rate": POSITIVE_NUMBER,
         "weight_decay": (_number, lambda v: v >= 0, "a number >= 0"),
         "warmup_ratio": FRACTION,
@@ -164,10 +164,6 @@ def load_params(path="params.yaml"):
                 raise SystemExit(f"{path}: {name} = {_show(value)} is out of range; allowed: {allowed}")
             params[group][key] = converted
 
-    train = params["train"]
-    if train["batch_size"] % train["micro_batch_size"]:
-        raise SystemExit(f"{path}: train.micro_batch_size = {train['micro_batch_size']} does not divide "
-                         f"train.batch_size = {train['batch_size']}; allowed: a divisor of train.batch_size")
     return params
 
 

@@ -3,7 +3,8 @@
 LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
 # The default of params.yaml prompt.template; tests use it too.
-TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nRelation (entailment, neutral or contradiction):"
+TEMPLATE = ("Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
+            "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:")
 
 
 def format_prompt(template, row):

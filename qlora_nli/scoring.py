@@ -37,19 +37,63 @@ def left_pad(sequences, pad_id, device):
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
+def _body_and_head(model):
+    """The transformer body and the vocabulary projection of a causal LM (LoRA-wrapped or not). Calling them
+    separately lets us project only the rows that need logits, as one plain 2-D matmul: the model's own
+    `logits_to_keep` slice is not contiguous, and torch then runs the projection as a batched matmul over a copy
+    of the vocabulary matrix per row (measured: 0.54 s of a 4 s training step on CPU)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.base_model, lm.get_output_embeddings()
+
+
+def shared_prefix_length(sequences):
+    """Length of the token prefix all sequences share, leaving each at least one token of its own."""
+    if len(sequences) < 2:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences) - 1
+    for s in sequences[1:]:
+        n = next((j for j in range(n) if s[j] != first[j]), n)
+    return n
+
+
+def forward_body(body, sequences, prefix, pad_id, device, use_cache=False):
+    """Hidden states of a batch, the shared prompt prefix computed once. Every prompt starts with the template's
+    fixed text: it runs once with batch size 1, its keys/values are repeated over the batch, and only each
+    sequence's own tokens (left-padded) run per row. Gradients flow through the repeated prefix, so training
+    is exact too. Gradient checkpointing recomputes without a cache, so it gets the plain forward.
+    `prefix` (at most the shared_prefix_length) is chosen by the caller, so that positions needing logits stay in
+    the per-row part. Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
+    if body.is_activation_checkpointing and body.training:
+        prefix = 0
+    cache = None
+    if prefix:
+        cache = body(input_ids=torch.tensor([sequences[0][:prefix]], device=device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(sequences))
+    input_ids, mask, positions = left_pad([s[prefix:] for s in sequences], pad_id, device)
+    mask = torch.cat([torch.ones(len(sequences), prefix, dtype=mask.dtype, device=device), mask], dim=1)
+    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions + prefix, past_key_values=cache,
+               use_cache=use_cache or cache is not None)
+    return out.last_hidden_state, mask, out.past_key_values
+
+
 def answer_loss(model, prompt_ids, answer_ids, pad_id):
-    """Mean cross-entropy over the answer tokens only. Logits are computed just for the last positions (where the
-    answers are), not over the whole sequence: the vocabulary projection is a fifth of a small model's compute."""
+    """Mean cross-entropy over the answer tokens only, with logits computed at exactly those positions."""
     device = model.device
+    body, head = _body_and_head(model)
     sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
-    input_ids, mask, positions = left_pad(sequences, pad_id, device)
-    longest = max(len(a) for a in answer_ids)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1)
-    logits = out.logits[:, :-1].float()  # position t predicts token t+1
-    targets = torch.full((len(sequences), longest), -100, dtype=torch.long, device=device)
-    for i, a in enumerate(answer_ids):
-        targets[i, longest - len(a):] = torch.tensor(a, device=device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    hidden, _, _ = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device)
+    # Left padding puts each answer in the last columns; position t predicts token t + 1.
+    width = hidden.size(1)
+    rows = [i for i, a in enumerate(answer_ids) for _ in a]
+    cols = [width - 1 - len(a) + j for a in answer_ids for j in range(len(a))]
+    targets = torch.tensor([t for a in answer_ids for t in a], device=device)
+    return F.cross_entropy(head(hidden[rows, cols]).float(), targets)
+
+
+def mean_answer_nll(scores, labels, answers):
+    """The validation loss (`answer_loss` over a whole set) from label scores already computed: the summed
+    log-likelihood of each true answer, per answer token."""
+    return -sum(scores[i, k].item() for i, k in enumerate(labels)) / sum(len(answers[k]) for k in labels)
 
 
 @torch.no_grad()
@@ -57,16 +101,16 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache),
     then one short pass over the answers' remaining tokens for all labels at once."""
     device = model.device
+    body, head = _body_and_head(model)
     n_labels, batch = len(answers), len(prompt_ids)
-    input_ids, mask, positions = left_pad(prompt_ids, pad_id, device)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    hidden, mask, cache = forward_body(body, prompt_ids, shared_prefix_length(prompt_ids), pad_id, device,
+                                       use_cache=True)
+    first = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)
     scores = torch.stack([first[:, a[0]] for a in answers], dim=1)  # (batch, n_labels)
     longest = max(len(a) for a in answers)
     if longest == 1:
         return scores.cpu()
     # Row order after repeat_interleave: example 0 label 0, example 0 label 1, ..., example 1 label 0, ...
-    cache = out.past_key_values
     cache.batch_repeat_interleave(n_labels)
     rest = torch.full((batch * n_labels, longest - 1), pad_id, dtype=torch.long)
     rest_mask = torch.zeros_like(rest)
@@ -76,14 +120,14 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     rest, rest_mask = rest.to(device), rest_mask.to(device)
     prompt_lengths = mask.sum(-1).repeat_interleave(n_labels)
     rest_positions = prompt_lengths[:, None] + torch.arange(longest - 1, device=device)[None, :]
-    out = model(
+    out = body(
         input_ids=rest,
         attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0), rest_mask], dim=1),
         position_ids=rest_positions,
         past_key_values=cache,
         use_cache=True,
     )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1).view(batch, n_labels, longest - 1, -1)
+    logprobs = torch.log_softmax(head(out.last_hidden_state).float(), dim=-1).view(batch, n_labels, longest - 1, -1)
     for k, a in enumerate(answers):
         for j, token in enumerate(a[1:]):
             scores[:, k] += logprobs[:, k, j, token]

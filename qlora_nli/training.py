@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_nli.io import atomic_path
-from qlora_nli.scoring import answer_loss
+from qlora_nli.scoring import answer_loss, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,34 @@ def autocast_for(device, dtype):
     return nullcontext()
 
 
+def micro_batches(batch, lengths, prefix, max_tokens):
+    """Consecutive slices of `batch` of at most `max_tokens` computed tokens each (rows x padded length beyond the
+    shared prefix), one row at least. Activation memory grows with these tokens, not with the number of rows,
+    so a token budget caps memory for short and long examples alike; short examples get more rows per pass."""
+    parts, current, longest = [], [], 0
+    for i in batch:
+        longest_with_i = max(longest, lengths[i] - prefix)
+        if current and longest_with_i * (len(current) + 1) > max_tokens:
+            parts.append(current)
+            current, longest_with_i = [], lengths[i] - prefix
+        current.append(i)
+        longest = longest_with_i
+    return parts + [current]
+
+
 def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, scheduler, scaler, train_params,
                     dtype, on_step):
     """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate."""
     model.train()
     device = model.device.type
-    micro = train_params["micro_batch_size"]
+    lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     losses = []
     for batch in tqdm(batches, desc="train", unit="batch", leave=False):
         optimizer.zero_grad(set_to_none=True)
         n_answer_tokens = sum(len(answer_ids[i]) for i in batch)
+        prefix = shared_prefix_length([prompt_ids[i] for i in batch])
         batch_loss = 0.0
-        for start in range(0, len(batch), micro):
-            part = batch[start : start + micro]
+        for part in micro_batches(batch, lengths, prefix, train_params["micro_batch_tokens"]):
             with autocast_for(device, dtype):
                 loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id)
             # weight by answer tokens so accumulation gives the same gradient as one big batch

@@ -13,7 +13,7 @@ from qlora_nli.io import atomic_path, file_sha256, read_jsonl, tree_size_bytes, 
 from qlora_nli.params import check_target_modules, load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
-from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, score_labels
+from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
 from qlora_nli.training import (Checkpoints, Timer, fingerprint, length_grouped_batches, make_optimizer,
                                 make_scheduler, set_seed, train_one_epoch)
 
@@ -21,14 +21,11 @@ log = logging.getLogger("finetune")
 
 
 @torch.no_grad()
-def validate(model, tokenizer, prompts, prompt_ids, answer_ids, labels, batch_size):
+def validate(model, tokenizer, prompts, labels, answers, batch_size):
     model.eval()
     scores = score_labels(model, tokenizer, prompts, batch_size, desc="validate")
     accuracy = (scores.argmax(1) == torch.tensor(labels)).float().mean().item()
-    losses = [answer_loss(model, prompt_ids[i : i + batch_size], answer_ids[i : i + batch_size],
-                          tokenizer.pad_token_id).item() * len(prompt_ids[i : i + batch_size])
-              for i in range(0, len(prompt_ids), batch_size)]
-    return sum(losses) / len(prompt_ids), accuracy
+    return mean_answer_nll(scores, labels, answers), accuracy
 
 
 def main():
@@ -46,7 +43,6 @@ def main():
     train_prompt_ids = encode_prompts(tokenizer, [format_prompt(template, r) for r in train_rows])
     train_answer_ids = [answers[r["label"]] for r in train_rows]
     val_prompts = [format_prompt(template, r) for r in val_rows]
-    val_prompt_ids, val_answer_ids = encode_prompts(tokenizer, val_prompts), [answers[r["label"]] for r in val_rows]
     val_labels = [r["label"] for r in val_rows]
     lengths = [len(p) + len(a) for p, a in zip(train_prompt_ids, train_answer_ids)]
 
@@ -97,8 +93,8 @@ def main():
                         train_loss = train_one_epoch(model, batches, train_prompt_ids, train_answer_ids,
                                                      tokenizer.pad_token_id, optimizer, scheduler, scaler, t, dtype,
                                                      on_step)
-                    val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_prompt_ids, val_answer_ids,
-                                                      val_labels, t["batch_size"])
+                    val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_labels, answers,
+                                                      t["batch_size"])
                     record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),
                               "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4),
                               "seconds": round(timer.seconds, 3), "tokens": sum(lengths)}
@@ -109,8 +105,8 @@ def main():
                              epoch, train_loss, val_loss, val_accuracy, timer.seconds)
                     checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
             except torch.OutOfMemoryError:
-                raise SystemExit(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_size "
-                                 f"(now {t['micro_batch_size']}) or set train.gradient_checkpointing: true")
+                raise SystemExit(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
+                                 f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
 
         with atomic_path("models/adapter") as tmp:
             model.save_pretrained(tmp)

@@ -26,7 +26,7 @@ def make_project(root, arch="phi", overrides=None):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=str(data_dir), n_train=24, n_val=6, n_test=9)
     params["model"]["name"] = str(model_dir)
-    params["train"].update(epochs=2, batch_size=8, micro_batch_size=8, num_threads=1)
+    params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, num_threads=1)
     params["evaluate"]["batch_size"] = 4
     for key, value in (overrides or {}).items():
         group, name = key.split(".")

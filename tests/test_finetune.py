@@ -119,6 +119,6 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
     with pytest.raises(expected) as e:
         stage.main()
     if expected is SystemExit:
-        assert "train.micro_batch_size" in str(e.value) and "gradient_checkpointing" in str(e.value)
+        assert "train.micro_batch_tokens" in str(e.value) and "gradient_checkpointing" in str(e.value)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert {"state.pt", "adapter_model.safetensors"} <= {p.name for p in (root / "checkpoints/epoch-1").iterdir()}

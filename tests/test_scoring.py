@@ -3,7 +3,8 @@ import torch
 
 from qlora_nli import modeling
 from qlora_nli.prompts import LABELS, TEMPLATE
-from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, generate_answers, parse_label, score_labels
+from qlora_nli.scoring import (answer_loss, encode_answers, encode_prompts, generate_answers, mean_answer_nll,
+                               parse_label, score_labels)
 from tiny import made_up_pairs
 
 
@@ -49,6 +50,9 @@ def test_answer_loss_is_mean_answer_token_nll(tiny_model_dir):
     total_tokens = sum(len(answers[k]) for k in labels)
     expected = -sum(per_label[i, k] for i, k in enumerate(labels)) / total_tokens
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    # the validation loss, taken from the label scores, is the same quantity
+    scores = score_labels(model, tokenizer, prompts, batch_size=2)
+    assert mean_answer_nll(scores, labels, answers) == pytest.approx(loss.item(), abs=1e-4)
 
 
 def test_generate_returns_text_per_prompt(tiny_model_dir):

@@ -1,0 +1,77 @@
+"""Micro-batching by token budget and the shared-prefix forward: same loss and same LoRA gradients as the plain way."""
+import pytest
+import torch
+
+from qlora_nli import modeling
+from qlora_nli.prompts import TEMPLATE
+from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, shared_prefix_length
+from qlora_nli.training import micro_batches
+from tiny import made_up_pairs
+
+
+@pytest.mark.parametrize("lengths, budget, expected", [
+    ([10, 10, 10, 10], 40, [[0, 1, 2, 3]]),
+    ([10, 10, 10, 10], 39, [[0, 1, 2], [3]]),
+    ([5, 10, 20, 20], 40, [[0, 1], [2, 3]]),       # the longest row sets the padded width
+    ([50, 60], 10, [[0], [1]]),                    # a row longer than the budget still runs, alone
+])
+def test_micro_batches_respect_the_token_budget(lengths, budget, expected):
+    assert micro_batches(list(range(len(lengths))), lengths, 0, budget) == expected
+
+
+def test_micro_batches_count_only_tokens_past_the_shared_prefix():
+    assert micro_batches([0, 1, 2, 3], [30, 30, 30, 30], prefix=20, max_tokens=40) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("sequences, expected", [
+    ([[1, 2, 3, 4], [1, 2, 5]], 2),
+    ([[1, 2, 3], [1, 2, 3]], 2),  # identical: each keeps one token of its own
+    ([[1, 2, 3], [4, 2, 3]], 0),
+    ([[1, 2, 3]], 0),             # a single sequence gains nothing
+])
+def test_shared_prefix_length(sequences, expected):
+    assert shared_prefix_length(sequences) == expected
+
+
+def _lora_model(path):
+    params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
+    torch.manual_seed(0)
+    model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
+                                 {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    # peft starts lora_B at zero; random values make every adapter's gradient depend on the prefix path
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradient(tiny_model_dir):
+    model, tokenizer = _lora_model(tiny_model_dir), modeling.load_tokenizer(str(tiny_model_dir))
+    prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(6, 3)])
+    answers = encode_answers(tokenizer)
+    answer_ids = [answers[k % 3] for k in range(6)]
+    assert shared_prefix_length(prompt_ids) > 5, "the default template should start with shared text"
+    n_tokens = sum(len(a) for a in answer_ids)
+
+    # reference: each sequence alone (no padding, no shared prefix), summed per answer token
+    model.zero_grad()
+    for p, a in zip(prompt_ids, answer_ids):
+        (answer_loss(model, [p], [a], tokenizer.pad_token_id) * len(a) / n_tokens).backward()
+    reference = _grads(model)
+
+    # the training path: the batch in micro-batches, each with its shared prefix computed once
+    model.zero_grad()
+    lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
+    parts = micro_batches(list(range(6)), lengths, shared_prefix_length(prompt_ids), max_tokens=3 * max(lengths))
+    assert len(parts) > 1
+    for part in parts:
+        loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], tokenizer.pad_token_id)
+        (loss * sum(len(answer_ids[i]) for i in part) / n_tokens).backward()
+    batched = _grads(model)
+    for name, g in reference.items():
+        assert torch.allclose(batched[name], g, atol=1e-5, rtol=1e-4), name
+    assert any(g.abs().sum() > 0 for n, g in reference.items() if "layers.0." in n), "gradients reach layer 0"
