@@ -16,7 +16,8 @@ Sides (each runs in its own subprocess, so its peak RSS is its own):
          split into micro-batches by a token budget (training.length_grouped_batches, micro_batches,
          train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
          the answer tokens only with logits computed only there (scoring.answer_loss), evaluation by label
-         log-likelihood with the KV-cache trick (scoring.score_labels). params.yaml lora/train/evaluate values, plus any `--set group.key=value`.
+         log-likelihood with the KV-cache trick (scoring.score_labels). params.yaml lora/train/evaluate
+         values, plus any `--set group.key=value`.
   naive  the assignment-notebook recipe: transformers.Trainer + DataCollatorForLanguageModeling(mlm=False) on the
          full "prompt + answer" text padded to one fixed length (the longest tokenized example of the sample, its
          fairest value), loss over ALL tokens, evaluation by greedy `model.generate` (max_new_tokens =
