@@ -522,6 +522,20 @@ def _encode(tokenizer, template, rows):
     return prompts, prompt_ids, answer_ids, [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
 
 
+def _start_side(spec):
+    """What both sides start from: threads set, the rows, the tokenizer and the package's tokenization of them.
+    Returns (result dict, tokenizer, train rows, _encode(train rows), test rows, test prompts)."""
+    from qlora_nli import modeling
+
+    params = spec["params"]
+    result = {"torch_threads": _set_threads(params["train"]["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
+    train_rows, test_rows = _load_rows(spec)
+    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    template = params["prompt"]["template"]
+    return (result, tokenizer, train_rows, _encode(tokenizer, template, train_rows), test_rows,
+            _encode(tokenizer, template, test_rows)[0])
+
+
 def _load_model(params):
     """4-bit base + LoRA exactly as stages/finetune.py builds it, and the sizes the FLOP estimate needs."""
     import torch
@@ -606,12 +620,7 @@ def child_ours(spec):
                                     train_one_epoch)
 
     params, t = spec["params"], spec["params"]["train"]
-    result = {"torch_threads": _set_threads(t["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
-    train_rows, test_rows = _load_rows(spec)
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
-    template = params["prompt"]["template"]
-    _, prompt_ids, answer_ids, lengths = _encode(tokenizer, template, train_rows)
-    test_prompts = _encode(tokenizer, template, test_rows)[0]
+    result, tokenizer, train_rows, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = _start_side(spec)
 
     with ResourceMonitor() as monitor:
         model, result["model_dims"] = _load_model(params)
@@ -677,17 +686,12 @@ def child_naive(spec):
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from qlora_nli import modeling
     from qlora_nli.prompts import answer_text
     from qlora_nli.resources import ResourceMonitor
 
     params, t = spec["params"], spec["params"]["train"]
-    result = {"torch_threads": _set_threads(t["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
-    train_rows, test_rows = _load_rows(spec)
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
-    template = params["prompt"]["template"]
-    prompts, prompt_ids, answer_ids, lengths = _encode(tokenizer, template, train_rows)
-    test_prompts = _encode(tokenizer, template, test_rows)[0]
+    result, tokenizer, train_rows, (prompts, prompt_ids, answer_ids, lengths), test_rows, test_prompts = \
+        _start_side(spec)
 
     # The notebook way: tokenize "prompt + answer" as one text, pad everything to one length. Its fairest value is
     # the longest example of the sample (nothing truncated, no padding beyond what the sample needs).
