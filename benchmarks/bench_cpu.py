@@ -45,10 +45,13 @@ FLOP estimate (forward + backward of a frozen base with LoRA adapters; elementwi
   N      = dense weights of the non-embedding linear layers (q, k, v, o, gate, up, down of every block;
            logical in*out of each Linear4bit, counted on the loaded model)
   N_lora = trainable LoRA weights = sum over adapted layers of r * (in + out)
-  per token through the blocks:   2N (forward) + 2N (backward, input gradients only: the base is frozen)
+  B      = fraction of the blocks that backward runs through: from the lowest adapted block up (lora.layers),
+           all of them under gradient checkpointing
+  per token through the blocks:   2N (forward) + 2N * B (backward, input gradients only: the base is frozen)
                                   + 6 N_lora (forward, input gradients and weight gradients of the adapters)
-  attention scores, per sequence: 12 * layers * (heads * head_dim) * pairs, pairs = L(L+1)/2 causal pairs of the
-                                  L real tokens (for "executed": W*W of the padded width W, a mask is passed)
+  attention scores, per sequence: 4 * (1 + 2B) * layers * (heads * head_dim) * pairs, pairs = L(L+1)/2 causal
+                                  pairs of the L real tokens (for "executed": W*W of the padded width W, a mask is
+                                  passed)
   vocabulary projection:          4 * vocab * hidden per position where logits are computed (forward + input grad)
   Three totals, each divided by the training seconds:
     useful   the task's work, same definition both sides: blocks + attention on real tokens, vocabulary projection
@@ -60,7 +63,9 @@ FLOP estimate (forward + backward of a frozen base with LoRA adapters; elementwi
              row's own tokens padded to the micro-batch's longest, logits at the answer tokens only (so ours'
              executed can be below useful: the useful count charges the template's fixed prefix to every
              example); naive every position of the fixed length; with gradient checkpointing the blocks'
-             forward again (2N + 2N_lora per position)
+             forward again (2N + 2N_lora per position). Ours keeps the states entering the first adapted block
+             (training.FrozenBlockStates, timed as part of training): the frozen blocks' forward is counted once
+             per position of that pass, not per epoch (their attention there is not counted)
 
 Also: `dvc repro` with nothing changed, timed in the repository root (3 runs, median), only when `dvc status`
 says everything is up to date (otherwise null with the reason).
@@ -101,16 +106,18 @@ TARGETS = {"train_speedup": 2.0, "eval_speedup": 10.0, "ours_peak_rss_mb": 2048.
 FLOPS_FORMULA = {
     "N": "dense weights of the non-embedding linear layers (logical in*out, q/k/v/o/gate/up/down of every block)",
     "N_lora": "trainable LoRA weights, sum of r*(in+out) over adapted layers",
-    "per_token_blocks": "2N forward + 2N backward (input grads only, frozen base) + 6 N_lora",
-    "attention_per_sequence": "12 * layers * heads * head_dim * pairs; pairs = L(L+1)/2 (real, causal) or W*W "
-                              "(executed, padded width W with a mask)",
+    "B": "fraction of the blocks backward runs through (lowest adapted block up; all under gradient checkpointing)",
+    "per_token_blocks": "2N forward + 2N*B backward (input grads only, frozen base) + 6 N_lora",
+    "attention_per_sequence": "4 * (1 + 2B) * layers * heads * head_dim * pairs; pairs = L(L+1)/2 (real, causal) "
+                              "or W*W (executed, padded width W with a mask)",
     "vocab_projection_per_position": "4 * vocab * hidden (forward + input grad of the frozen tied lm_head)",
     "useful": "blocks + attention on real tokens + projection at answer tokens only (same both sides)",
     "model": "blocks + attention on real tokens + projection where the side's own loss needs it "
              "(ours: answer tokens; naive: L-1 positions per example)",
     "executed": "blocks + attention + projection on every position computed, padding included "
                 "(+ 2N + 2N_lora per position recomputed under gradient checkpointing; attention recompute not "
-                "counted)",
+                "counted); ours' frozen blocks (below the first adapted one) counted once per position of the "
+                "pass that keeps their states, not per epoch (their attention there not counted)",
     "peak": f"best of {MATMUL_REPS} fp32 torch.mm {MATMUL_SIZE}x{MATMUL_SIZE}, 2*n^3 FLOPs each, same threads",
 }
 
@@ -249,18 +256,24 @@ def time_dvc_noop():
 def flops(side, peak_flops):
     """The three FLOP totals of the module docstring, as FLOP/s and % of the matmul peak."""
     d, c = side["model_dims"], side["counts"]
-    blocks = 4 * d["n_body_linear"] + 6 * d["n_lora"]
-    attention = 12 * d["n_layers"] * d["d_attn"]
+    backward = d["n_backward_layers"] / d["n_layers"]
+    blocks = (2 + 2 * backward) * d["n_body_linear"] + 6 * d["n_lora"]
+    attention = 4 * (1 + 2 * backward) * d["n_layers"] * d["d_attn"]
+    # Ours with training.FrozenBlockStates: the frozen blocks' forward ran once per example, not in every epoch.
+    kept = side.get("frozen_blocks") or {"blocks": 0, "positions": 0}
+    kept_forward = 2 * d["n_body_linear"] * kept["blocks"] / d["n_layers"]
+    kept_attention = 4 * kept["blocks"] * d["d_attn"]
     vocab = 4 * d["lm_head"]
     # Gradient checkpointing runs the blocks' forward twice: work that executes but is not useful.
     recompute = (2 * d["n_body_linear"] + 2 * d["n_lora"]) if side["gradient_checkpointing"] else 0
     totals = {
         "useful": blocks * c["real_tokens"] + attention * c["attn_pairs_real"] + vocab * c["answer_tokens"],
         "model": blocks * c["real_tokens"] + attention * c["attn_pairs_real"] + vocab * c["lm_head_positions_model"],
-        "executed": ((blocks + recompute) * c["executed_positions"] + attention * c["attn_pairs_executed"]
+        "executed": ((blocks + recompute - kept_forward) * c["executed_positions"] + kept_forward * kept["positions"]
+                     + (attention - kept_attention) * c["attn_pairs_executed"]
                      + vocab * c["lm_head_positions_executed"]),
     }
-    out = {"per_real_token_blocks": blocks, "per_logit_position": vocab, "attention_per_pair": attention}
+    out = {"backward_fraction": backward, "per_real_token_blocks": blocks, "per_logit_position": vocab, "attention_per_pair": attention}
     for name, total in totals.items():
         rate = total / side["train_seconds"]
         out[name] = {"total_flops": total, "flops_per_second": round(rate),
@@ -561,6 +574,11 @@ def _load_model(params):
     model = modeling.attach_lora(model, params["lora"], params["train"]["gradient_checkpointing"])
     dims["n_lora"] = modeling.count_parameters(model)["trainable"]
     dims["lora_target_modules"] = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
+    # Backward runs from the top down to the lowest adapted block (to the embeddings under gradient checkpointing,
+    # where peft makes the embeddings' output require gradients).
+    adapted = [int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters() if p.requires_grad]
+    lowest = 0 if params["train"]["gradient_checkpointing"] else min(adapted)
+    dims["n_backward_layers"] = cfg.num_hidden_layers - lowest
     return model, dims
 
 
@@ -616,8 +634,8 @@ def child_ours(spec):
     from qlora_nli import modeling
     from qlora_nli.resources import ResourceMonitor
     from qlora_nli.scoring import shared_prefix_length
-    from qlora_nli.training import (length_grouped_batches, make_optimizer, make_scheduler, micro_batches,
-                                    train_one_epoch)
+    from qlora_nli.training import (FrozenBlockStates, length_grouped_batches, make_optimizer, make_scheduler,
+                                    micro_batches, train_one_epoch)
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, train_rows, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = _start_side(spec)
@@ -634,11 +652,15 @@ def child_ours(spec):
         scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32 on CPU: nothing to scale
 
         log.info("ours: training %d epoch(s), %d steps", len(epochs), sum(len(b) for b in epochs))
-        losses = []
+        losses, frozen = [], None
         start = time.perf_counter()
+        if FrozenBlockStates.usable(model, t) is None:  # as stages/finetune.py does, inside the timed training
+            frozen = FrozenBlockStates(model, [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_ids,
+                                       tokenizer.pad_token_id, dtype, t["batch_size"])
+            result["frozen_blocks"] = {"blocks": frozen.start, "positions": frozen.positions}
         for batches in epochs:
             losses.append(train_one_epoch(model, batches, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
-                                          scheduler, scaler, t, dtype, on_step=lambda loss, lr: None))
+                                          scheduler, scaler, t, dtype, on_step=lambda loss, lr: None, frozen=frozen))
         train_seconds = time.perf_counter() - start
         result["rss_mb_peak_after_train"] = _rss_peak_mb()
 

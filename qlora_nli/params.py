@@ -96,6 +96,7 @@ SCHEMA = {
         "dropout": FRACTION,
         "target_modules": (_modules, lambda v: v == "all-linear" or (v and all(m.strip() for m in v)),
                            '"all-linear" or a non-empty list of module names'),
+        "layers": (_count_or_all, lambda v: v == "all" or v >= 1, 'an integer >= 1 (the last N blocks), or "all"'),
     },
     "train": {
         "seed": (_integer, None, "an integer"),

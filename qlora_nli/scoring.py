@@ -37,7 +37,7 @@ def left_pad(sequences, pad_id, device):
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
-def _body_and_head(model):
+def body_and_head(model):
     """The transformer body and the vocabulary projection of a causal LM (LoRA-wrapped or not). Calling them
     separately lets us project only the rows that need logits, as one plain 2-D matmul: the model's own
     `logits_to_keep` slice is not contiguous, and torch then runs the projection as a batched matmul over a copy
@@ -56,32 +56,44 @@ def shared_prefix_length(sequences):
     return n
 
 
-def forward_body(body, sequences, prefix, pad_id, device, use_cache=False):
+def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None):
     """Hidden states of a batch, the shared prompt prefix computed once. Every prompt starts with the template's
     fixed text: it runs once with batch size 1, its keys/values are repeated over the batch, and only each
     sequence's own tokens (left-padded) run per row. Gradients flow through the repeated prefix, so training
     is exact too. Gradient checkpointing recomputes without a cache, so it gets the plain forward.
     `prefix` (at most the shared_prefix_length) is chosen by the caller, so that positions needing logits stay in
-    the per-row part. Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
+    the per-row part. `embed(i, start, stop)`, if given, supplies the input vectors of positions start..stop-1 of
+    sequence i instead of the token embeddings (training.FrozenBlockStates).
+    Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
     if body.is_activation_checkpointing and body.training:
         prefix = 0
     cache = None
     if prefix:
-        cache = body(input_ids=torch.tensor([sequences[0][:prefix]], device=device), use_cache=True).past_key_values
+        first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
+                 {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
+        cache = body(**first, use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(sequences))
     input_ids, mask, positions = left_pad([s[prefix:] for s in sequences], pad_id, device)
+    rows = {"input_ids": input_ids}
+    if embed:
+        width = input_ids.size(1)
+        own = [embed(i, prefix, len(s)) for i, s in enumerate(sequences)]
+        states = own[0].new_zeros(len(sequences), width, own[0].size(-1))  # padding: masked out, any value works
+        for i, x in enumerate(own):
+            states[i, width - len(x):] = x
+        rows = {"inputs_embeds": states}
     mask = torch.cat([torch.ones(len(sequences), prefix, dtype=mask.dtype, device=device), mask], dim=1)
-    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions + prefix, past_key_values=cache,
+    out = body(**rows, attention_mask=mask, position_ids=positions + prefix, past_key_values=cache,
                use_cache=use_cache or cache is not None)
     return out.last_hidden_state, mask, out.past_key_values
 
 
-def answer_loss(model, prompt_ids, answer_ids, pad_id):
+def answer_loss(model, prompt_ids, answer_ids, pad_id, embed=None):
     """Mean cross-entropy over the answer tokens only, with logits computed at exactly those positions."""
     device = model.device
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
-    hidden, _, _ = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device)
+    hidden, _, _ = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device, embed=embed)
     # Left padding puts each answer in the last columns; position t predicts token t + 1.
     width = hidden.size(1)
     rows = [i for i, a in enumerate(answer_ids) for _ in a]
@@ -101,7 +113,7 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache),
     then one short pass over the answers' remaining tokens for all labels at once."""
     device = model.device
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     n_labels, batch = len(answers), len(prompt_ids)
     hidden, mask, cache = forward_body(body, prompt_ids, shared_prefix_length(prompt_ids), pad_id, device,
                                        use_cache=True)

@@ -8,7 +8,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_nli.io import atomic_path
-from qlora_nli.scoring import answer_loss, shared_prefix_length
+from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,88 @@ def micro_batches(batch, lengths, prefix, max_tokens):
     return parts + [current]
 
 
+def first_trainable_block(model):
+    """Index of the lowest transformer block with trainable weights; 0 if anything below the blocks trains."""
+    return min(int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else 0
+               for name, p in model.named_parameters() if p.requires_grad)
+
+
+@contextmanager
+def running_only(body, blocks):
+    """Let `body` (a Llama or Phi model) run `blocks` as its whole stack; each attention layer indexes the KV cache
+    by its position in the stack, so they are renumbered for the time being."""
+    every = body.layers
+    body.layers = torch.nn.ModuleList(blocks)
+    for j, block in enumerate(blocks):
+        block.self_attn.layer_idx = j
+    try:
+        yield
+    finally:
+        body.layers = every
+        for j, block in enumerate(every):
+            block.self_attn.layer_idx = j
+
+
+class FrozenBlockStates:
+    """The states entering the lowest adapted block, computed once per training example before training.
+
+    With LoRA on the last `lora.layers` blocks only, the blocks below have no adapters and (checked by `usable`) no
+    dropout, so they compute the same states for an example in every epoch. Training then runs only the adapted
+    blocks on the kept states: the same loss and gradients as the full forward (tested on Llama and Phi), for
+    15 of 30 blocks a third less work per epoch. Kept per example after the prompts' common prefix (kept once):
+    about 74 MB for the embedded model's 1,000 pairs."""
+
+    @staticmethod
+    def usable(model, train_params):
+        """Why the full forward must run every epoch, or None if the states can be kept."""
+        if first_trainable_block(model) == 0:
+            return "every block is adapted"
+        if train_params["gradient_checkpointing"]:
+            return "gradient checkpointing recomputes the blocks anyway"
+        rates = {k: v for k, v in model.config.to_dict().items()
+                 if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and v}
+        return f"the frozen blocks use dropout ({rates}), so they differ every epoch" if rates else None
+
+    def __init__(self, model, sequences, prompt_ids, pad_id, dtype, batch_size=16):
+        self.body = body_and_head(model)[0]
+        self.blocks = list(self.body.layers)
+        self.start = first_trainable_block(model)
+        self.common = shared_prefix_length(prompt_ids)
+        device = model.device
+        captured = []
+        hook = self.blocks[self.start - 1].register_forward_hook(lambda module, args, out: captured.append(out))
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding
+        self.rows = [None] * len(sequences)
+        self.positions = 0  # computed, padding included
+        try:
+            with torch.no_grad(), autocast_for(device.type, dtype), running_only(self.body, self.blocks[:self.start]):
+                for start in tqdm(range(0, len(order), batch_size), desc="frozen blocks", unit="batch", leave=False):
+                    chunk = order[start : start + batch_size]
+                    captured.clear()
+                    forward_body(self.body, [sequences[i] for i in chunk], self.common, pad_id, device)
+                    rows = captured[-1]  # a forward of the prefix (if any), then one of the rows
+                    self.prefix = captured[0][0] if self.common else rows.new_zeros(0, rows.size(-1))
+                    self.positions += self.common + rows.size(0) * rows.size(1)
+                    for r, i in enumerate(chunk):
+                        self.rows[i] = rows[r, rows.size(1) - (len(sequences[i]) - self.common):].clone()
+        finally:
+            hook.remove()
+        log.info("kept the states entering block %d for %d examples (%.0f MB): later passes run %d of %d blocks",
+                 self.start, len(sequences), sum(x.numel() * x.element_size() for x in self.rows) / 1e6,
+                 len(self.blocks) - self.start, len(self.blocks))
+
+    def adapted_blocks_only(self):
+        return running_only(self.body, self.blocks[self.start:])
+
+    def embed(self, examples):
+        """`forward_body`'s embed for a micro-batch of these example indices."""
+        return lambda r, start, stop: torch.cat([self.prefix, self.rows[examples[r]]])[start:stop]
+
+
 def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, scheduler, scaler, train_params,
-                    dtype, on_step):
-    """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate."""
+                    dtype, on_step, frozen=None):
+    """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate. With `frozen`
+    (FrozenBlockStates) only the adapted blocks run."""
     model.train()
     device = model.device.type
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
@@ -98,8 +177,9 @@ def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, s
         prefix = shared_prefix_length([prompt_ids[i] for i in batch])
         batch_loss = 0.0
         for part in micro_batches(batch, lengths, prefix, train_params["micro_batch_tokens"]):
-            with autocast_for(device, dtype):
-                loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id)
+            with autocast_for(device, dtype), frozen.adapted_blocks_only() if frozen else nullcontext():
+                loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id,
+                                   embed=frozen.embed(part) if frozen else None)
             # weight by answer tokens so accumulation gives the same gradient as one big batch
             weight = sum(len(answer_ids[i]) for i in part) / n_answer_tokens
             scaler.scale(loss * weight).backward()

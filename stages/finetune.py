@@ -14,8 +14,8 @@ from qlora_nli.params import check_target_modules, load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
-from qlora_nli.training import (Checkpoints, Timer, fingerprint, length_grouped_batches, make_optimizer,
-                                make_scheduler, set_seed, train_one_epoch)
+from qlora_nli.training import (Checkpoints, FrozenBlockStates, Timer, fingerprint, length_grouped_batches,
+                                make_optimizer, make_scheduler, set_seed, train_one_epoch)
 
 log = logging.getLogger("finetune")
 
@@ -68,6 +68,14 @@ def main():
             history = checkpoints.restore(last, model, optimizer, scheduler, scaler)
             log.info("resuming after epoch %d from %s", last[0], last[1])
 
+        frozen = None
+        why_not = FrozenBlockStates.usable(model, t)
+        if why_not:
+            log.info("every epoch runs all blocks: %s", why_not)
+        elif len(history["epochs"]) < t["epochs"]:
+            frozen = FrozenBlockStates(model, [p + a for p, a in zip(train_prompt_ids, train_answer_ids)],
+                                       train_prompt_ids, tokenizer.pad_token_id, dtype, t["batch_size"])
+
         with Live("dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
             # A resumed run replays the saved history, so the curves match an uninterrupted run.
             for record in history["steps"]:
@@ -92,7 +100,7 @@ def main():
                     with Timer() as timer:
                         train_loss = train_one_epoch(model, batches, train_prompt_ids, train_answer_ids,
                                                      tokenizer.pad_token_id, optimizer, scheduler, scaler, t, dtype,
-                                                     on_step)
+                                                     on_step, frozen)
                     val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_labels, answers,
                                                       t["batch_size"])
                     record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),

@@ -28,6 +28,7 @@ def make_project(root, arch="phi", overrides=None):
     params["model"]["name"] = str(model_dir)
     params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, num_threads=1)
     params["evaluate"]["batch_size"] = 4
+    params["lora"]["layers"] = 1  # the tiny models have 2 blocks; adapting the last one mirrors the default
     for key, value in (overrides or {}).items():
         group, name = key.split(".")
         params[group][name] = value

@@ -37,7 +37,8 @@ def test_cuda_requested_without_gpu_is_one_line(monkeypatch):
 def test_lora_attaches_to_tiny_models(tiny_model_dir):
     model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
     base = modeling.count_parameters(model)
-    model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+                                       "layers": "all"})
     after = modeling.count_parameters(model)
     assert 0 < after["trainable"] and after["total"] == base["total"] + after["trainable"]
 
@@ -49,3 +50,33 @@ def test_unloadable_model_is_one_line(tmp_path):
         modeling.load_tokenizer(str(broken))
     message = str(e.value)
     assert "model.name" in message and str(broken) in message and "\n" not in message
+
+
+def _adapted_blocks(model):
+    return {int(name.split(".layers.")[1].split(".")[0]) for name, _ in model.named_parameters() if "lora_A" in name}
+
+
+def _adapted_names(model):
+    return {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+
+
+def test_lora_on_the_last_blocks_only(tiny_model_dir):
+    params = {"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    every = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "layers": "all"})
+    last = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "layers": 1})
+    assert _adapted_blocks(every) == {0, 1} and _adapted_blocks(last) == {1}
+    assert _adapted_names(last) == _adapted_names(every)  # "all-linear" means the same layers within a block
+    assert modeling.count_parameters(last)["trainable"] * 2 == modeling.count_parameters(every)["trainable"]
+    listed = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "target_modules": ["q_proj"],
+                                                                           "layers": 1})
+    assert _adapted_blocks(listed) == {1} and _adapted_names(listed) == {"q_proj"}
+
+
+def test_more_lora_layers_than_blocks_is_one_line(tiny_model_dir):
+    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
+                                     "cpu")
+    with pytest.raises(SystemExit) as e:
+        modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 3})
+    message = str(e.value)
+    assert "lora.layers = 3" in message and "from 1 to 2" in message and "\n" not in message

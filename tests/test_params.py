@@ -46,6 +46,8 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("data", "n_test", 7, 7),
     ("lora", "alpha", 32, 32.0),                 # int accepted for a float field
     ("lora", "target_modules", ["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+    ("lora", "layers", "all", "all"),
+    ("lora", "layers", 1, 1),
     ("train", "weight_decay", 0, 0.0),
     ("train", "seed", -3, -3),
     ("train", "num_threads", 0, 0),
@@ -111,6 +113,9 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("lora", "target_modules", "q_proj", "lora.target_modules = 'q_proj' has the wrong type"),
     ("lora", "target_modules", ["q_proj", 3], "lora.target_modules = ['q_proj', 3] has the wrong type"),
     ("lora", "target_modules", ["q_proj", " "], "lora.target_modules = ['q_proj', ' '] is out of range"),
+    ("lora", "layers", 0, "lora.layers = 0 is out of range"),
+    ("lora", "layers", "last", "lora.layers = 'last' has the wrong type"),
+    ("lora", "layers", True, "lora.layers = True has the wrong type"),
     ("report", "n_examples", -1, "report.n_examples = -1 is out of range"),
 ])
 def test_bad_values(tmp_path, group, key, value, fragment):

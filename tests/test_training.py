@@ -4,8 +4,8 @@ import torch
 
 from qlora_nli import modeling
 from qlora_nli.prompts import TEMPLATE
-from qlora_nli.scoring import answer_loss, encode_answers, encode_prompts, shared_prefix_length
-from qlora_nli.training import micro_batches
+from qlora_nli.scoring import answer_loss, body_and_head, encode_answers, encode_prompts, shared_prefix_length
+from qlora_nli.training import FrozenBlockStates, micro_batches, train_one_epoch
 from tiny import made_up_pairs
 
 
@@ -33,11 +33,12 @@ def test_shared_prefix_length(sequences, expected):
     assert shared_prefix_length(sequences) == expected
 
 
-def _lora_model(path):
+def _lora_model(path, layers="all"):
     params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
     torch.manual_seed(0)
     model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
-                                 {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+                                 {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+                                  "layers": layers})
     # peft starts lora_B at zero; random values make every adapter's gradient depend on the prefix path
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -75,3 +76,42 @@ def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradien
     for name, g in reference.items():
         assert torch.allclose(batched[name], g, atol=1e-5, rtol=1e-4), name
     assert any(g.abs().sum() > 0 for n, g in reference.items() if "layers.0." in n), "gradients reach layer 0"
+
+
+def test_frozen_block_states_give_the_full_forward_loss_and_gradient(tiny_model_dir):
+    model, tokenizer = _lora_model(tiny_model_dir, layers=1), modeling.load_tokenizer(str(tiny_model_dir))
+    prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(7, 4)])
+    answers = encode_answers(tokenizer)
+    answer_ids = [answers[k % 3] for k in range(7)]
+    pad = tokenizer.pad_token_id
+    assert FrozenBlockStates.usable(model, {"gradient_checkpointing": False}) is None
+    frozen = FrozenBlockStates(model, [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_ids, pad,
+                               torch.float32, batch_size=3)
+    assert frozen.start == 1 and frozen.common == shared_prefix_length(prompt_ids) > 0
+
+    def loss_and_grads(part, use_frozen):
+        model.zero_grad()
+        with frozen.adapted_blocks_only() if use_frozen else torch.enable_grad():
+            loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad,
+                               embed=frozen.embed(part) if use_frozen else None)
+        loss.backward()
+        return loss.item(), _grads(model)
+
+    for part in ([0, 1, 2, 3], [6, 2, 5], [4]):  # other batches than the states were computed in; one alone
+        loss, grads = loss_and_grads(part, use_frozen=False)
+        frozen_loss, frozen_grads = loss_and_grads(part, use_frozen=True)
+        assert frozen_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert grads.keys() == frozen_grads.keys() and all(".layers.1." in name for name in grads)
+        for name, g in grads.items():
+            assert torch.allclose(frozen_grads[name], g, atol=1e-5, rtol=1e-4), name
+    body = body_and_head(model)[0]
+    assert len(body.layers) == 2 and [b.self_attn.layer_idx for b in body.layers] == [0, 1]  # stack restored
+
+
+def test_frozen_block_states_only_where_they_are_exact(tiny_model_dir):
+    everywhere = _lora_model(tiny_model_dir, layers="all")
+    assert "every block" in FrozenBlockStates.usable(everywhere, {"gradient_checkpointing": False})
+    last = _lora_model(tiny_model_dir, layers=1)
+    assert "checkpointing" in FrozenBlockStates.usable(last, {"gradient_checkpointing": True})
+    last.config.attention_dropout = 0.1
+    assert "dropout" in FrozenBlockStates.usable(last, {"gradient_checkpointing": False})
