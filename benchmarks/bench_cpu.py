@@ -555,7 +555,7 @@ def _load_model(params):
 
     from qlora_nli import modeling
     from qlora_nli.params import check_target_modules
-    from qlora_nli.training import set_seed
+    from qlora_nli.training import first_trainable_block, set_seed
 
     set_seed(params["train"]["seed"])  # LoRA init is random: same seed, same start on both sides
     model = modeling.load_base_model(params["model"], "cpu")
@@ -576,8 +576,7 @@ def _load_model(params):
     dims["lora_target_modules"] = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
     # Backward runs from the top down to the lowest adapted block (to the embeddings under gradient checkpointing,
     # where peft makes the embeddings' output require gradients).
-    adapted = [int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters() if p.requires_grad]
-    lowest = 0 if params["train"]["gradient_checkpointing"] else min(adapted)
+    lowest = 0 if params["train"]["gradient_checkpointing"] else first_trainable_block(model)
     dims["n_backward_layers"] = cfg.num_hidden_layers - lowest
     return model, dims
 

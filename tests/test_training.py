@@ -5,7 +5,7 @@ import torch
 from qlora_nli import modeling
 from qlora_nli.prompts import TEMPLATE
 from qlora_nli.scoring import answer_loss, body_and_head, encode_answers, encode_prompts, shared_prefix_length
-from qlora_nli.training import FrozenBlockStates, micro_batches, train_one_epoch
+from qlora_nli.training import FrozenBlockStates, micro_batches
 from tiny import made_up_pairs
 
 
