@@ -95,7 +95,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, with or without `pip install -e .`
 
 from qlora_nli.io import read_json, read_jsonl, write_json  # noqa: E402  (light imports: the parent never loads torch)
-from qlora_nli.params import load_params  # noqa: E402
+from qlora_nli.errors import NLIError  # noqa: E402
+from qlora_nli.params import check_params  # noqa: E402
 
 log = logging.getLogger("bench_cpu")
 
@@ -174,7 +175,7 @@ def _parse_value(text):
 
 def build_params(overrides, epochs, threads):
     """(naive params, ours params): params.yaml with --epochs/--threads on both, --set on ours only, both checked
-    by qlora_nli.params.load_params (same messages as the pipeline for a bad key or value)."""
+    by qlora_nli.params.check_params (same messages as the pipeline for a bad key or value)."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     base["train"]["epochs"] = epochs
     if threads is not None:
@@ -188,16 +189,7 @@ def build_params(overrides, epochs, threads):
         if key.strip() == "train.epochs":
             raise SystemExit("--set train.epochs: use --epochs, which applies to both sides")
         ours.setdefault(group, {})[name] = _parse_value(text)
-    checked = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for raw, name in ((base, "params.yaml"), (ours, "params.yaml + --set")):
-            path = Path(tmp) / "params.yaml"
-            path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            try:
-                checked.append(load_params(path))
-            except SystemExit as e:
-                raise SystemExit(str(e).replace(str(path), name))
-    return checked
+    return check_params(base, "params.yaml"), check_params(ours, "params.yaml + --set")
 
 
 def run_child(role, spec, workdir):
@@ -822,7 +814,10 @@ if __name__ == "__main__":
     cli = parse_args()
     role = cli.child or "parent"
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{role}] %(name)s: %(message)s")
-    if cli.child:
-        child_main(cli)
-    else:
-        sys.exit(main(cli))
+    try:
+        if cli.child:
+            child_main(cli)
+        else:
+            sys.exit(main(cli))
+    except NLIError as e:
+        sys.exit(str(e))

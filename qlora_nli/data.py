@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path
 
+from qlora_nli.errors import DataError
 from qlora_nli.params import check_split_size
 from qlora_nli.prompts import LABELS
 
@@ -55,7 +56,7 @@ def resolve_source(source):
     if path.is_dir():
         return "local", str(path.resolve())
     if not HUB_ID.match(source):
-        raise SystemExit(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
+        raise DataError(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
                          f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
     mirror = os.environ.get("NLI_DATA_MIRROR")
     if mirror:
@@ -64,7 +65,7 @@ def resolve_source(source):
         for candidate in tried:
             if candidate.is_dir():
                 return "mirror", str(candidate.resolve())
-        raise SystemExit(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
+        raise DataError(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
                          f"{' or '.join(map(str, tried))}; put the dataset there, or unset NLI_DATA_MIRROR to use the Hub")
     return "hub", source
 
@@ -81,21 +82,21 @@ def load_hub_dataset(source):
         try:
             HfApi().dataset_info(source, timeout=10)
         except GatedRepoError:
-            raise SystemExit(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
+            raise DataError(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
                              f"(hf auth login), or use a local copy")
         except RepositoryNotFoundError:
-            raise SystemExit(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
+            raise DataError(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
                              f"Hub; fix the id or the path")
         except Exception as e:  # DNS failure, refused connection, timeout, proxy: all mean "no Hub"
             log.info("Hub probe failed: %s: %s", type(e).__name__, _one_line(e))
-            raise SystemExit(unreachable)
+            raise DataError(unreachable)
     import datasets
 
     try:
         return datasets.load_dataset(source)
     except ConnectionError as e:
         log.info("load_dataset failed: %s", _one_line(e))
-        raise SystemExit(unreachable)
+        raise DataError(unreachable)
 
 
 # --- raw records: (line or row number, record) per split, and the hash of what was read -------------------------
@@ -105,16 +106,16 @@ def _split_file(directory, split):
     if any((directory / name).exists() for name in SNLI1_FILES.values()):
         path = directory / SNLI1_FILES[split]
         if not path.is_file():
-            raise SystemExit(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
+            raise DataError(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
                              f"{', '.join(SNLI1_FILES.values())}")
         return path, SNLI1_COLUMNS
     found = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS if (directory / f"{split}.{ext}").is_file()]
     if not found:
-        raise SystemExit(f"data.source: {directory} has no {split} split; expected one of "
+        raise DataError(f"data.source: {directory} has no {split} split; expected one of "
                          f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "
                          f"(SNLI 1.0 layout) or a datasets.save_to_disk folder")
     if len(found) > 1:
-        raise SystemExit(f"data.source: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
+        raise DataError(f"data.source: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
                          f"keep one")
     return found[0], HF_COLUMNS
 
@@ -124,16 +125,16 @@ def _json_lines(path, data):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise SystemExit(f"{path} line {n}: not valid UTF-8; re-save the file as UTF-8")
+            raise DataError(f"{path} line {n}: not valid UTF-8; re-save the file as UTF-8")
         text = text.lstrip("\ufeff") if n == 1 else text
         if not text.strip():
             continue
         try:
             yield n, json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
         except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits, absurd nesting
-            raise SystemExit(f"{path} line {n}: not valid JSON ({_one_line(e)[:80]}); fix or remove the line")
+            raise DataError(f"{path} line {n}: not valid JSON ({_one_line(e)[:80]}); fix or remove the line")
 
 
 def _json_file(path, data):
@@ -153,7 +154,7 @@ def _csv_rows(path, data, columns):
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise SystemExit(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8")
+        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = reader.fieldnames or []
@@ -161,7 +162,7 @@ def _csv_rows(path, data, columns):
         for row in reader:
             yield reader.line_num, row
     except csv.Error as e:
-        raise SystemExit(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)}); fix the quoting")
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)}); fix the quoting")
 
 
 def _parquet_rows(path, data, columns):
@@ -171,7 +172,7 @@ def _parquet_rows(path, data, columns):
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise SystemExit(f"{path}: cannot read it as Parquet ({_one_line(e)[:100]}); re-write the file")
+        raise DataError(f"{path}: cannot read it as Parquet ({_one_line(e)[:100]}); re-write the file")
     _check_columns(path, table.column_names, columns)
     return enumerate(table.select(list(columns)).to_pylist(), 1)
 
@@ -179,7 +180,7 @@ def _parquet_rows(path, data, columns):
 def _check_columns(where, found, columns):
     for column in columns:
         if column not in found:
-            raise SystemExit(f"{where}: missing column '{column}' (found: {', '.join(map(str, found)) or 'none'}); "
+            raise DataError(f"{where}: missing column '{column}' (found: {', '.join(map(str, found)) or 'none'}); "
                              f"the split needs {', '.join(columns)}")
 
 
@@ -210,10 +211,10 @@ def _load_from_disk(directory):
     try:
         dataset = datasets.load_from_disk(directory)
     except Exception as e:  # a damaged folder fails in many ways inside `datasets`; all mean the same to the user
-        raise SystemExit(f"data.source: cannot read {directory} as a datasets.save_to_disk folder "
+        raise DataError(f"data.source: cannot read {directory} as a datasets.save_to_disk folder "
                          f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
     if not isinstance(dataset, datasets.DatasetDict):
-        raise SystemExit(f"data.source: {directory} holds a single Dataset; save a DatasetDict with the splits "
+        raise DataError(f"data.source: {directory} holds a single Dataset; save a DatasetDict with the splits "
                          f"{', '.join(SPLITS)}")
     return dataset
 
@@ -244,23 +245,23 @@ def _clean(name, unit, records, columns):
         where = f"{name} {unit} {n}"
         counts["raw"] += 1
         if not isinstance(record, dict):
-            raise SystemExit(f"{where}: expected an object with keys {', '.join(columns)}, found "
+            raise DataError(f"{where}: expected an object with keys {', '.join(columns)}, found "
                              f"{type(record).__name__} {_show(record)}; fix or remove the row")
         for key in columns:
             if key not in record:
-                raise SystemExit(f"{where}: missing key '{key}'; every row needs {', '.join(columns)}")
+                raise DataError(f"{where}: missing key '{key}'; every row needs {', '.join(columns)}")
         for key in (premise_key, hypothesis_key):
             text = record[key]
             if text is not None and not isinstance(text, str):
-                raise SystemExit(f"{where}: {key} = {_show(text)} is not a string; fix or remove the row")
+                raise DataError(f"{where}: {key} = {_show(text)} is not a string; fix or remove the row")
             try:
                 (text or "").encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate from a JSON escape like "\ud800"
-                raise SystemExit(f"{where}: {key} holds invalid Unicode (a lone surrogate); fix or remove the row")
+                raise DataError(f"{where}: {key} holds invalid Unicode (a lone surrogate); fix or remove the row")
         try:
             label = _parse_label(record[label_key])
         except ValueError:
-            raise SystemExit(f"{where}: {label_key} = {_show(record[label_key])} is not a known label; "
+            raise DataError(f"{where}: {label_key} = {_show(record[label_key])} is not a known label; "
                              f"allowed: {ALLOWED_LABELS}")
         premise, hypothesis = record[premise_key], record[hypothesis_key]
         if label is None:
@@ -270,7 +271,7 @@ def _clean(name, unit, records, columns):
         else:
             rows.append({"id": index, "premise": premise, "hypothesis": hypothesis, "label": label})
     if not rows:
-        raise SystemExit(f"{name}: no labeled pairs ({counts['raw']} rows, {counts['unlabeled_dropped']} unlabeled, "
+        raise DataError(f"{name}: no labeled pairs ({counts['raw']} rows, {counts['unlabeled_dropped']} unlabeled, "
                          f"{counts['skipped_empty']} with empty text); the split needs at least one labeled pair")
     return rows, counts
 
@@ -292,7 +293,7 @@ def load_splits(source):
         if dataset is not None:
             name = f"{info['read_from']} split {split}"
             if split not in dataset:
-                raise SystemExit(f"data.source: {info['read_from']} has no '{split}' split "
+                raise DataError(f"data.source: {info['read_from']} has no '{split}' split "
                                  f"(found: {', '.join(dataset)}); it needs {', '.join(SPLITS)}")
             _check_columns(name, dataset[split].column_names, HF_COLUMNS)
             digest = hashlib.sha256()

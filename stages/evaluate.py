@@ -12,6 +12,7 @@ import time
 import torch
 
 from qlora_nli import modeling
+from qlora_nli.errors import ParamsError, RunError, run_stage
 from qlora_nli.io import read_jsonl, write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
 from qlora_nli.prompts import LABELS, format_prompt
@@ -24,7 +25,7 @@ ADAPTERS = {"baseline": None, "finetuned": "models/adapter"}
 
 def main(name):
     if name not in ADAPTERS:
-        raise SystemExit(f"evaluate: unknown model '{name}'; use one of {', '.join(ADAPTERS)}")
+        raise ParamsError(f"evaluate: unknown model '{name}'; use one of {', '.join(ADAPTERS)}")
     params = load_params()
     p = params["evaluate"]
     if params["train"]["num_threads"]:
@@ -49,7 +50,7 @@ def main(name):
             generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"])
             preds, scores = [parse_label(g) for g in generations], [None] * len(rows)
     except torch.OutOfMemoryError:
-        raise SystemExit(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
+        raise RunError(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
     seconds = time.perf_counter() - start
 
     predictions = [
@@ -72,5 +73,4 @@ def main(name):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_stage(main, sys.argv[1] if len(sys.argv) > 1 else "")

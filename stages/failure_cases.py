@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from qlora_nli import markdown as md
+from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
                                 error_rates_by_slice, explain, pair_features, slices_of, tag_features)
 from qlora_nli.io import read_jsonl, write_json, write_text
@@ -42,13 +43,13 @@ SELECTION_RULE = (
 
 def load_predictions(path):
     if not path.exists():
-        raise SystemExit(f"{path}: missing; run dvc repro")
+        raise ArtifactError(f"{path}: missing; run dvc repro")
     rows = read_jsonl(path)
     if not rows:
-        raise SystemExit(f"{path}: no predictions; rerun dvc repro")
+        raise ArtifactError(f"{path}: no predictions; rerun dvc repro")
     by_id = {r["id"]: r for r in rows}
     if len(by_id) != len(rows):
-        raise SystemExit(f"{path}: {len(rows) - len(by_id)} duplicate ids; rerun dvc repro")
+        raise ArtifactError(f"{path}: {len(rows) - len(by_id)} duplicate ids; rerun dvc repro")
     return by_id
 
 
@@ -99,11 +100,11 @@ def build_case(base, tuned):
 
 def join(base, tuned):
     if base.keys() != tuned.keys():
-        raise SystemExit(f"{BASELINE} and {FINETUNED}: ids differ ({len(base.keys() - tuned.keys())} only in baseline, "
+        raise ArtifactError(f"{BASELINE} and {FINETUNED}: ids differ ({len(base.keys() - tuned.keys())} only in baseline, "
                          f"{len(tuned.keys() - base.keys())} only in finetuned); rerun dvc repro")
     for i in base:
         if any(base[i][k] != tuned[i][k] for k in ("premise", "hypothesis", "label")):
-            raise SystemExit(f"{BASELINE} and {FINETUNED}: id {i} has a different premise, hypothesis or label; "
+            raise ArtifactError(f"{BASELINE} and {FINETUNED}: id {i} has a different premise, hypothesis or label; "
                              "rerun dvc repro")
     return [build_case(base[i], tuned[i]) for i in sorted(base)]
 
@@ -205,5 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    main()
+    run_stage(main, log_format="%(name)s: %(message)s")

@@ -9,6 +9,7 @@ import torch
 from dvclive import Live
 
 from qlora_nli import modeling
+from qlora_nli.errors import RunError, run_stage
 from qlora_nli.io import atomic_path, file_sha256, read_jsonl, tree_size_bytes, write_json
 from qlora_nli.params import check_target_modules, load_params
 from qlora_nli.prompts import format_prompt
@@ -113,7 +114,7 @@ def main():
                              epoch, train_loss, val_loss, val_accuracy, timer.seconds)
                     checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
             except torch.OutOfMemoryError:
-                raise SystemExit(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
+                raise RunError(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
                                  f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
 
         with atomic_path("models/adapter") as tmp:
@@ -150,5 +151,4 @@ def main():
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

@@ -6,6 +6,7 @@ data/manifest.json saying where the data came from, the hash of each raw split a
 import logging
 
 from qlora_nli.data import SPLITS, evenly_spaced, load_splits
+from qlora_nli.errors import run_stage
 from qlora_nli.io import write_json, write_jsonl
 from qlora_nli.params import load_params
 
@@ -13,7 +14,6 @@ log = logging.getLogger("prepare")
 
 
 def main():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     params = load_params()["data"]
     sizes = {"train": ("data.n_train", params["n_train"]),
              "validation": ("data.n_val", params["n_val"]),
@@ -45,4 +45,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from qlora_nli import markdown as md
+from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import EVIDENCE_MIN_N
 from qlora_nli.io import read_json, write_text
 from qlora_nli.prompts import LABELS
@@ -32,13 +33,13 @@ METHODS = {
 def load_inputs():
     for path in INPUTS.values():
         if not Path(path).exists():
-            raise SystemExit(f"{path}: missing; run dvc repro")
+            raise ArtifactError(f"{path}: missing; run dvc repro")
     art = {k: read_json(p) for k, p in INPUTS.items()}
     # every number must come from the same run: a stale metrics file would make the report contradict itself
     for name in ("baseline", "finetuned"):
         got, want = art["comparison"][f"{name}_accuracy"], art[name]["accuracy"]
         if abs(got - want) > 1e-4 or art["comparison"]["n"] != art[name]["n"]:
-            raise SystemExit(f"{INPUTS['comparison']}: accuracy {got} disagrees with {INPUTS[name]} ({want}); "
+            raise ArtifactError(f"{INPUTS['comparison']}: accuracy {got} disagrees with {INPUTS[name]} ({want}); "
                              "artifacts are stale, run dvc repro")
     return art
 
@@ -232,5 +233,4 @@ def main():
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    main()
+    run_stage(main, log_format="%(name)s: %(message)s")

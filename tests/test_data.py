@@ -14,6 +14,7 @@ import yaml
 
 from qlora_nli import data
 from qlora_nli.data import evenly_spaced, load_splits, resolve_source
+from qlora_nli.errors import NLIError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,9 +71,9 @@ def snli1_dir(root, rows=RAW):
 
 
 def one_line_error(call):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NLIError) as e:
         call()
-    message = str(e.value.code)
+    message = str(e.value)
     assert message and "\n" not in message, message
     return message
 
@@ -335,7 +336,7 @@ def prepare_project(tmp_path, **data_params):
 
 def run_prepare(project, monkeypatch):
     monkeypatch.chdir(project)
-    runpy.run_path(str(REPO / "stages" / "prepare.py"), run_name="__main__")
+    runpy.run_path(str(REPO / "stages" / "prepare.py"))["main"]()
     return {p.name: p.read_bytes() for p in sorted((project / "data").iterdir())}
 
 

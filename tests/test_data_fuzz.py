@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from qlora_nli.data import load_splits
+from qlora_nli.errors import DataError
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GOOD_ROW = {"premise": "A made-up premise.", "hypothesis": "A made-up claim.", "label": 1}
@@ -44,7 +45,7 @@ any_line = st.one_of(
 
 
 def mostly(valid, bad):
-    """Valid items with up to two bad ones shuffled in, so that both outcomes (rows, SystemExit) are common."""
+    """Valid items with up to two bad ones shuffled in, so that both outcomes (rows, DataError) are common."""
     return st.tuples(st.lists(valid, max_size=6), st.lists(bad, max_size=2)).map(lambda t: t[0] + t[1]).flatmap(st.permutations)
 
 
@@ -52,12 +53,13 @@ json_lines = mostly(valid_rows.map(json.dumps).map(str.encode), any_line)
 
 
 def check(directory):
-    """The whole contract: valid rows and consistent counts, or SystemExit with one non-empty line."""
+    """The whole contract: valid rows and consistent counts, or DataError with one non-empty line."""
     try:
         splits, info = load_splits(str(directory))
-    except SystemExit as e:
-        assert isinstance(e.code, str) and e.code.strip() and "\n" not in e.code, repr(e.code)
-        event("exit: " + e.code.split(": ")[1].split(" ")[0] if ": " in e.code else "exit")
+    except DataError as e:
+        message = str(e)
+        assert message.strip() and "\n" not in message, repr(message)
+        event("exit: " + message.split(": ")[1].split(" ")[0] if ": " in message else "exit")
         return
     event("loaded")
     for split, split_rows in splits.items():

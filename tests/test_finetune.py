@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pipeline import env, make_project, run, set_param
+from qlora_nli.errors import RunError
 
 STAGE_ORDER = ["stages/prepare.py", "stages/finetune.py"]
 
@@ -99,7 +100,7 @@ def _load_stage(root):
 
 
 @pytest.mark.parametrize("error, expected", [
-    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory"), SystemExit),
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory"), RunError),
     (KeyboardInterrupt, KeyboardInterrupt),
 ])
 def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch, error, expected):
@@ -118,7 +119,7 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
     monkeypatch.setattr(stage, "train_one_epoch", fails_in_epoch_2)
     with pytest.raises(expected) as e:
         stage.main()
-    if expected is SystemExit:
+    if expected is RunError:
         assert "train.micro_batch_tokens" in str(e.value) and "gradient_checkpointing" in str(e.value)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert {"state.pt", "adapter_model.safetensors"} <= {p.name for p in (root / "checkpoints/epoch-1").iterdir()}

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from qlora_nli import modeling
+from qlora_nli.errors import ModelLoadError, ParamsError
 
 
 def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
@@ -29,7 +30,7 @@ def test_compute_dtype_choice():
 
 def test_cuda_requested_without_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="model.device"):
+    with pytest.raises(ParamsError, match="model.device"):
         modeling.pick_device("cuda")
     assert modeling.pick_device("auto") == "cpu"
 
@@ -46,7 +47,7 @@ def test_lora_attaches_to_tiny_models(tiny_model_dir):
 def test_unloadable_model_is_one_line(tmp_path):
     broken = tmp_path / "not-a-model"
     broken.mkdir()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ModelLoadError) as e:
         modeling.load_tokenizer(str(broken))
     message = str(e.value)
     assert "model.name" in message and str(broken) in message and "\n" not in message
@@ -76,7 +77,7 @@ def test_lora_on_the_last_blocks_only(tiny_model_dir):
 def test_more_lora_layers_than_blocks_is_one_line(tiny_model_dir):
     model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
                                      "cpu")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ParamsError) as e:
         modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 3})
     message = str(e.value)
     assert "lora.layers = 3" in message and "from 1 to 2" in message and "\n" not in message

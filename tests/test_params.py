@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from qlora_nli.errors import ParamsError
 from qlora_nli.params import SCHEMA, check_split_size, check_target_modules, load_params
 
 COMMITTED = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -15,9 +16,9 @@ def committed():
 
 
 def one_line_error(call):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ParamsError) as e:
         call()
-    message = str(e.value.code)
+    message = str(e.value)
     assert "\n" not in message and message.strip() == message and message
     return message
 
