@@ -535,7 +535,7 @@ def _start_side(spec):
     params = spec["params"]
     result = {"torch_threads": _set_threads(params["train"]["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
     train_rows, test_rows = _load_rows(spec)
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     template = params["prompt"]["template"]
     return (result, tokenizer, train_rows, _encode(tokenizer, template, train_rows), test_rows,
             _encode(tokenizer, template, test_rows)[0])

@@ -32,6 +32,10 @@ class CheckpointError(NLIError):
     """A saved checkpoint cannot be (safely) restored."""
 
 
+class OutputError(NLIError):
+    """An output cannot be written: permission denied, disk full, or its path holds the other kind (file/directory)."""
+
+
 class RunError(NLIError):
     """The run itself failed in a way the user can fix by a param (out of GPU memory, say)."""
 

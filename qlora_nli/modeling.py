@@ -49,6 +49,9 @@ def describe_device(device):
 
 
 def _cache_dir():
+    """The per-user model cache, shared by every run of this user on the machine (queued experiments, ranks, other
+    projects). Each directory in it is created once under its lock and never replaced (io.build_once), so runs read
+    it without locking and never see a half-written one."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "qlora-nli" / "models"
 
@@ -64,15 +67,15 @@ def embedded_gguf_path(alias):
 
 
 def export_embedded_model(alias, out_dir):
-    """Dequantize the GGUF once into a plain Hugging Face directory, so that bitsandbytes can quantize it to NF4."""
+    """Dequantize the GGUF into a plain Hugging Face directory `out_dir`, so that bitsandbytes can quantize it to NF4.
+    `resolve_model_path` calls it once per machine and user, on a temporary directory renamed into the cache."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_nli.io import atomic_path
-
     gguf = embedded_gguf_path(alias)
-    log.info("converting %s to a Hugging Face model in %s (once)", gguf.name, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to a Hugging Face model (once per user and machine)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config and its state dict.
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -80,20 +83,21 @@ def export_embedded_model(alias, out_dir):
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "bytes": gguf.stat().st_size}) + "\n")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "bytes": gguf.stat().st_size}) + "\n")
     return out_dir
 
 
 def resolve_model_path(name):
-    """Hub id or local directory as given; embedded aliases map to a converted directory in the user cache."""
+    """Hub id or local directory as given; embedded aliases map to a converted directory in the user cache, converted
+    by the first process that needs it while any others running at the same time wait for it."""
+    from qlora_nli.io import build_once
+
     if name in EMBEDDED_MODELS:
         out_dir = _cache_dir() / name.split(":", 1)[1]
-        if not (out_dir / "config.json").exists():
-            export_embedded_model(name, out_dir)
-        return str(out_dir)
+        return str(build_once(out_dir, lambda tmp: export_embedded_model(name, tmp)))
     return name
 
 
@@ -107,10 +111,10 @@ def _from_pretrained(auto_class, name, **kwargs):
                          f"local Hugging Face cache, a local model directory, or one of {', '.join(EMBEDDED_MODELS)}")
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, name)
+    tokenizer = _from_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -137,6 +141,10 @@ def load_base_model(model_params, device):
         dtype=dtype,
         device_map={"": device},
         attn_implementation=model_params.get("attn_implementation", "sdpa"),
+        # Code shipped with a model runs only if params.yaml says so (model.trust_remote_code). Weights: transformers
+        # takes model.safetensors first and reads a pickled .bin fallback with weights_only, so neither runs code.
+        trust_remote_code=model_params.get("trust_remote_code", False),
+        weights_only=True,
     )
     if device == "cpu":
         # On CPU the weights left unquantized (embeddings, norms) are views into the memory-mapped checkpoint, and

@@ -83,6 +83,7 @@ SCHEMA = {
         "load_in_4bit": (_boolean, None, "true or false"),
         "compute_dtype": _one_of("auto", "float32", "bfloat16", "float16"),
         "device": _one_of("auto", "cpu", "cuda"),
+        "trust_remote_code": (_boolean, None, "true or false"),
     },
     "prompt": {
         "template": (_text, _template_ok, "a string with {premise} and {hypothesis} and no other {...} field"),

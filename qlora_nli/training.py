@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qlora_nli.errors import CheckpointError
 from qlora_nli.io import atomic_path
 from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
@@ -201,8 +203,14 @@ def fingerprint(*parts):
 
 
 class Checkpoints:
-    """`checkpoints/epoch-N/`: the adapter plus `state.pt` (optimizer, scheduler, RNG states, history).
-    Each is written to a temporary directory and renamed, so a kill or Ctrl-C leaves only complete checkpoints."""
+    """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch) and `state.pt` (optimizer, scheduler,
+    RNG states, history). Each is written to a temporary directory and renamed, so a kill or Ctrl-C leaves only
+    complete checkpoints.
+
+    Nothing read back can run code: a checkpoint may come from a DVC remote or be dropped into the folder. `run.json`
+    is JSON, the adapter is safetensors, and `state.pt` holds only tensors and plain Python values (NumPy's RNG state
+    is stored as a tensor and ints), so it loads with `torch.load(weights_only=True)`; anything else is refused.
+    Owner: the finetune process of this workspace (rank 0 when there are several): it alone writes and deletes here."""
 
     def __init__(self, root, run_fingerprint):
         self.root = Path(root)
@@ -211,13 +219,14 @@ class Checkpoints:
     def save(self, epoch, model, optimizer, scheduler, scaler, history):
         with atomic_path(self.root / f"epoch-{epoch}") as tmp:
             model.save_pretrained(tmp)
+            (tmp / "run.json").write_text(json.dumps({"fingerprint": self.run_fingerprint, "epoch": epoch}) + "\n")
             torch.save({
                 "fingerprint": self.run_fingerprint,
                 "epoch": epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                "rng": {"python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
                         "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "history": history,
@@ -226,16 +235,35 @@ class Checkpoints:
         if os.environ.get("QLORA_NLI_KILL_AFTER_EPOCH") == str(epoch):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _run_of(self, directory):
+        """The fingerprint `directory` was written under, from JSON only; None if it has none (older format)."""
+        try:
+            return json.loads((directory / "run.json").read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def latest(self):
-        """(epoch, directory, state) of the newest checkpoint of this very run, else None (and stale ones go)."""
+        """(epoch, directory, state) of the newest checkpoint of this very run, else None (and others' go)."""
         found = sorted(self.root.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])) if self.root.exists() else []
         if not found:
             return None
-        state = torch.load(found[-1] / "state.pt", weights_only=False)
-        if state["fingerprint"] != self.run_fingerprint:
-            log.info("checkpoints in %s belong to other params or data: starting fresh", self.root)
+        if self._run_of(found[-1]) != self.run_fingerprint:  # decided before unpickling anything
+            log.info("checkpoints in %s belong to other params or data (or an older format): starting fresh", self.root)
             shutil.rmtree(self.root)
             return None
+        state_file = found[-1] / "state.pt"
+        fix = f"delete {self.root}/ to start fresh (rm -r {self.root})"
+        try:
+            state = torch.load(state_file, weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{state_file}: refused to load, it holds objects other than tensors and plain "
+                                  f"values (an older version's checkpoint, another program's file, or a crafted one); "
+                                  f"nothing in it was run; {fix}") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"{state_file}: cannot be read ({type(e).__name__}: truncated or not a "
+                                  f"checkpoint); {fix}") from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
+            raise CheckpointError(f"{state_file}: does not belong to {found[-1] / 'run.json'}; {fix}")
         return state["epoch"], found[-1], state
 
     def restore(self, checkpoint, model, optimizer, scheduler, scaler):
@@ -248,11 +276,24 @@ class Checkpoints:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        np.random.set_state(_numpy_rng_from_plain(state["rng"]["numpy"]))
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["history"]
+
+
+def _numpy_rng_to_plain(state):
+    """NumPy's legacy RNG state ('MT19937', uint32 keys, pos, has_gauss, cached_gaussian) without NumPy objects, so
+    that `torch.load(weights_only=True)` reads it back without allow-listing NumPy types."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_rng_from_plain(plain):
+    keys = plain["keys"].numpy().astype(np.uint32)
+    return plain["name"], keys, plain["pos"], plain["has_gauss"], plain["cached_gaussian"]
 
 
 class Timer:

@@ -35,7 +35,7 @@ def main(name):
     prompts = [format_prompt(params["prompt"]["template"], r) for r in rows]
 
     log.info("evaluating %s (%s) on %d test pairs by %s", name, params["model"]["name"], len(rows), p["method"])
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     model = modeling.load_base_model(params["model"], device)
     if ADAPTERS[name]:
         model = modeling.load_adapter(model, ADAPTERS[name])

@@ -38,7 +38,7 @@ def main():
     dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
 
     train_rows, val_rows = read_jsonl("data/train.jsonl"), read_jsonl("data/validation.jsonl")
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     answers = encode_answers(tokenizer)
     template = params["prompt"]["template"]
     train_prompt_ids = encode_prompts(tokenizer, [format_prompt(template, r) for r in train_rows])

@@ -53,6 +53,7 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("train", "seed", -3, -3),
     ("train", "num_threads", 0, 0),
     ("report", "n_examples", 0, 0),
+    ("model", "trust_remote_code", True, True),
     ("prompt", "template", "{hypothesis} | {premise}", "{hypothesis} | {premise}"),
     ("prompt", "template", "P: {premise} {{literal}} H: {hypothesis}", "P: {premise} {{literal}} H: {hypothesis}"),
 ])
@@ -98,6 +99,8 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("model", "load_in_4bit", "yes", "model.load_in_4bit = 'yes' has the wrong type"),
     ("model", "compute_dtype", "fp16", "model.compute_dtype = 'fp16' is out of range; allowed: one of auto, float32"),
     ("model", "device", "tpu", "model.device = 'tpu' is out of range; allowed: one of auto, cpu, cuda"),
+    ("model", "trust_remote_code", "yes", "model.trust_remote_code = 'yes' has the wrong type; allowed: true or false"),
+    ("model", "trust_remote_code", 1, "model.trust_remote_code = 1 has the wrong type"),
     ("prompt", "template", "Premise: {premise}", "prompt.template = 'Premise: {premise}' is out of range"),
     ("prompt", "template", "{premise} {hypothesis} {label}", "prompt.template"),
     ("prompt", "template", "{premise} {hypothesis} {}", "prompt.template"),
