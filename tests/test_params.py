@@ -99,7 +99,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("model", "load_in_4bit", "yes", "model.load_in_4bit = 'yes' has the wrong type"),
     ("model", "compute_dtype", "fp16", "model.compute_dtype = 'fp16' is out of range; allowed: one of auto, float32"),
     ("model", "device", "tpu", "model.device = 'tpu' is out of range; allowed: one of auto, cpu, cuda"),
-    ("model", "trust_remote_code", "yes", "model.trust_remote_code = 'yes' has the wrong type; allowed: true or false"),
+    ("model", "trust_remote_code", "yes", "model.trust_remote_code = 'yes' has the wrong type (str); allowed: true or false"),
     ("model", "trust_remote_code", 1, "model.trust_remote_code = 1 has the wrong type"),
     ("prompt", "template", "Premise: {premise}", "prompt.template = 'Premise: {premise}' is out of range"),
     ("prompt", "template", "{premise} {hypothesis} {label}", "prompt.template"),
