@@ -13,7 +13,6 @@ Who owns which shared location (the rule every writer here follows):
 """
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -119,9 +118,15 @@ def atomic_path(path):
 def exclusive_lock(lock_file):
     """Hold an exclusive lock on `lock_file` (created if missing, never deleted: deleting it would let two processes
     lock two different files). The kernel releases it when the process ends, killed or not."""
+    import fcntl  # POSIX only: imported here so that the rest of this module loads on any system
+
     lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a")
+    except OSError as e:
+        raise _write_error(lock_file, e) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -116,7 +116,7 @@ def test_finetune_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
 # --- model loading: remote code only when asked -------------------------------------------------------------
 
 
-def test_trust_remote_code_reaches_from_pretrained(tmp_path, monkeypatch):
+def test_trust_remote_code_reaches_from_pretrained(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     calls = []
@@ -127,12 +127,13 @@ def test_trust_remote_code_reaches_from_pretrained(tmp_path, monkeypatch):
 
     for auto_class in (AutoTokenizer, AutoModelForCausalLM):
         monkeypatch.setattr(auto_class, "from_pretrained", record)
-    base = {"name": str(tmp_path), "load_in_4bit": False, "compute_dtype": "auto"}
-    for load in (lambda: modeling.load_tokenizer(str(tmp_path)),
-                 lambda: modeling.load_tokenizer(str(tmp_path), False),
+    name = str(tiny_model_dir)  # a real model directory: any check before from_pretrained passes
+    base = {"name": name, "load_in_4bit": False, "compute_dtype": "auto"}
+    for load in (lambda: modeling.load_tokenizer(name),
+                 lambda: modeling.load_tokenizer(name, False),
                  lambda: modeling.load_base_model(base, "cpu"),
                  lambda: modeling.load_base_model({**base, "trust_remote_code": False}, "cpu"),
-                 lambda: modeling.load_tokenizer(str(tmp_path), True),
+                 lambda: modeling.load_tokenizer(name, True),
                  lambda: modeling.load_base_model({**base, "trust_remote_code": True}, "cpu")):
         with pytest.raises(ModelLoadError):
             load()
@@ -219,6 +220,7 @@ def test_four_processes_convert_into_an_empty_cache_once(tmp_path):
     time.sleep(3)  # all four import and wait at the start line
     go.touch()
     results = [p.communicate(timeout=120) for p in converters]
+    time.sleep(0.5)  # let the watcher look at the finished directory too
     stop.touch()
     seen, bad = map(int, watcher.communicate(timeout=60)[0].split())
     assert [p.returncode for p in converters] == [0] * 4, [r[1][-2000:] for r in results]
