@@ -55,10 +55,13 @@ def _remove_stale_temporaries(path):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _write_error(path, error):
-    """An OSError while writing `path` as one line: the path, the cause, the fix."""
+def _write_error(path, error, workdir=None):
+    """An OSError while writing `path` as one line: the path, the cause, the fix. A file inside our own temporary
+    `workdir` is not named: it is gone by the time the user reads the line."""
     cause = error.strerror or type(error).__name__
-    where = f" at {error.filename}" if error.filename and str(error.filename) != str(path) else ""
+    where = Path(error.filename) if isinstance(error.filename, (str, os.PathLike)) else None
+    ours = where and (where == path or (workdir is not None and where.is_relative_to(workdir)))
+    where = "" if not where or ours else f" at {where}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free disk space (or raise the quota) on that file system, then rerun"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -92,7 +95,7 @@ def atomic_path(path):
         try:
             yield tmp
         except OSError as e:
-            raise _write_error(path, e) from None
+            raise _write_error(path, e, workdir) from None
         if not (tmp.exists() or tmp.is_symlink()):
             raise RuntimeError(f"atomic_path({path}): the caller wrote nothing to {tmp}")
         exists = path.exists() or path.is_symlink()
@@ -109,7 +112,7 @@ def atomic_path(path):
         except OSError as e:
             if aside.exists() and not path.exists():
                 os.rename(aside, path)  # put the old directory back: a failed write changes nothing
-            raise _write_error(path, e) from None
+            raise _write_error(path, e, workdir) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
