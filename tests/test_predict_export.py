@@ -164,6 +164,17 @@ def test_error_exits_with_status_1_and_one_stderr_line(project, tmp_path, case):
     assert result.stderr.splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
 
 
+def test_adapter_of_another_architecture_is_one_line(project, tmp_path):
+    """The Phi model shares the Llama adapter's attention layer names and shapes, so peft would attach those and
+    skip the MLP ones without complaint."""
+    other = make_tiny_model("phi", tmp_path / "phi")
+    with pytest.raises(SystemExit) as e:
+        cli.predict(["--params", str(project.params), "--model", str(other), "--adapter", str(project.adapter),
+                     "--premise", "a dog runs.", "--hypothesis", "a dog."])
+    message = e.value.code
+    assert "\n" not in message and "does not fit the base model" in message and "match no layer" in message, message
+
+
 # Run in a fresh interpreter: the merged model must load with transformers alone, peft never imported.
 LOAD_WITHOUT_PEFT = """
 import json, sys, torch
@@ -195,7 +206,10 @@ def test_export_loads_without_peft_and_predicts_like_base_plus_adapter(tiny_mode
     assert merged.argmax(-1).tolist() == reference.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("dtype, atol", [("float16", 0.02), ("bfloat16", 0.1)])
+# Rounding every weight to float16 (relative step 2**-11) or bfloat16 (2**-8, 8x coarser) moves the label
+# log-likelihoods (sums over several answer tokens) by a small multiple of the step; the tolerances leave several
+# times the deviation seen on the tiny models (docs/predict.md) and stay far below their top-two label gaps.
+@pytest.mark.parametrize("dtype, atol", [("float16", 5e-3), ("bfloat16", 5e-2)])
 def test_export_in_half_precision(project, tmp_path, dtype, atol):
     """The saved weights are in `dtype`; the scores move by the rounding of the weights only (computed here in
     float32, so that the check isolates the export from half-precision arithmetic on the CPU)."""
