@@ -4,7 +4,6 @@ The prediction is the one `evaluate` makes with method "score": the label whose 
 the highest log-likelihood after the prompt, computed by `scoring.score_labels`. The probabilities are the softmax
 of the three label log-likelihoods: the model's choice among the three answers, not among all possible texts.
 """
-import logging
 from pathlib import Path
 
 import torch
@@ -14,8 +13,6 @@ from qlora_nli.data import _json_lines
 from qlora_nli.errors import DataError, ModelLoadError
 from qlora_nli.prompts import LABELS, format_prompt
 from qlora_nli.scoring import score_labels
-
-log = logging.getLogger(__name__)
 
 PAIR_KEYS = ("premise", "hypothesis")
 
