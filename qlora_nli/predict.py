@@ -1,0 +1,107 @@
+"""Classify premise/hypothesis pairs with the base model or base + adapter, outside the pipeline.
+
+The prediction is the one `evaluate` makes with method "score": the label whose answer (" entailment", ...) has
+the highest log-likelihood after the prompt, computed by `scoring.score_labels`. The probabilities are the softmax
+of the three label log-likelihoods: the model's choice among the three answers, not among all possible texts.
+"""
+from pathlib import Path
+
+import torch
+
+from qlora_nli import modeling
+from qlora_nli.data import _json_lines
+from qlora_nli.errors import DataError, ModelLoadError
+from qlora_nli.prompts import LABELS, format_prompt
+from qlora_nli.scoring import score_labels
+
+PAIR_KEYS = ("premise", "hypothesis")
+
+
+def check_adapter_dir(adapter_dir):
+    """A LoRA adapter directory as `finetune` saves it (adapter_config.json next to the weights)."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"--adapter {adapter_dir}: no such directory; train one with `dvc repro finetune` "
+                             f"(it writes models/adapter), or leave --adapter out to use the base model")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"--adapter {adapter_dir}: no adapter_config.json in it; give the directory that "
+                             f"`finetune` wrote (models/adapter)")
+    return path
+
+
+def load_model(model_params, adapter_dir, device):
+    """(model, tokenizer): the base as `model_params` say (4-bit or not), with the adapter on top if one is given."""
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+    tokenizer = modeling.load_tokenizer(model_params["name"])
+    model = modeling.load_base_model(model_params, device)
+    if adapter_dir is not None:
+        mismatch = f"--adapter {adapter_dir}: does not fit the base model '{model_params['name']}'"
+        try:
+            model = modeling.load_adapter(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, or a config of another model type
+            reason = " ".join(str(e).split())[:160]
+            raise ModelLoadError(f"{mismatch} ({reason}); use the model.name it was trained on")
+        unused = _adapter_weights_left_out(model, adapter_dir)
+        if unused:
+            raise ModelLoadError(f"{mismatch} ({len(unused)} of its weights match no layer, e.g. {unused[0]}); "
+                                 f"use the model.name it was trained on")
+    model.eval()
+    return model, tokenizer
+
+
+def _adapter_weights_left_out(model, adapter_dir):
+    """Saved LoRA weights that found no layer. peft attaches an adapter to every layer whose name matches and
+    skips the rest without an error, so an adapter of another architecture with some equal layer names and shapes
+    would load in part and predict quietly wrong."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():  # an older .bin adapter: nothing to compare by name without unpickling it
+        return []
+    with safe_open(weights, "pt") as f:
+        saved = set(f.keys())
+    return sorted(saved - set(get_peft_model_state_dict(model)))
+
+
+def read_pairs(path, data=None):
+    """The records of a JSONL file (or of `data`, the bytes read from stdin, named by `path`), each an object with
+    string premise and hypothesis; other keys are kept and copied to the output."""
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            state = "is a directory" if path.is_dir() else "no such file"
+            raise DataError(f"--input {path}: {state}; give a JSONL file with one "
+                            f'{{"premise": ..., "hypothesis": ...}} object per line, or - to read stdin')
+        data = path.read_bytes()
+    rows = []
+    for n, record in _json_lines(path, data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {n}: expected an object with keys premise and hypothesis, found "
+                            f"{type(record).__name__}; fix or remove the line")
+        for key in PAIR_KEYS:
+            if key not in record:
+                raise DataError(f"{path} line {n}: missing key '{key}'; every line needs premise and hypothesis")
+            if not isinstance(record[key], str):
+                raise DataError(f"{path} line {n}: {key} is {type(record[key]).__name__}, not a string; "
+                                f"fix or remove the line")
+        rows.append(record)
+    if not rows:
+        raise DataError(f"{path}: no pairs in it; give one JSON object with premise and hypothesis per line")
+    return rows
+
+
+def classify(model, tokenizer, prompts, batch_size):
+    """(scores, predictions, probabilities) of each prompt: the (n, 3) label log-likelihoods of `score_labels`,
+    the predicted label ids (argmax; the first label on a tie, as `max` picks), and the softmax of the scores."""
+    scores = score_labels(model, tokenizer, prompts, batch_size)
+    return scores, scores.argmax(-1).tolist(), torch.softmax(scores, dim=-1)
+
+
+def predict_rows(model, tokenizer, template, rows, batch_size):
+    """Each input record with "prediction" (the label word) and "probabilities" ({label word: p}) added."""
+    prompts = [format_prompt(template, r) for r in rows]
+    _, predictions, probabilities = classify(model, tokenizer, prompts, batch_size)
+    return [{**r, "prediction": LABELS[k], "probabilities": dict(zip(LABELS, (round(p, 6) for p in probs)))}
+            for r, k, probs in zip(rows, predictions, probabilities.tolist())]

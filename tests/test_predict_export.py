@@ -1,0 +1,239 @@
+"""nli-predict and nli-export on tiny models: evaluate's scores, every input form, one-line errors, and a merged
+export that plain transformers loads and that predicts like base + adapter."""
+import importlib
+import io
+import json
+import subprocess
+import sys
+import tomllib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from pipeline import REPO, env
+from qlora_nli import cli, modeling
+from qlora_nli.export import export_merged
+from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
+from qlora_nli.scoring import score_labels
+from tiny import made_up_pairs, make_tiny_model
+
+BATCH = 3
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": "all"}
+
+
+def make_adapter(model_dir, out_dir, seed=0):
+    """A LoRA adapter that changes the model: peft starts B at zero (a no-op), so B gets random values."""
+    base = modeling.load_base_model(_model_params(model_dir, load_in_4bit=False), "cpu")
+    model = modeling.attach_lora(base, LORA)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _model_params(model_dir, load_in_4bit):
+    return {"name": str(model_dir), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
+
+
+def base_plus_adapter(model_dir, adapter_dir, load_in_4bit):
+    model = modeling.load_base_model(_model_params(model_dir, load_in_4bit), "cpu")
+    return modeling.load_adapter(model, str(adapter_dir)), modeling.load_tokenizer(str(model_dir))
+
+
+def _prompts(pairs):
+    return [format_prompt(TEMPLATE, r) for r in pairs]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny model, an adapter for it, params.yaml pointing at the model, and a JSONL file of pairs."""
+    root = tmp_path_factory.mktemp("predict")
+    model_dir = make_tiny_model("llama", root / "model")
+    adapter = make_adapter(model_dir, root / "adapter")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"].update(name=str(model_dir), device="cpu")
+    params["evaluate"]["batch_size"] = BATCH
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pairs = [{**r, "id": i} for i, r in enumerate(made_up_pairs(7, 11))]  # 7 pairs: a last batch of one
+    lines = [json.dumps(r) for r in pairs]
+    (root / "pairs.jsonl").write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line is skipped
+    return SimpleNamespace(root=root, model=model_dir, adapter=adapter, params=root / "params.yaml", pairs=pairs)
+
+
+def run_predict(capsys, project, *args):
+    cli.predict(["--params", str(project.params), *map(str, args)])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_adapter_is_not_a_no_op(project):
+    prompts = _prompts(project.pairs)
+    tokenizer = modeling.load_tokenizer(str(project.model))
+    base = modeling.load_base_model(_model_params(project.model, True), "cpu")
+    adapted, _ = base_plus_adapter(project.model, project.adapter, True)
+    differ = score_labels(base, tokenizer, prompts, BATCH) - score_labels(adapted, tokenizer, prompts, BATCH)
+    assert differ.abs().max() > 0.1
+
+
+def test_predict_probabilities_are_softmax_of_score_labels(project, capsys):
+    out = run_predict(capsys, project, "--input", project.root / "pairs.jsonl", "--adapter", project.adapter)
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)  # as params.yaml says
+    scores = score_labels(model, tokenizer, _prompts(project.pairs), BATCH)
+    assert [{k: r[k] for k in project.pairs[0]} for r in out] == project.pairs  # input keys kept, in order
+    assert [r["prediction"] for r in out] == [LABELS[k] for k in scores.argmax(-1).tolist()]
+    got = torch.tensor([[r["probabilities"][label] for label in LABELS] for r in out])
+    assert torch.allclose(got, torch.softmax(scores, -1), atol=1e-6)  # printed with 6 decimals
+
+
+def test_three_input_forms_agree(project, capsys, monkeypatch):
+    pair = project.pairs[0]
+    from_file = run_predict(capsys, project, "--input", project.root / "pairs.jsonl", "--adapter", project.adapter)
+    from_args = run_predict(capsys, project, "--premise", pair["premise"], "--hypothesis", pair["hypothesis"],
+                            "--adapter", project.adapter)
+    stdin = lambda: io.TextIOWrapper(io.BytesIO((project.root / "pairs.jsonl").read_bytes()))  # noqa: E731
+    monkeypatch.setattr(sys, "stdin", stdin())
+    from_stdin = run_predict(capsys, project, "--adapter", project.adapter)
+    assert from_stdin == from_file
+    assert from_args == [{k: v for k, v in from_file[0].items() if k not in ("id", "label")}]
+    output = project.root / "out.jsonl"
+    monkeypatch.setattr(sys, "stdin", stdin())
+    assert run_predict(capsys, project, "--input", "-", "--adapter", project.adapter, "--output", output) == []
+    assert [json.loads(line) for line in output.read_text().splitlines()] == from_file
+
+
+@pytest.mark.slow
+def test_predict_runs_as_a_command_on_stdin(project):
+    """The module entry point end to end, in its own process, reading stdin and writing stdout."""
+    result = subprocess.run([sys.executable, "-m", "qlora_nli.cli", "predict", "--params", str(project.params)],
+                            input=(project.root / "pairs.jsonl").read_text(), cwd=project.root, env=env(REPO),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [p["id"] for p in project.pairs]
+    assert all(r["prediction"] in LABELS and sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+               for r in rows)
+
+
+ERRORS = {
+    # case: (command line after the command, JSONL to write to in.jsonl or None, what the one line must name)
+    "missing adapter": (["predict", "--adapter", "no-such-dir", "--input", "in.jsonl"], "{}",
+                        "--adapter no-such-dir: no such directory"),
+    "adapter without config": (["predict", "--adapter", ".", "--input", "in.jsonl"], "{}",
+                               "--adapter .: no adapter_config.json"),
+    "missing input file": (["predict", "--input", "nothing.jsonl"], None, "--input nothing.jsonl: no such file"),
+    "input is a directory": (["predict", "--input", "."], None, "--input .: is a directory"),
+    "bad JSON line": (["predict", "--input", "in.jsonl"], '{"premise": "a", "hypothesis": "b"}\n\n{"premise": "a",\n',
+                      "in.jsonl line 3: not valid JSON"),
+    "missing key": (["predict", "--input", "in.jsonl"], '{"premise": "a", "hypothesis": "b"}\n{"premise": "a"}\n',
+                    "in.jsonl line 2: missing key 'hypothesis'"),
+    "not an object": (["predict", "--input", "in.jsonl"], '["a", "b"]\n', "in.jsonl line 1: expected an object"),
+    "export without adapter": (["export", "--adapter", "no-such-dir", "--out", "merged"], None,
+                               "--adapter no-such-dir: no such directory"),
+    "export over a directory": (["export", "--adapter", "no-such-dir", "--out", "."], None, "--out .: already exists"),
+}
+
+
+def _write_input(directory, jsonl):
+    if jsonl is not None:
+        (directory / "in.jsonl").write_text(jsonl)
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line(project, tmp_path, monkeypatch, case):
+    """In this process: `run_stage` ends with sys.exit(message), which prints it and exits with status 1."""
+    args, jsonl, expected = ERRORS[case]
+    _write_input(tmp_path, jsonl)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, args[0])([*args[1:], "--params", str(project.params)])
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message and expected in message, message
+
+
+@pytest.mark.parametrize("case", ["bad JSON line", "export without adapter"])
+def test_error_exits_with_status_1_and_one_stderr_line(project, tmp_path, case):
+    """The same as a process: only the message on stderr (no traceback, no log line), and exit status 1."""
+    args, jsonl, expected = ERRORS[case]
+    _write_input(tmp_path, jsonl)
+    result = subprocess.run([sys.executable, "-m", "qlora_nli.cli", *args, "--params", str(project.params)],
+                            cwd=tmp_path, env=env(REPO), capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
+
+
+def test_adapter_of_another_architecture_is_one_line(project, tmp_path):
+    """The Phi model shares the Llama adapter's attention layer names and shapes, so peft would attach those and
+    skip the MLP ones without complaint."""
+    other = make_tiny_model("phi", tmp_path / "phi")
+    with pytest.raises(SystemExit) as e:
+        cli.predict(["--params", str(project.params), "--model", str(other), "--adapter", str(project.adapter),
+                     "--premise", "a dog runs.", "--hypothesis", "a dog."])
+    message = e.value.code
+    assert "\n" not in message and "does not fit the base model" in message and "match no layer" in message, message
+
+
+# Run in a fresh interpreter: the merged model must load with transformers alone, peft never imported.
+LOAD_WITHOUT_PEFT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from qlora_nli.scoring import score_labels
+model, tokenizer = AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])
+scores = score_labels(model.eval(), tokenizer, json.loads(sys.argv[2]), int(sys.argv[3]))
+assert "peft" not in sys.modules, "loading the export imported peft"
+print(json.dumps({"dtype": str(model.dtype), "scores": scores.tolist()}))
+"""
+
+
+def test_export_loads_without_peft_and_predicts_like_base_plus_adapter(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = export_merged(_model_params(tiny_model_dir, load_in_4bit=True), adapter, tmp_path / "merged", "float32")
+    prompts = _prompts(made_up_pairs(9, 12))
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PEFT, str(out), json.dumps(prompts), str(BATCH)],
+                            env=env(REPO), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = json.loads(result.stdout.splitlines()[-1])
+    assert exported["dtype"] == "torch.float32"
+    merged = torch.tensor(exported["scores"])
+
+    model, tokenizer = base_plus_adapter(tiny_model_dir, adapter, load_in_4bit=False)
+    reference = score_labels(model, tokenizer, prompts, BATCH)
+    # Same float32 numbers in another order: x @ (W + s B A)^T against x @ W^T + s (x @ A^T) @ B^T; the differences
+    # are float32 rounding, far below the label log-likelihoods' gaps.
+    assert torch.allclose(merged, reference, atol=1e-4), (merged - reference).abs().max()
+    assert merged.argmax(-1).tolist() == reference.argmax(-1).tolist()
+
+
+# Rounding every weight to float16 (relative step 2**-11) or bfloat16 (2**-8, 8x coarser) moves the label
+# log-likelihoods (sums over several answer tokens) by a small multiple of the step; the tolerances leave several
+# times the deviation seen on the tiny models (docs/predict.md) and stay far below their top-two label gaps.
+@pytest.mark.parametrize("dtype, atol", [("float16", 5e-3), ("bfloat16", 5e-2)])
+def test_export_in_half_precision(project, tmp_path, dtype, atol):
+    """The saved weights are in `dtype`; the scores move by the rounding of the weights only (computed here in
+    float32, so that the check isolates the export from half-precision arithmetic on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    out = export_merged(_model_params(project.model, load_in_4bit=True), project.adapter, tmp_path / dtype, dtype)
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == getattr(torch, dtype)
+    assert json.loads((out / "EXPORT.json").read_text())["dtype"] == dtype
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=False)
+    prompts = _prompts(made_up_pairs(9, 12))
+    got, reference = score_labels(merged, tokenizer, prompts, BATCH), score_labels(model, tokenizer, prompts, BATCH)
+    assert torch.allclose(got, reference, atol=atol), (got - reference).abs().max()
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * atol  # a label can only flip where the reference's margin is smaller
+    assert clear.any() and (got.argmax(-1) == reference.argmax(-1))[clear].all()
+
+
+def test_console_scripts_resolve_to_the_cli():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"nli-predict", "nli-export"}
+    for target in scripts.values():
+        module, name = target.split(":")
+        entry = getattr(importlib.import_module(module), name)
+        with pytest.raises(SystemExit) as e:
+            entry(["--help"])
+        assert e.value.code == 0
