@@ -217,10 +217,12 @@ class FrozenBlockStates:
 def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, scheduler, scaler, train_params,
                     dtype, on_step, frozen=None, ranks=SINGLE):
     """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate. With `frozen`
-    (FrozenBlockStates) only the adapted blocks run. With several ranks, each runs its share of every batch's
-    micro-batches and the gradients are summed over ranks before the step: each micro-batch's loss is weighted by
-    its share of the whole batch's answer tokens, so the sum is the one-process gradient, and every rank then
-    clips and steps on the same numbers."""
+    (FrozenBlockStates) only the adapted blocks run. With several ranks, each takes every world_size-th example of
+    each batch (similar lengths, as batches are length-grouped), in micro-batches of its own, and the gradients
+    are summed over ranks before the step: each micro-batch's loss is weighted by its share of the whole batch's
+    answer tokens, so the sum is the one-process gradient, and every rank then clips and steps on the same numbers.
+    Examples rather than whole micro-batches are shared out because at the default token budget most batches are
+    one micro-batch, which would leave all ranks but one idle."""
     model.train()
     device = model.device.type
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
@@ -231,7 +233,8 @@ def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, s
         n_answer_tokens = sum(len(answer_ids[i]) for i in batch)
         prefix = shared_prefix_length([prompt_ids[i] for i in batch])
         batch_loss = 0.0
-        for part in ranks.share(micro_batches(batch, lengths, prefix, train_params["micro_batch_tokens"])):
+        mine = ranks.share(batch)  # a rank may get none (a last batch smaller than world_size): it adds zeros
+        for part in micro_batches(mine, lengths, prefix, train_params["micro_batch_tokens"]) if mine else []:
             with autocast_for(device, dtype), frozen.adapted_blocks_only() if frozen else nullcontext():
                 loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id,
                                    embed=frozen.embed(part) if frozen else None)
