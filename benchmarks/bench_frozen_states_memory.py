@@ -21,6 +21,7 @@ the smallest size's. Try it at tiny sizes first, e.g. --n-train 16 24 --set mode
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def run_size(params, workdir):
         subprocess.run(cmd, cwd=root, check=True)
     for stage in ("stages/prepare.py", "stages/finetune.py"):
         log.info("n_train %d: %s", params["data"]["n_train"], stage)
-        if subprocess.run([sys.executable, stage], cwd=root, env=None).returncode != 0:
+        # the copied package first, not an installed one: what runs is this checkout's code
+        env = {**os.environ, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
+        if subprocess.run([sys.executable, stage], cwd=root, env=env).returncode != 0:
             raise SystemExit(f"{stage} failed at n_train {params['data']['n_train']} (its message is above)")
     return read_json(root / "metrics/train.json")
 
