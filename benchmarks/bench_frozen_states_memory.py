@@ -111,7 +111,8 @@ def main(args):
     }
     print(f"\n{'n_train':>8} {'peak RSS MB':>12} {'epoch s':>9} {'s/example':>10}")
     for r in rows:
-        print(f"{r['n_train']:>8} {r['peak_rss_mb']:>12.1f} {r['epoch_seconds']:>9.1f} {r['seconds_per_example']:>10.4f}")
+        print(f"{r['n_train']:>8} {r['peak_rss_mb']:>12.1f} {r['epoch_seconds']:>9.1f} "
+              f"{r['seconds_per_example']:>10.4f}")
     for key, target in report["targets"].items():
         print(f"{key}: {ratios[key]:.3f} x the smallest size ({'pass' if target['pass'] else 'FAIL'}, "
               f"target <= {target['max_ratio']:.2f})")

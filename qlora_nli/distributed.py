@@ -133,7 +133,8 @@ def check_same_on_every_rank(ranks, value, what):
     """Raise CheckpointError unless every rank holds the same `value` (say, the epoch it resumes after)."""
     seen = gather_by_index(ranks, {ranks.rank: value})
     if len(set(map(repr, seen.values()))) > 1:
-        raise CheckpointError(f"ranks disagree on {what} ({', '.join(f'rank {r}: {v}' for r, v in sorted(seen.items()))}); "
+        each = ", ".join(f"rank {r}: {v}" for r, v in sorted(seen.items()))
+        raise CheckpointError(f"ranks disagree on {what} ({each}); "
                               f"put the stage's working directory (checkpoints/) on storage every node shares")
 
 

@@ -202,7 +202,8 @@ class FrozenBlockStates:
         finally:
             hook.remove()
         log.info("kept the states entering block %d for %d examples (%.0f MB, %s): later passes run %d of %d blocks",
-                 self.start, len(sequences), self.rows.nbytes / 1e6, "in memory" if in_memory else "in a temporary file",
+                 self.start, len(sequences), self.rows.nbytes / 1e6,
+                 "in memory" if in_memory else "in a temporary file",
                  len(self.blocks) - self.start, len(self.blocks))
 
     def adapted_blocks_only(self):
