@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qlora_nli.distributed import SINGLE, gather_by_index
 from qlora_nli.prompts import LABELS, answer_text
 
 log = logging.getLogger(__name__)
@@ -146,17 +147,24 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     return scores.cpu()
 
 
-def score_labels(model, tokenizer, prompts, batch_size, desc="scoring"):
-    """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax."""
+def length_sorted_batches(prompt_ids, batch_size):
+    """Batches of indices, longest prompts first: batches of similar length waste little on padding, and a memory
+    error shows up early. Ranks split these very batches, so each pair is computed in the same batch whatever the
+    number of processes, and gives the same numbers."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE):
+    """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. Each rank scores its share of the
+    batches and every rank gets all the scores."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     answers = encode_answers(tokenizer)
-    # Longest prompts first: batches of similar length waste little on padding, and a memory error shows up early.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-    scores = torch.empty(len(prompts), len(answers))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        idx = order[start : start + batch_size]
-        scores[idx] = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id)
-    return scores
+    mine = {}
+    for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
+        mine.update(zip(idx, _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id)))
+    every = gather_by_index(ranks, mine)
+    return torch.stack([every[i] for i in range(len(prompts))]) if prompts else torch.empty(0, len(answers))
 
 
 def parse_label(text):
@@ -167,14 +175,13 @@ def parse_label(text):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generating"):
-    """Greedy continuation of each prompt, decoded to text (special tokens dropped)."""
+def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generating", ranks=SINGLE):
+    """Greedy continuation of each prompt, decoded to text (special tokens dropped). Each rank generates its share
+    of the batches and every rank gets all the texts."""
     device = model.device
     prompt_ids = encode_prompts(tokenizer, prompts)
-    texts = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        idx = order[start : start + batch_size]
+    mine = {}
+    for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
         input_ids, mask, _ = left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
         out = model.generate(
             input_ids=input_ids,
@@ -184,5 +191,6 @@ def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc
             pad_token_id=tokenizer.pad_token_id,
         )
         for i, row in zip(idx, out[:, input_ids.size(1):]):
-            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return texts
+            mine[i] = tokenizer.decode(row, skip_special_tokens=True)
+    every = gather_by_index(ranks, mine)
+    return [every[i] for i in range(len(prompts))]

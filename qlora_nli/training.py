@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 import signal
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qlora_nli.errors import CheckpointError
+from qlora_nli.distributed import SINGLE, sum_gradients
+from qlora_nli.errors import CheckpointError, RunError
 from qlora_nli.io import atomic_path
 from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
@@ -109,6 +111,50 @@ def running_only(body, blocks):
             block.self_attn.layer_idx = j
 
 
+class _RowsInMemory:
+    """Kept rows as tensors on the model's device."""
+
+    def __init__(self):
+        self.rows, self.nbytes = [], 0
+
+    def append(self, row):
+        self.rows.append(row.clone())
+        self.nbytes += row.numel() * row.element_size()
+        return len(self.rows) - 1
+
+    def read(self, key):
+        return self.rows[key]
+
+
+class _RowsInFile:
+    """Kept rows in an anonymous temporary file (in TMPDIR), read back with explicit reads: their bytes live in the
+    kernel's page cache, which is reclaimable and not part of this process's RSS, unlike the touched pages of a
+    memory map. The file is unlinked when created, so it vanishes when the process ends, however it ends."""
+
+    def __init__(self, device):
+        self.file = tempfile.TemporaryFile(prefix="qlora-nli-frozen-states-")
+        self.device, self.where, self.nbytes = device, [], 0
+
+    def append(self, row):
+        data = row.detach().contiguous().cpu()
+        raw = data.view(torch.uint8).numpy()
+        if os.pwrite(self.file.fileno(), raw, self.nbytes) != raw.nbytes:
+            raise RunError(f"finetune: short write to the frozen-block states file in {tempfile.gettempdir()}; "
+                           f"free disk space there or point TMPDIR at a disk with room")
+        self.where.append((self.nbytes, data.shape, data.dtype))
+        self.nbytes += raw.nbytes
+        return len(self.where) - 1
+
+    def read(self, key):
+        offset, shape, dtype = self.where[key]
+        row = torch.empty(shape, dtype=dtype)
+        raw = row.view(torch.uint8).numpy()
+        if os.preadv(self.file.fileno(), [raw], offset) != raw.nbytes:
+            raise RunError(f"finetune: the frozen-block states file in {tempfile.gettempdir()} was cut short; "
+                           f"rerun the stage")
+        return row.to(self.device)
+
+
 class FrozenBlockStates:
     """The states entering the lowest adapted block, computed once per training example before training.
 
@@ -116,7 +162,9 @@ class FrozenBlockStates:
     dropout, so they compute the same states for an example in every epoch. Training then runs only the adapted
     blocks on the kept states: the same loss and gradients as the full forward (tested on Llama and Phi), for
     15 of 30 blocks a third less work per epoch. Kept per example after the prompts' common prefix (kept once):
-    76 MB for the embedded model's 1,000 pairs."""
+    76 MB for the embedded model's 1,000 pairs, so they go to a temporary file (`in_memory=False`, the default)
+    and each micro-batch reads back its rows: memory stays flat as the training set grows, and the numbers are
+    the same bits as kept in memory (tested)."""
 
     @staticmethod
     def usable(model, train_params):
@@ -129,16 +177,17 @@ class FrozenBlockStates:
                  if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and v}
         return f"the frozen blocks use dropout ({rates}), so they differ every epoch" if rates else None
 
-    def __init__(self, model, sequences, prompt_ids, pad_id, dtype, batch_size=16):
+    def __init__(self, model, sequences, prompt_ids, pad_id, dtype, batch_size=16, in_memory=False):
         self.body = body_and_head(model)[0]
         self.blocks = list(self.body.layers)
         self.start = first_trainable_block(model)
         self.common = shared_prefix_length(prompt_ids)
         device = model.device
+        self.rows = _RowsInMemory() if in_memory else _RowsInFile(device)
         captured = []
         hook = self.blocks[self.start - 1].register_forward_hook(lambda module, args, out: captured.append(out))
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding
-        self.rows = [None] * len(sequences)
+        self.keys = [None] * len(sequences)
         self.positions = 0  # computed, padding included
         try:
             with torch.no_grad(), autocast_for(device.type, dtype), running_only(self.body, self.blocks[:self.start]):
@@ -150,35 +199,44 @@ class FrozenBlockStates:
                     self.prefix = captured[0][0] if self.common else rows.new_zeros(0, rows.size(-1))
                     self.positions += self.common + rows.size(0) * rows.size(1)
                     for r, i in enumerate(chunk):
-                        self.rows[i] = rows[r, rows.size(1) - (len(sequences[i]) - self.common):].clone()
+                        self.keys[i] = self.rows.append(rows[r, rows.size(1) - (len(sequences[i]) - self.common):])
         finally:
             hook.remove()
-        log.info("kept the states entering block %d for %d examples (%.0f MB): later passes run %d of %d blocks",
-                 self.start, len(sequences), sum(x.numel() * x.element_size() for x in self.rows) / 1e6,
+        log.info("kept the states entering block %d for %d examples (%.0f MB, %s): later passes run %d of %d blocks",
+                 self.start, len(sequences), self.rows.nbytes / 1e6,
+                 "in memory" if in_memory else "in a temporary file",
                  len(self.blocks) - self.start, len(self.blocks))
 
     def adapted_blocks_only(self):
         return running_only(self.body, self.blocks[self.start:])
 
     def embed(self, examples):
-        """`forward_body`'s embed for a micro-batch of these example indices."""
-        return lambda r, start, stop: torch.cat([self.prefix, self.rows[examples[r]]])[start:stop]
+        """`forward_body`'s embed for a micro-batch of these example indices (their rows read once)."""
+        rows = [torch.cat([self.prefix, self.rows.read(self.keys[i])]) for i in examples]
+        return lambda r, start, stop: rows[r][start:stop]
 
 
 def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, scheduler, scaler, train_params,
-                    dtype, on_step, frozen=None):
+                    dtype, on_step, frozen=None, ranks=SINGLE):
     """One pass over `batches`; each batch is split into micro-batches whose gradients accumulate. With `frozen`
-    (FrozenBlockStates) only the adapted blocks run."""
+    (FrozenBlockStates) only the adapted blocks run. With several ranks, each takes every world_size-th example of
+    each batch (similar lengths, as batches are length-grouped), in micro-batches of its own, and the gradients
+    are summed over ranks before the step: each micro-batch's loss is weighted by its share of the whole batch's
+    answer tokens, so the sum is the one-process gradient, and every rank then clips and steps on the same numbers.
+    Examples rather than whole micro-batches are shared out because at the default token budget most batches are
+    one micro-batch, which would leave all ranks but one idle."""
     model.train()
     device = model.device.type
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for batch in tqdm(batches, desc="train", unit="batch", leave=False):
         optimizer.zero_grad(set_to_none=True)
         n_answer_tokens = sum(len(answer_ids[i]) for i in batch)
         prefix = shared_prefix_length([prompt_ids[i] for i in batch])
         batch_loss = 0.0
-        for part in micro_batches(batch, lengths, prefix, train_params["micro_batch_tokens"]):
+        mine = ranks.share(batch)  # a rank may get none (a last batch smaller than world_size): it adds zeros
+        for part in micro_batches(mine, lengths, prefix, train_params["micro_batch_tokens"]) if mine else []:
             with autocast_for(device, dtype), frozen.adapted_blocks_only() if frozen else nullcontext():
                 loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id,
                                    embed=frozen.embed(part) if frozen else None)
@@ -186,9 +244,10 @@ def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, s
             weight = sum(len(answer_ids[i]) for i in part) / n_answer_tokens
             scaler.scale(loss * weight).backward()
             batch_loss += loss.item() * weight
+        if ranks.world_size > 1:
+            batch_loss = sum_gradients(trainable, batch_loss)
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                       train_params["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(trainable, train_params["max_grad_norm"])
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -1,7 +1,8 @@
 """Stage evaluate@<name>: predict the test split with the pretrained model (baseline) or base + adapter (finetuned).
 
 Writes predictions/<name>.jsonl (every pair with its label scores or raw generation), metrics/<name>.json and
-plots/<name>/confusion.csv (actual vs predicted, for `dvc plots`).
+plots/<name>/confusion.csv (actual vs predicted, for `dvc plots`). With QLORA_NLI_TORCHRUN set
+(qlora_nli/distributed.py) each process predicts a share of the batches; rank 0 writes them all, in the data's order.
 """
 import csv
 import io
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from qlora_nli import modeling
+from qlora_nli import distributed, modeling
 from qlora_nli.errors import ParamsError, RunError, run_stage
 from qlora_nli.io import read_jsonl, write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
@@ -28,9 +29,9 @@ def main(name):
         raise ParamsError(f"evaluate: unknown model '{name}'; use one of {', '.join(ADAPTERS)}")
     params = load_params()
     p = params["evaluate"]
-    if params["train"]["num_threads"]:
-        torch.set_num_threads(params["train"]["num_threads"])
     device = modeling.pick_device(params["model"]["device"])
+    ranks = distributed.start(device)
+    distributed.set_cpu_threads(params["train"]["num_threads"], ranks)
     rows = read_jsonl("data/test.jsonl")
     prompts = [format_prompt(params["prompt"]["template"], r) for r in rows]
 
@@ -44,14 +45,17 @@ def main(name):
     start = time.perf_counter()
     try:
         if p["method"] == "score":
-            scores = score_labels(model, tokenizer, prompts, p["batch_size"]).tolist()
+            scores = score_labels(model, tokenizer, prompts, p["batch_size"], ranks=ranks).tolist()
             preds, generations = [max(range(len(LABELS)), key=s.__getitem__) for s in scores], [None] * len(rows)
         else:
-            generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"])
+            generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"],
+                                           ranks=ranks)
             preds, scores = [parse_label(g) for g in generations], [None] * len(rows)
     except torch.OutOfMemoryError:
         raise RunError(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
     seconds = time.perf_counter() - start
+    if not ranks.is_main:
+        return
 
     predictions = [
         {"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],

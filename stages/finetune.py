@@ -2,13 +2,15 @@
 
 Writes checkpoints/epoch-N (resumed if the run is interrupted), models/adapter (the final adapter only, never the
 base weights), metrics/train.json and dvclive/ (live curves). Loss is on the answer tokens only.
+With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) it runs data-parallel on several processes: the same batches
+and the same result, every rank training its share of each batch; only rank 0 writes outputs.
 """
 import logging
 
 import torch
 from dvclive import Live
 
-from qlora_nli import modeling
+from qlora_nli import distributed, modeling
 from qlora_nli.errors import RunError, run_stage
 from qlora_nli.io import atomic_path, file_sha256, read_jsonl, tree_size_bytes, write_json
 from qlora_nli.params import check_target_modules, load_params
@@ -22,9 +24,9 @@ log = logging.getLogger("finetune")
 
 
 @torch.no_grad()
-def validate(model, tokenizer, prompts, labels, answers, batch_size):
+def validate(model, tokenizer, prompts, labels, answers, batch_size, ranks):
     model.eval()
-    scores = score_labels(model, tokenizer, prompts, batch_size, desc="validate")
+    scores = score_labels(model, tokenizer, prompts, batch_size, desc="validate", ranks=ranks)
     accuracy = (scores.argmax(1) == torch.tensor(labels)).float().mean().item()
     return mean_answer_nll(scores, labels, answers), accuracy
 
@@ -32,9 +34,9 @@ def validate(model, tokenizer, prompts, labels, answers, batch_size):
 def main():
     params = load_params()
     t = params["train"]
-    if t["num_threads"]:
-        torch.set_num_threads(t["num_threads"])
     device = modeling.pick_device(params["model"]["device"])
+    ranks = distributed.start(device)
+    distributed.set_cpu_threads(t["num_threads"], ranks)
     dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
 
     train_rows, val_rows = read_jsonl("data/train.jsonl"), read_jsonl("data/validation.jsonl")
@@ -64,7 +66,9 @@ def main():
                              file_sha256("data/validation.jsonl"))
         checkpoints = Checkpoints("checkpoints", run_id)
         history = {"epochs": [], "steps": []}
-        last = checkpoints.latest()
+        with distributed.main_first(ranks):  # rank 0 alone removes stale checkpoints; every rank resumes
+            last = checkpoints.latest()
+        distributed.check_same_on_every_rank(ranks, last[0] if last else None, "the epoch to resume after")
         if last is not None:
             history = checkpoints.restore(last, model, optimizer, scheduler, scaler)
             log.info("resuming after epoch %d from %s", last[0], last[1])
@@ -77,7 +81,7 @@ def main():
             frozen = FrozenBlockStates(model, [p + a for p, a in zip(train_prompt_ids, train_answer_ids)],
                                        train_prompt_ids, tokenizer.pad_token_id, dtype, t["batch_size"])
 
-        with Live("dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        with distributed.on_main(ranks, Live, "dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
             # A resumed run replays the saved history, so the curves match an uninterrupted run.
             for record in history["steps"]:
                 live.step = record["step"]
@@ -101,9 +105,9 @@ def main():
                     with Timer() as timer:
                         train_loss = train_one_epoch(model, batches, train_prompt_ids, train_answer_ids,
                                                      tokenizer.pad_token_id, optimizer, scheduler, scaler, t, dtype,
-                                                     on_step, frozen)
+                                                     on_step, frozen, ranks)
                     val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_labels, answers,
-                                                      t["batch_size"])
+                                                      t["batch_size"], ranks)
                     record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),
                               "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4),
                               "seconds": round(timer.seconds, 3), "tokens": sum(lengths)}
@@ -112,11 +116,14 @@ def main():
                         live.log_metric(f"epoch/{key}", record[key])
                     log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, %.0f s",
                              epoch, train_loss, val_loss, val_accuracy, timer.seconds)
-                    checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
+                    if ranks.is_main:
+                        checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
             except torch.OutOfMemoryError:
                 raise RunError(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
                                  f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
 
+        if not ranks.is_main:
+            return
         with atomic_path("models/adapter") as tmp:
             model.save_pretrained(tmp)
 
@@ -128,6 +135,8 @@ def main():
         "compute_dtype": str(dtype).replace("torch.", ""),
         "load_in_4bit": params["model"]["load_in_4bit"],
         "optimizer": optimizer_name,
+        "world_size": ranks.world_size,
+        "backend": ranks.backend,
         "epochs": len(epochs),
         "train_examples": len(train_rows),
         "resumed_from_epoch": last[0] if last else None,

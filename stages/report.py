@@ -125,6 +125,8 @@ def time_section(train):
         f"Total: {seconds(t['total_seconds'])} for {train['epochs']} epochs on {train['train_examples']} examples "
         f"(device `{train['device']}`, compute dtype `{train['compute_dtype']}`, 4-bit base: {train['load_in_4bit']}). "
         f"Mean per epoch: {seconds(sum(per_epoch) / len(per_epoch)) if per_epoch else 'n/a'}.\n",
+        f"Data-parallel processes: {train.get('world_size', 1)} "
+        f"(torch.distributed backend: {train.get('backend') or 'none, one process'}).\n",
         md.table(["epoch", "seconds", "train loss", "val loss", "val accuracy"], rows),
         f"Throughput: {tp.get('examples_per_second', 'n/a')} examples/s, "
         f"{tp.get('tokens_per_second', 'n/a')} tokens/s.\n",

@@ -1,0 +1,172 @@
+"""Data-parallel stages on torch.distributed: the switch that starts a stage on N processes, and what ranks share.
+
+The switch is the environment variable QLORA_NLI_TORCHRUN, read by `start` at the top of a stage:
+  unset, empty or "1"   one process, exactly as without this module;
+  an integer N > 1      the stage re-executes itself as `python -m torch.distributed.run --standalone
+                        --nproc-per-node N <script> <args>` (N ranks on this machine);
+  anything else         torchrun's own arguments, passed as they are, e.g. for two machines
+                        "--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host:29500 --rdzv-id run1".
+A process that torchrun started (LOCAL_RANK is set) never re-executes, so launching a stage under torchrun or
+`accelerate launch` directly works too. An environment variable rather than a param: results must not depend on the
+number of processes, and a param would enter dvc.lock and change the stages' hashes.
+"""
+import atexit
+import logging
+import os
+import shlex
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qlora_nli.errors import CheckpointError, ParamsError
+
+log = logging.getLogger(__name__)
+
+SWITCH = "QLORA_NLI_TORCHRUN"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands: its rank among `world_size` processes, and the torch.distributed backend
+    (None for a single process, which never initialises a process group)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def share(self, items):
+        """This rank's items of `items`: every world_size-th, starting at its rank (all of them for one process)."""
+        return items[self.rank::self.world_size]
+
+
+SINGLE = Ranks()
+
+
+def torchrun_arguments(value):
+    """torchrun's arguments for a value of the switch; [] for a single process."""
+    value = value.strip()
+    if value in ("", "1"):
+        return []
+    if value.isdigit():
+        if int(value) < 1:
+            raise ParamsError(f"{SWITCH}={value}: the number of processes must be at least 1; unset it for one process")
+        return ["--standalone", f"--nproc-per-node={int(value)}"]
+    arguments = shlex.split(value)
+    if not any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in arguments):
+        raise ParamsError(f"{SWITCH}='{value}' names no --nproc-per-node; give a process count (e.g. 2) or torchrun "
+                          f"arguments including --nproc-per-node")
+    return arguments
+
+
+def start(device):
+    """First call of a stage: re-execute under torchrun if the switch asks for it (this call then never returns),
+    else join the process group when torchrun started this process. Returns this process's Ranks."""
+    if "LOCAL_RANK" not in os.environ:
+        arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
+        if arguments:
+            command = [sys.executable, "-m", "torch.distributed.run", *arguments, *sys.argv]
+            log.info("%s: %s", SWITCH, shlex.join(command))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, command)
+        return SINGLE
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if world_size == 1:
+        return SINGLE
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":  # ranks beyond the GPU count share GPUs (correct, not faster)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend)
+    atexit.register(dist.destroy_process_group)
+    ranks = Ranks(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank,
+                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend=backend)
+    log.info("rank %d of %d (%s)", ranks.rank, ranks.world_size, backend)
+    return ranks
+
+
+def set_cpu_threads(requested, ranks):
+    """torch threads per process: `requested` if set; else, with several ranks on one machine, its cores split
+    between them (torchrun otherwise leaves each rank one thread); else torch's default (all cores)."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif ranks.local_world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+
+
+def sum_gradients(parameters, loss):
+    """Sum the gradients of `parameters` and the float `loss` over all ranks, in one all_reduce; returns the summed
+    loss. A rank that ran no micro-batch of the step contributes zeros; a gradient that is None on every rank stays
+    None (as it would in one process, where the optimizer then skips that parameter)."""
+    device = parameters[0].device
+    flat = [p.grad.flatten().float() if p.grad is not None else torch.zeros(p.numel(), device=device)
+            for p in parameters]
+    present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=device)
+    buffer = torch.cat([*flat, present, torch.tensor([loss], dtype=torch.float32, device=device)])
+    dist.all_reduce(buffer)
+    offset = 0
+    for p, found in zip(parameters, buffer[-1 - len(parameters):-1].tolist()):
+        values = buffer[offset:offset + p.numel()]
+        offset += p.numel()
+        p.grad = values.view_as(p).to(p.dtype).clone() if found else None
+    return buffer[-1].item()
+
+
+def gather_by_index(ranks, pieces):
+    """{index: value} of every rank merged into one dict on every rank (values any picklable objects)."""
+    if ranks.world_size == 1:
+        return pieces
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, pieces)
+    return {i: v for part in everyone for i, v in part.items()}
+
+
+def check_same_on_every_rank(ranks, value, what):
+    """Raise CheckpointError unless every rank holds the same `value` (say, the epoch it resumes after)."""
+    seen = gather_by_index(ranks, {ranks.rank: value})
+    if len(set(map(repr, seen.values()))) > 1:
+        each = ", ".join(f"rank {r}: {v}" for r, v in sorted(seen.items()))
+        raise CheckpointError(f"ranks disagree on {what} ({each}); "
+                              f"put the stage's working directory (checkpoints/) on storage every node shares")
+
+
+def barrier(ranks):
+    if ranks.world_size > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_first(ranks):
+    """Rank 0 runs the body first (it may clean up files, e.g. stale checkpoints), the other ranks after it."""
+    if not ranks.is_main:
+        barrier(ranks)
+    yield
+    if ranks.is_main:
+        barrier(ranks)
+
+
+class Discard:
+    """Stands in for an output object (a dvclive Live) on ranks other than 0: accepts any call or attribute and
+    writes nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def on_main(ranks, make, *args, **kwargs):
+    """`make(*args, **kwargs)` on rank 0, a Discard elsewhere."""
+    return make(*args, **kwargs) if ranks.is_main else Discard()

@@ -1,0 +1,145 @@
+"""Data-parallel stages (qlora_nli/distributed.py): 2 gloo processes under torchrun train and predict what 1 process
+does, only rank 0 writes, a killed run resumes, and `dvc repro` runs with the switch. Plus the frozen-block states
+kept in a file: the same bits as kept in memory."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import dvc, make_project, run
+from qlora_nli import modeling
+from qlora_nli.distributed import Ranks, torchrun_arguments
+from qlora_nli.errors import ParamsError
+from qlora_nli.prompts import TEMPLATE
+from qlora_nli.scoring import encode_answers, encode_prompts, length_sorted_batches
+from qlora_nli.training import FrozenBlockStates
+from test_training import _lora_model
+from tiny import made_up_pairs
+
+# one torch thread per rank: the 2 ranks then use what 1 process uses, and runs are repeatable
+TWO = {"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"}
+ONE = {"OMP_NUM_THREADS": "1"}
+ADAPTER = "models/adapter/adapter_model.safetensors"
+STEP_LOSSES = "dvclive/plots/metrics/train/step_loss.tsv"
+# Only the order of float32 summation differs between 1 and 2 processes (each rank sums its micro-batches, then
+# the ranks' sums are added): that moves results by a few float32 epsilons (1.2e-7) per step. 1e-4 relative is
+# orders of magnitude above that, and far below what a wrongly weighted or missing gradient sum produces.
+RELATIVE = 1e-4
+
+
+def test_the_switch_maps_to_torchrun_arguments():
+    assert torchrun_arguments("") == [] and torchrun_arguments("1") == []
+    assert torchrun_arguments("2") == ["--standalone", "--nproc-per-node=2"]
+    multi_node = "--nnodes 2 --node-rank 1 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29500"
+    assert torchrun_arguments(multi_node) == multi_node.split()
+    for bad in ("0", "--nnodes 2"):
+        with pytest.raises(ParamsError, match="QLORA_NLI_TORCHRUN"):
+            torchrun_arguments(bad)
+
+
+def test_ranks_share_every_batch_exactly_once():
+    batches = length_sorted_batches([[0] * n for n in (5, 9, 2, 7, 7, 3, 1)], batch_size=2)
+    shares = [Ranks(rank=r, world_size=3).share(batches) for r in range(3)]
+    assert sorted(b for share in shares for b in share) == sorted(batches)
+    assert [len(s) for s in shares] == [2, 1, 1]  # uneven: 4 batches over 3 ranks
+
+
+def test_frozen_states_in_a_file_are_the_in_memory_bits(tiny_model_dir):
+    model, tokenizer = _lora_model(tiny_model_dir, layers=1), modeling.load_tokenizer(str(tiny_model_dir))
+    prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(9, 5)])
+    answers = encode_answers(tokenizer)
+    sequences = [p + answers[k % 3] for k, p in enumerate(prompt_ids)]
+    kept = [FrozenBlockStates(model, sequences, prompt_ids, tokenizer.pad_token_id, torch.float32, batch_size=4,
+                              in_memory=in_memory) for in_memory in (True, False)]
+    in_memory, in_file = kept
+    assert in_file.rows.nbytes == in_memory.rows.nbytes > 0
+    for part in ([0, 1, 2], [8, 3], [5]):
+        a, b = in_memory.embed(part), in_file.embed(part)
+        for r, i in enumerate(part):
+            assert torch.equal(a(r, 0, len(sequences[i])), b(r, 0, len(sequences[i]))), (part, i)
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory):
+    """The same tiny project fine-tuned and evaluated by 1 process and by 2."""
+    roots = {}
+    for name, extra in (("one", ONE), ("two", TWO)):
+        root = make_project(tmp_path_factory.mktemp(name) / "project")
+        for script in (["stages/prepare.py"], ["stages/finetune.py"], ["stages/evaluate.py", "finetuned"]):
+            run(["python", *script], root, extra_env=extra)
+        roots[name] = root
+    return roots
+
+
+def _step_losses(root):
+    return [float(line.split("\t")[1]) for line in (root / STEP_LOSSES).read_text().splitlines()[1:]]
+
+
+def _predictions(root, name):
+    return [json.loads(line) for line in (root / f"predictions/{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_predict_what_one_does(projects):
+    one, two = projects["one"], projects["two"]
+    losses = _step_losses(one)
+    assert len(losses) == 6 and _step_losses(two) == pytest.approx(losses, rel=RELATIVE)
+    a, b = load_file(one / ADAPTER), load_file(two / ADAPTER)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= RELATIVE * a[key].abs().max(), key
+    p1, p2 = _predictions(one, "finetuned"), _predictions(two, "finetuned")
+    assert [p["pred"] for p in p1] == [p["pred"] for p in p2]
+    for x, y in zip(p1, p2):
+        assert y["scores"] == pytest.approx(x["scores"], rel=RELATIVE, abs=1e-4)
+    m1, m2 = (json.loads((r / "metrics/train.json").read_text()) for r in (one, two))
+    assert (m1["world_size"], m1["backend"], m2["world_size"], m2["backend"]) == (1, None, 2, "gloo")
+    # rank 0 alone writes: one dvclive run, one checkpoint per epoch, no stray temporary outputs
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    assert not [p for d in ("checkpoints", "metrics", "models", "predictions") for p in (two / d).glob(".*")]
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_is_byte_identical(projects):
+    root = projects["one"]
+    outputs = {}
+    for name, extra in (("one", ONE), ("two", TWO)):
+        run(["python", "stages/evaluate.py", "baseline"], root, extra_env=extra)
+        metrics = json.loads((root / "metrics/baseline.json").read_text())
+        for wall_clock in ("eval_seconds", "pairs_per_second"):
+            del metrics[wall_clock]
+        outputs[name] = ((root / "predictions/baseline.jsonl").read_bytes(),
+                         (root / "plots/baseline/confusion.csv").read_bytes(), metrics)
+    # 9 test pairs in batches of 4: rank 0 scores 2 batches, rank 1 one; gathered in the data's order
+    assert outputs["one"] == outputs["two"]
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(projects, tmp_path):
+    root = make_project(tmp_path / "project")
+    run(["python", "stages/prepare.py"], root)
+    killed = run(["python", "stages/finetune.py"], root, check=False,
+                 extra_env={**TWO, "QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    assert not (root / "models/adapter").exists()
+    resumed = run(["python", "stages/finetune.py"], root, extra_env=TWO)
+    assert resumed.stderr.count("resuming after epoch 1") == 2  # each rank restores the checkpoint
+    uninterrupted = projects["two"]
+    assert (root / ADAPTER).read_bytes() == (uninterrupted / ADAPTER).read_bytes()
+    assert (root / STEP_LOSSES).read_text() == (uninterrupted / STEP_LOSSES).read_text()
+    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_the_switch(tmp_path):
+    root = make_project(tmp_path / "project")
+    result = run(["python", "-m", "dvc", "repro"], root, extra_env=TWO)
+    assert "--nproc-per-node=2" in result.stdout + result.stderr  # the stages really re-executed under torchrun
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert (train["world_size"], train["backend"]) == (2, "gloo")
+    assert "Data-parallel processes: 2 (torch.distributed backend: gloo)" in (root / "reports/report.md").read_text()
+    assert len(_predictions(root, "baseline")) == len(_predictions(root, "finetuned")) == 9
+    # the switch is not a param: without it, nothing is out of date
+    assert "up to date" in dvc(root, "status").stdout
