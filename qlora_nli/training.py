@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_nli.io import atomic_path
+from qlora_nli.modeling import save_adapter
 from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class Checkpoints:
 
     def save(self, epoch, model, optimizer, scheduler, scaler, history):
         with atomic_path(self.root / f"epoch-{epoch}") as tmp:
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp)
             torch.save({
                 "fingerprint": self.run_fingerprint,
                 "epoch": epoch,

@@ -118,7 +118,7 @@ def main():
                                  f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
 
         with atomic_path("models/adapter") as tmp:
-            model.save_pretrained(tmp)
+            modeling.save_adapter(model, tmp)
 
     epochs = history["epochs"]
     seconds = [e["seconds"] for e in epochs]
