@@ -143,7 +143,7 @@ def test_documented_commands_work_as_typed_after_activation(project):
     assert without.returncode == 127 and "dvc: command not found" in without.stderr
     typed = shell(project, ". .venv/bin/activate\ndvc exp run -S report.n_examples=3")
     assert typed.returncode == 0, typed.stderr[-3000:]
-    assert stages_run(typed.stdout) == {"report"}  # its stage ran with the environment's python
+    assert "failure_cases" in stages_run(typed.stdout)  # the stage that reads report.* ran, with the venv's python
     run(["git", "reset", "-q", "--hard"], project)  # back to the committed run for the tests below
 
 
