@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Offline runs read SNLI from a local mirror of the Hub (see README); unset = download from the Hub.
-export NLI_DATA_MIRROR
+# Offline runs read SNLI from a local mirror of the Hub (see README); unset = download from the Hub. Exported as an
+# absolute path, so that it means the same in every directory a stage runs in (DVC queues run in a temporary copy).
+ifdef NLI_DATA_MIRROR
+export NLI_DATA_MIRROR := $(abspath $(NLI_DATA_MIRROR))
+endif
 
-.PHONY: setup repro test bench clean-cache
+.PHONY: setup repro test bench sweep-table clean-cache
 
 setup: $(VENV)/.installed
 
@@ -32,3 +35,7 @@ test: setup
 
 bench: setup
 	$(IN_VENV) $(BIN)/python benchmarks/bench_cpu.py
+
+# The queued experiments' results as a Markdown table and plot-ready JSON (docs/experiments.md)
+sweep-table: setup
+	$(IN_VENV) $(BIN)/python benchmarks/sweep_table.py

@@ -50,6 +50,17 @@ def _one_line(text):
 
 # --- where the data comes from ---------------------------------------------------------------------------------
 
+def mirror_directory():
+    """NLI_DATA_MIRROR as an absolute path, None when unset. A relative value is taken from the repository root, where
+    the user typed it: a queued `dvc exp run` runs the stages in a temporary copy (.dvc/tmp/exps/tmp*/) and sets
+    DVC_ROOT to the original repository, so the path means the same there as in the workspace."""
+    mirror = os.environ.get("NLI_DATA_MIRROR")
+    if not mirror:
+        return None
+    path = Path(mirror).expanduser()
+    return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or os.getcwd()) / path
+
+
 def resolve_source(source):
     """(kind, location): ("local", abs dir), ("mirror", abs dir) or ("hub", dataset id). Touches no network."""
     path = Path(source).expanduser()
@@ -58,15 +69,19 @@ def resolve_source(source):
     if not HUB_ID.match(source):
         raise DataError(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
                          f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
-    mirror = os.environ.get("NLI_DATA_MIRROR")
+    mirror = mirror_directory()
     if mirror:
         # Offline machines keep a copy of each dataset under the mirror, by full id or by bare name.
-        tried = list(dict.fromkeys([Path(mirror) / source, Path(mirror) / source.split("/")[-1]]))
+        tried = list(dict.fromkeys([mirror / source, mirror / source.split("/")[-1]]))
         for candidate in tried:
             if candidate.is_dir():
                 return "mirror", str(candidate.resolve())
+        given = os.environ["NLI_DATA_MIRROR"]
+        relative = "" if Path(given).expanduser().is_absolute() else (
+            f" (NLI_DATA_MIRROR={given} is relative: taken from {os.environ.get('DVC_ROOT') or os.getcwd()})")
         raise DataError(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
-                         f"{' or '.join(map(str, tried))}; put the dataset there, or unset NLI_DATA_MIRROR to use the Hub")
+                         f"{' or '.join(map(str, tried))}{relative}; put the dataset there, set NLI_DATA_MIRROR to "
+                         f"an absolute path, or unset it to use the Hub")
     return "hub", source
 
 
@@ -287,7 +302,7 @@ def load_splits(source):
 
     # Recorded without machine-specific absolute paths, so the manifest (and dvc.lock) match across machines.
     read_from = {"hub": f"hub:{location}", "local": f"local:{source}",
-                 "mirror": f"mirror:$NLI_DATA_MIRROR/{os.path.relpath(location, os.path.realpath(os.environ.get('NLI_DATA_MIRROR', '/')))}"}[kind]
+                 "mirror": f"mirror:$NLI_DATA_MIRROR/{os.path.relpath(location, os.path.realpath(mirror_directory() or '/'))}"}[kind]
     splits, info = {}, {"read_from": read_from, "raw_sha256": {}, "counts": {}}
     for split in SPLITS:
         if dataset is not None:

@@ -215,3 +215,34 @@ def count_parameters(model):
         "trainable_percent": round(100.0 * trainable / total, 4),
         "numel_as_stored": packed,
     }
+
+
+def save_adapter(model, directory):
+    """`model.save_pretrained(directory)` (the LoRA weights only), written so that the same params and data give
+    byte-identical files on every run and machine, and so the same hash in dvc.lock: peft writes set-valued config
+    fields (target_modules) as a list in hash order, which changes from process to process, and names the base model by
+    the directory it was loaded from, which for an embedded model is a per-user cache path."""
+    model.save_pretrained(directory)
+    for name, config in model.peft_config.items():
+        adapter_dir = Path(directory) if name == "default" else Path(directory) / name  # peft's layout
+        base = config.base_model_name_or_path
+        portable = _portable_model_name(base)
+        config_path = adapter_dir / "adapter_config.json"
+        saved = json.loads(config_path.read_text())
+        for key, value in config.to_dict().items():
+            if isinstance(value, set):
+                saved[key] = sorted(saved[key])
+        if base:
+            saved["base_model_name_or_path"] = portable
+            card = adapter_dir / "README.md"  # peft's model card names the base model too
+            if card.is_file() and portable != base:
+                card.write_text(card.read_text().replace(base, portable))
+        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own format, keys sorted
+
+
+def _portable_model_name(path):
+    """The alias of an embedded model for its converted directory in the user cache; any other name as it is."""
+    for alias in EMBEDDED_MODELS:
+        if path and Path(path) == _cache_dir() / alias.split(":", 1)[1]:
+            return alias
+    return path

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from qlora_nli.distributed import SINGLE, sum_gradients
 from qlora_nli.errors import CheckpointError, RunError
 from qlora_nli.io import atomic_path
+from qlora_nli.modeling import save_adapter
 from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class Checkpoints:
 
     def save(self, epoch, model, optimizer, scheduler, scaler, history):
         with atomic_path(self.root / f"epoch-{epoch}") as tmp:
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp)
             (tmp / "run.json").write_text(json.dumps({"fingerprint": self.run_fingerprint, "epoch": epoch}) + "\n")
             torch.save({
                 "fingerprint": self.run_fingerprint,

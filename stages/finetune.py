@@ -125,7 +125,7 @@ def main():
         if not ranks.is_main:
             return
         with atomic_path("models/adapter") as tmp:
-            model.save_pretrained(tmp)
+            modeling.save_adapter(model, tmp)
 
     epochs = history["epochs"]
     seconds = [e["seconds"] for e in epochs]

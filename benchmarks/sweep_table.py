@@ -1,0 +1,140 @@
+"""The results of a sweep of DVC experiments as one table: what each experiment changed, validation accuracy per
+epoch, the test accuracy of the pick, training time.
+
+    python benchmarks/sweep_table.py [--input exp_show.json] [--out benchmarks/results/sweep] [--all-test]
+
+Reads `dvc exp show --json` (run in the current repository unless --input names a saved copy) and, per experiment,
+metrics/train.json from its Git commit (`dvc exp show` leaves out lists such as the per-epoch accuracies). The pick
+is the experiment with the highest final-epoch validation accuracy (ties: lower final validation loss, then the
+order of `dvc exp show`); models/adapter is the final epoch's adapter, so that is the accuracy that belongs to it.
+Test accuracy is shown for the pick only, so that the table cannot steer the choice; --all-test shows it for every
+experiment (for an analysis after the choice). Writes OUT/sweep.md (the Markdown table), OUT/sweep.json (one object
+per experiment) and OUT/val_accuracy.csv (experiment, epoch, val_accuracy: one row per point, ready to plot), and
+prints the Markdown.
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+NOT_SHOWN = "not looked at"
+
+
+def flatten(tree, prefix=""):
+    """{"train": {"epochs": 2}} -> {"train.epochs": 2}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiments(exp_show):
+    """(name, rev, data) of every experiment that trained, and of each baseline commit that holds a trained run."""
+    for baseline in exp_show:
+        if baseline["rev"] == "workspace":
+            continue
+        if metric(baseline.get("data"), "metrics/train.json", "epochs"):
+            yield baseline.get("name") or baseline["rev"][:7], baseline["rev"], baseline["data"]
+        for exp in baseline.get("experiments") or []:
+            run = exp["revs"][0]
+            if metric(run.get("data"), "metrics/train.json", "epochs"):
+                yield exp.get("name") or run["rev"][:7], run["rev"], run["data"]
+
+
+def metric(data, path, key):
+    return (((data or {}).get("metrics") or {}).get(path) or {}).get("data", {}).get(key)
+
+
+def train_metrics(rev, data):
+    """metrics/train.json of the experiment's commit; what `dvc exp show` kept of it when Git has no such commit."""
+    shown = subprocess.run(["git", "show", f"{rev}:metrics/train.json"], capture_output=True, text=True)
+    if shown.returncode == 0:
+        return json.loads(shown.stdout)
+    return (data["metrics"].get("metrics/train.json") or {}).get("data", {})
+
+
+def rows(exp_show, all_test=False):
+    found = list(experiments(exp_show))
+    if not found:
+        sys.exit("sweep_table: `dvc exp show` lists no finished experiment with metrics; run the sweep first "
+                 "(docs/experiments.md)")
+    params = [flatten(data["params"].get("params.yaml", {}).get("data", {})) for _, _, data in found]
+    varying = sorted(k for k in set().union(*params) if len({json.dumps(p.get(k)) for p in params}) > 1)
+    table = []
+    for (name, rev, data), values in zip(found, params):
+        train = train_metrics(rev, data)
+        val_accuracy, val_loss = train.get("val_accuracy_per_epoch") or [], train.get("val_loss_per_epoch") or []
+        table.append({
+            "experiment": name,
+            "rev": rev,
+            "params": {k: values.get(k) for k in varying},
+            "val_accuracy_per_epoch": val_accuracy,
+            "final_val_accuracy": val_accuracy[-1] if val_accuracy else None,
+            "final_val_loss": val_loss[-1] if val_loss else None,
+            "test_accuracy": metric(data, "metrics/finetuned.json", "accuracy"),
+            "baseline_test_accuracy": metric(data, "metrics/baseline.json", "accuracy"),
+            "train_seconds": (train.get("time") or {}).get("total_seconds"),
+            "finetune_wall_seconds": (train.get("resources") or {}).get("wall_seconds"),
+            "device": train.get("device"),
+        })
+    scored = [i for i, r in enumerate(table) if r["final_val_accuracy"] is not None]
+    pick = max(scored, key=lambda i: (table[i]["final_val_accuracy"], -(table[i]["final_val_loss"] or 0), -i),
+               default=None)
+    for i, row in enumerate(table):
+        row["pick"] = i == pick
+        if not (all_test or row["pick"]):
+            row["test_accuracy"] = NOT_SHOWN
+    return table, varying
+
+
+def markdown(table, varying):
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "—" if value is None else str(value)
+
+    head = ["experiment", *varying, "val accuracy per epoch", "test accuracy", "train s", "finetune wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        name = f"**{row['experiment']}** (pick)" if row["pick"] else row["experiment"]
+        curve = " → ".join(f"{a:.2f}" for a in row["val_accuracy_per_epoch"]) or "—"
+        cells = [name, *(cell(row["params"][k]) for k in varying), curve, cell(row["test_accuracy"]),
+                 cell(row["train_seconds"]), cell(row["finetune_wall_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", help="a saved `dvc exp show --json`; default: run it here")
+    parser.add_argument("--out", default="benchmarks/results/sweep", help="directory for sweep.{md,json} and the CSV")
+    parser.add_argument("--all-test", action="store_true", help="test accuracy of every experiment, not only the pick")
+    args = parser.parse_args()
+    if args.input:
+        exp_show = json.loads(Path(args.input).read_text())
+    else:
+        shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            sys.exit(f"sweep_table: `dvc exp show --json` failed: {shown.stderr.strip()[-300:]}")
+        exp_show = json.loads(shown.stdout)
+    table, varying = rows(exp_show, args.all_test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, varying)
+    (out / "sweep.md").write_text(text)
+    (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+    with open(out / "val_accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["experiment", "epoch", "val_accuracy"])
+        for row in table:
+            writer.writerows([row["experiment"], epoch, a] for epoch, a in enumerate(row["val_accuracy_per_epoch"], 1))
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
