@@ -225,6 +225,17 @@ def test_n_test_in_the_wrong_case(tmp_path):
     assert "data.n_test = 'ALL' has the wrong case" in message and "wrong type" not in message
 
 
+@pytest.mark.parametrize("template", ["P: {premise!r} H: {hypothesis}", "P: {premise:>30} H: {hypothesis}",
+                                      "P: {premise} H: {hypothesis!s}"])
+def test_template_that_formats_but_changes_the_text(tmp_path, template):
+    """A valid conversion or format spec formats without error, yet quotes or pads every premise: refused too."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prompt"]["template"] = template
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    message = one_line(ParamsError, lambda: load_params(tmp_path / "params.yaml"))
+    assert "prompt.template" in message and "no !conversion, :format spec" in message
+
+
 @pytest.fixture(scope="module")
 def config_only_model(tmp_path_factory):
     """A tiny model directory holding its config.json and nothing else: the checks must not need any weights."""
