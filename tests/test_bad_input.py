@@ -391,12 +391,12 @@ def test_bad_param_under_dvc_repro_changes_no_tracked_file(committed_project, ke
         result = dvc(root, "repro", check=False)
         assert result.returncode != 0
         assert fragment in result.stdout + result.stderr
-        assert stages_run(result.stdout) == {"check_params"}
         after = tracked_files(root)
         assert after.pop("params.yaml") != before.pop("params.yaml")
         assert after == before
         for output in ("data/train.jsonl", "models/adapter/adapter_config.json", "predictions/finetuned.jsonl"):
             assert (root / output).is_file(), output  # DVC-cached outputs too
+        assert stages_run(result.stdout) == {"check_params"}
     finally:
         run(["git", "checkout", "params.yaml"], root)
     assert "up to date" in dvc(root, "status").stdout
