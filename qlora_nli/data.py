@@ -86,25 +86,21 @@ def resolve_source(source):
 
 
 def load_hub_dataset(source):
-    """The Hub's DatasetDict. A quick probe first: offline, `load_dataset` alone retries for ~25 s, then raises."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    """The Hub's DatasetDict, after a quick probe (hub.probe): offline, `load_dataset` alone retries, then raises."""
+    from qlora_nli import hub
 
     unreachable = (f"data.source: cannot reach the Hugging Face Hub for '{source}' and NLI_DATA_MIRROR is not set; "
                    f"connect to the Hub, or set NLI_DATA_MIRROR to a directory holding "
                    f"{source.split('/')[-1]}/{{train,validation,test}}.jsonl")
-    if not constants.HF_HUB_OFFLINE:  # in offline mode skip the probe: load_dataset may still find the local cache
-        try:
-            HfApi().dataset_info(source, timeout=10)
-        except GatedRepoError:
-            raise DataError(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
-                             f"(hf auth login), or use a local copy")
-        except RepositoryNotFoundError:
-            raise DataError(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
-                             f"Hub; fix the id or the path")
-        except Exception as e:  # DNS failure, refused connection, timeout, proxy: all mean "no Hub"
-            log.info("Hub probe failed: %s: %s", type(e).__name__, _one_line(e))
-            raise DataError(unreachable)
+    status = hub.probe(source, "dataset")  # OFFLINE: skip the probe, load_dataset may still find the local cache
+    if status == hub.GATED:
+        raise DataError(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
+                        f"(hf auth login), or use a local copy")
+    if status == hub.NOT_FOUND:
+        raise DataError(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
+                        f"Hub; fix the id or the path")
+    if status == hub.UNREACHABLE:
+        raise DataError(unreachable)
     import datasets
 
     try:
@@ -124,7 +120,12 @@ def _split_file(directory, split):
             raise DataError(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
                              f"{', '.join(SNLI1_FILES.values())}")
         return path, SNLI1_COLUMNS
-    found = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS if (directory / f"{split}.{ext}").is_file()]
+    candidates = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS]
+    found = [path for path in candidates if path.is_file()]
+    not_files = [path for path in candidates if path.exists() and not path.is_file()]
+    if not found and not_files:
+        raise DataError(f"data.source: {not_files[0]} is a directory, not a file; the {split} split must be a file "
+                        f"of rows (move the rows into {not_files[0].name}, or remove the directory)")
     if not found:
         raise DataError(f"data.source: {directory} has no {split} split; expected one of "
                          f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "

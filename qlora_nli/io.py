@@ -183,3 +183,13 @@ def tree_size_bytes(path):
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def all_or_none(paths):
+    """Yield {path: staging path} for a set of outputs; write each to its staging path with the usual writers. When
+    the block ends without error all of them are renamed into place, after an error none is: a write that fails
+    half-way (full disk, no permission) leaves every old file as it was. The renames only update directory
+    entries, which need no new space."""
+    with contextlib.ExitStack() as stack:
+        yield {path: stack.enter_context(atomic_path(path)) for path in paths}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from qlora_nli.errors import ModelLoadError, ParamsError
+from qlora_nli.params import check_target_modules
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,99 @@ def resolve_model_path(name):
     return name
 
 
+_LOCATED = {}  # model.name -> (what from_pretrained gets, extra kwargs): the Hub is probed once per process
+MODEL_NAME_FORMS = "a Hub id (owner/name), a local model directory, or one of " + ", ".join(EMBEDDED_MODELS)
+
+
+def _looks_like_path(name):
+    """A name the Hub could not hold: absolute, home- or dot-relative, more than one `/`, or a Windows path."""
+    return name.startswith(("/", "~", ".", "\\")) or name.count("/") > 1 or "\\" in name or ":" in name
+
+
+def locate_model(name):
+    """(path or Hub id for from_pretrained, extra kwargs); each way `model.name` can be wrong is its own line."""
+    if name in _LOCATED:
+        return _LOCATED[name]
+    if name.startswith("embedded:"):
+        if name not in EMBEDDED_MODELS:
+            raise ParamsError(f"params.yaml model.name: unknown embedded model '{name}'; allowed: "
+                              f"{', '.join(EMBEDDED_MODELS)}")
+        found = resolve_model_path(name), {}
+    elif Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"params.yaml model.name: '{name}' is a file; give the directory that holds "
+                                 f"config.json and the weights")
+        found = str(path), {}
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"params.yaml model.name: the local directory '{name}' does not exist; fix the path, or "
+                             f"use {MODEL_NAME_FORMS}")
+    else:
+        found = _locate_on_hub(name)
+    _LOCATED[name] = found
+    return found
+
+
+def _locate_on_hub(name):
+    from huggingface_hub import try_to_load_from_cache
+
+    from qlora_nli import hub
+
+    status = hub.probe(name, "model")
+    if status == hub.NOT_FOUND:
+        raise ModelLoadError(f"params.yaml model.name: '{name}' is neither a local directory nor a model on the "
+                             f"Hugging Face Hub (or it is private); fix the name, log in (hf auth login), or use "
+                             f"{MODEL_NAME_FORMS}")
+    if status == hub.GATED:
+        raise ModelLoadError(f"params.yaml model.name: '{name}' is a gated model; accept its terms on the Hub and "
+                             f"log in (hf auth login), or use a local copy")
+    if status == hub.UNREACHABLE:
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelLoadError(f"params.yaml model.name: cannot reach the Hugging Face Hub for '{name}' and it is "
+                                 f"not in the local Hugging Face cache; connect to the Hub, or use a local model "
+                                 f"directory or one of {', '.join(EMBEDDED_MODELS)}")
+        return name, {"local_files_only": True}  # cached: load it without the retries of an unreachable Hub
+    return name, {}
+
+
 def _from_pretrained(auto_class, name, **kwargs):
     """`from_pretrained`, with a failure (unknown id, no Hub access, broken directory) as one line saying the ways out."""
+    location, extra = locate_model(name)
     try:
-        return auto_class.from_pretrained(resolve_model_path(name), **kwargs)
-    except (OSError, ValueError) as e:  # OSError: not found / unreachable; ValueError: no usable files in it
-        reason = str(e).strip().splitlines()[0][:160]
-        raise ModelLoadError(f"params.yaml model.name: cannot load '{name}' ({reason}); use a Hub id with Hub access or a "
-                         f"local Hugging Face cache, a local model directory, or one of {', '.join(EMBEDDED_MODELS)}")
+        return auto_class.from_pretrained(location, **extra, **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # not found / unreachable; no usable files; unknown model type
+        reason = " ".join(str(e).split())[:160]
+        raise ModelLoadError(f"params.yaml model.name: cannot load '{name}' ({type(e).__name__}: {reason}); "
+                             f"use {MODEL_NAME_FORMS}")
+
+
+def check_model_params(params, device):
+    """The checks that need only the model's config (a small file), run before any weights load: a compute dtype
+    that would be slow on the device, and lora.target_modules / lora.layers against the model's structure."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = params["model"]["compute_dtype"]
+    if device == "cpu" and dtype in ("float16", "bfloat16"):
+        # Refused rather than warned about: a warning scrolls away, and the run takes several times longer.
+        raise ParamsError(f"params.yaml model.compute_dtype = {dtype} on CPU, where half-precision matmuls are "
+                          f"several times slower than float32; allowed on CPU: auto or float32 (keep {dtype} for GPUs)")
+    config = _from_pretrained(AutoConfig, params["model"]["name"])
+    lora = params.get("lora")
+    if lora is None:
+        return
+    n_blocks = getattr(config, "num_hidden_layers", None)
+    if lora["layers"] != "all" and n_blocks is not None and lora["layers"] > n_blocks:
+        raise ParamsError(f"params.yaml lora.layers = {lora['layers']} is more than the model's {n_blocks} blocks; "
+                          f"allowed: an integer from 1 to {n_blocks}, or \"all\"")
+    if lora["target_modules"] == "all-linear":
+        return
+    try:
+        with torch.device("meta"):  # the module tree without allocating or reading a single weight
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an architecture transformers cannot build: the weight load reports it properly
+        log.info("module names not checked before loading: %s: %s", type(e).__name__, " ".join(str(e).split())[:160])
+        return
+    check_target_modules(skeleton, lora["target_modules"])
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -193,9 +279,15 @@ def block_linear_names(model):
 
 
 def load_adapter(model, adapter_dir):
+    """The saved LoRA adapter on `model`; check it first with artifacts.check_adapter_dir (before the base loads)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged weights, or trained on another base model
+        reason = " ".join(str(e).split())[:160]
+        raise ModelLoadError(f"{adapter_dir}: cannot load the adapter onto the base model ({type(e).__name__}: "
+                             f"{reason}); rerun `dvc repro finetune` with the current model.name")
 
 
 def count_parameters(model):

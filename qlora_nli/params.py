@@ -41,7 +41,13 @@ def _text(value):
     return value
 
 
+class _WrongCase(TypeError):
+    """A keyword written in another case ("ALL"): the fix is the case, not the type."""
+
+
 def _count_or_all(value):
+    if isinstance(value, str) and value != "all" and value.strip().lower() == "all":
+        raise _WrongCase
     return value if value == "all" else _integer(value)
 
 
@@ -54,11 +60,22 @@ def _modules(value):
 
 
 def _template_ok(template):
+    """Exactly one plain {premise} and one plain {hypothesis}: a conversion (`!r`), a format spec (`:d`), an index
+    or attribute (`{premise[0]}`) would fail or change the text only when a row is formatted, so refuse them here."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = list(string.Formatter().parse(template))
     except ValueError:  # a lone `{` or `}`
         return False
-    return sorted(fields) == ["hypothesis", "premise"]
+    named = [(name, spec, conversion) for _, name, spec, conversion in fields if name is not None]
+    if sorted(name for name, _, _ in named) != ["hypothesis", "premise"]:
+        return False
+    if any(spec or conversion for _, spec, conversion in named):
+        return False
+    try:  # the sample row is formatted exactly as prompts.format_prompt will format every row
+        template.format(premise="A premise.", hypothesis="A hypothesis.")
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def _one_of(*choices):
@@ -86,7 +103,9 @@ SCHEMA = {
         "trust_remote_code": (_boolean, None, "true or false"),
     },
     "prompt": {
-        "template": (_text, _template_ok, "a string with {premise} and {hypothesis} and no other {...} field"),
+        "template": (_text, _template_ok, "a string with {premise} and {hypothesis} once each, written plainly "
+                                          "(no !conversion, :format spec, index or attribute), and no other {...} "
+                                          "field; write a literal brace as {{ or }}"),
     },
     "evaluate": {
         "method": _one_of("score", "generate"),
@@ -102,7 +121,7 @@ SCHEMA = {
         "layers": (_count_or_all, lambda v: v == "all" or v >= 1, 'an integer >= 1 (the last N blocks), or "all"'),
     },
     "train": {
-        "seed": (_integer, None, "an integer"),
+        "seed": (_integer, lambda v: 0 <= v <= 2**32 - 1, "an integer from 0 to 4294967295 (2**32 - 1, NumPy's range)"),
         "epochs": POSITIVE_INT,
         "batch_size": POSITIVE_INT,
         "micro_batch_tokens": POSITIVE_INT,
@@ -166,6 +185,9 @@ def check_params(raw, path="params.yaml"):
             value = given[key]
             try:
                 converted = convert(value)
+            except _WrongCase:
+                raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong case; allowed: {allowed} "
+                                  f"(lower case, without spaces)")
             except TypeError:
                 raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong type "
                                  f"({type(value).__name__}); allowed: {allowed}")
@@ -176,24 +198,47 @@ def check_params(raw, path="params.yaml"):
     return params
 
 
-def check_target_modules(model, target_modules, path="params.yaml"):
-    """Every listed name must be the last part(s) of some module name, the way peft matches a list."""
-    if target_modules == "all-linear":
-        return
-    names = [name for name, _ in model.named_modules()]
-    for wanted in target_modules:
-        if not any(name == wanted or name.endswith("." + wanted) for name in names):
-            # Linear4bit (bitsandbytes) subclasses nn.Linear; Conv1D is GPT-2's linear layer.
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if _is_linear(module) and name})
-            raise ParamsError(f"{path}: lora.target_modules entry {_show(wanted)} matches no module of the model; "
-                             f"allowed: names of its linear layers: {', '.join(linear) or '(none found)'}")
+def _blocks(model):
+    """The name of the transformer blocks' list (e.g. model.layers): the longest ModuleList of the model."""
+    import torch
+
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return max(lists)[1] if lists else None
 
 
 def _is_linear(module):
     import torch
 
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # Conv1D: GPT-2's linear layer
+
+
+def check_target_modules(model, target_modules, path="params.yaml"):
+    """Each entry of lora.target_modules must name linear layers inside the transformer blocks, and only those,
+    matched the way peft matches a list (the last part or parts of a module name). "all-linear" is peft's own
+    choice of exactly those."""
+    if target_modules == "all-linear":
+        return
+    blocks = _blocks(model)
+    inside = [(name, module) for name, module in model.named_modules()
+              if blocks and name.startswith(blocks + ".")]
+    outside = [name for name, _ in model.named_modules()
+               if name and not (blocks and (name == blocks or name.startswith(blocks + ".")))]
+    allowed = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, module in inside if _is_linear(module)}))
+
+    def matches(name, wanted):
+        return name == wanted or name.endswith("." + wanted)
+
+    for wanted in target_modules:
+        hits = [module for name, module in inside if matches(name, wanted)]
+        stray = [name for name in outside if matches(name, wanted)]
+        if stray:
+            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' names {stray[0]}, outside the "
+                              f"transformer blocks, the only place this pipeline adapts (see lora.layers); allowed: "
+                              f"linear layers inside the blocks: {allowed or '(none found)'}")
+        if not hits or not all(_is_linear(m) for m in hits):
+            what = "matches no module of the model" if not hits else f"is not a linear layer ({type(hits[0]).__name__})"
+            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' {what}; allowed: linear layers "
+                              f"inside the blocks: {allowed or '(none found)'}")
 
 
 def check_split_size(key, requested, available, path="params.yaml"):

@@ -14,7 +14,8 @@ import torch
 
 from qlora_nli import distributed, modeling
 from qlora_nli.errors import ParamsError, RunError, run_stage
-from qlora_nli.io import read_jsonl, write_json, write_jsonl, write_text
+from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
+from qlora_nli.io import write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
 from qlora_nli.prompts import LABELS, format_prompt
 from qlora_nli.scoring import generate_answers, parse_label, score_labels
@@ -32,7 +33,10 @@ def main(name):
     device = modeling.pick_device(params["model"]["device"])
     ranks = distributed.start(device)
     distributed.set_cpu_threads(params["train"]["num_threads"], ranks)
-    rows = read_jsonl("data/test.jsonl")
+    rows = read_rows("data/test.jsonl", data_row_problem)
+    if ADAPTERS[name]:
+        check_adapter_dir(ADAPTERS[name])  # before the base model loads
+    modeling.check_model_params({"model": params["model"]}, device)
     prompts = [format_prompt(params["prompt"]["template"], r) for r in rows]
 
     log.info("evaluating %s (%s) on %d test pairs by %s", name, params["model"]["name"], len(rows), p["method"])

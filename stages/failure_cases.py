@@ -11,7 +11,8 @@ from qlora_nli import markdown as md
 from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
                                 error_rates_by_slice, explain, pair_features, slices_of, tag_features)
-from qlora_nli.io import read_jsonl, write_json, write_text
+from qlora_nli.artifacts import prediction_row_problem, read_rows
+from qlora_nli.io import write_json, write_text
 from qlora_nli.params import load_params
 from qlora_nli.prompts import LABELS
 from qlora_nli.stats import paired_accuracy_difference
@@ -42,11 +43,7 @@ SELECTION_RULE = (
 
 
 def load_predictions(path):
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing; run dvc repro")
-    rows = read_jsonl(path)
-    if not rows:
-        raise ArtifactError(f"{path}: no predictions; rerun dvc repro")
+    rows = read_rows(path, prediction_row_problem)
     by_id = {r["id"]: r for r in rows}
     if len(by_id) != len(rows):
         raise ArtifactError(f"{path}: {len(rows) - len(by_id)} duplicate ids; rerun dvc repro")

@@ -12,8 +12,9 @@ from dvclive import Live
 
 from qlora_nli import distributed, modeling
 from qlora_nli.errors import RunError, run_stage
-from qlora_nli.io import atomic_path, file_sha256, read_jsonl, tree_size_bytes, write_json
-from qlora_nli.params import check_target_modules, load_params
+from qlora_nli.artifacts import data_row_problem, read_rows
+from qlora_nli.io import atomic_path, file_sha256, tree_size_bytes, write_json
+from qlora_nli.params import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
@@ -38,8 +39,10 @@ def main():
     ranks = distributed.start(device)
     distributed.set_cpu_threads(t["num_threads"], ranks)
     dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
+    train_rows = read_rows("data/train.jsonl", data_row_problem)
+    val_rows = read_rows("data/validation.jsonl", data_row_problem)
+    modeling.check_model_params(params, device)  # before any weights load
 
-    train_rows, val_rows = read_jsonl("data/train.jsonl"), read_jsonl("data/validation.jsonl")
     tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     answers = encode_answers(tokenizer)
     template = params["prompt"]["template"]
@@ -53,7 +56,6 @@ def main():
     with ResourceMonitor() as monitor:
         set_seed(t["seed"])
         model = modeling.load_base_model(params["model"], device)
-        check_target_modules(model, params["lora"]["target_modules"])
         base_parameters = modeling.count_parameters(model)
         model = modeling.attach_lora(model, params["lora"], t["gradient_checkpointing"])
         n_parameters = modeling.count_parameters(model)

@@ -7,7 +7,7 @@ import logging
 
 from qlora_nli.data import SPLITS, evenly_spaced, load_splits
 from qlora_nli.errors import run_stage
-from qlora_nli.io import write_json, write_jsonl
+from qlora_nli.io import all_or_none, write_json, write_jsonl
 from qlora_nli.params import load_params
 
 log = logging.getLogger("prepare")
@@ -32,15 +32,18 @@ def main():
         info["counts"][split]["sampled"] = len(samples[split])
         log.info("%s: %d of %d labeled pairs", split, len(samples[split]), len(rows))
 
-    for split in SPLITS:
-        write_jsonl(f"data/{split}.jsonl", samples[split])
-    write_json("data/manifest.json", {
-        "source": params["source"],
-        "read_from": info["read_from"],
-        "raw_sha256": info["raw_sha256"],
-        "counts": info["counts"],
-        "sampling": "evenly spaced: index floor(i*N/n)",
-    })
+    # All four files or none: a write that fails half-way must not leave new samples beside an old manifest.
+    outputs = [f"data/{split}.jsonl" for split in SPLITS] + ["data/manifest.json"]
+    with all_or_none(outputs) as staged:
+        for split in SPLITS:
+            write_jsonl(staged[f"data/{split}.jsonl"], samples[split])
+        write_json(staged["data/manifest.json"], {
+            "source": params["source"],
+            "read_from": info["read_from"],
+            "raw_sha256": info["raw_sha256"],
+            "counts": info["counts"],
+            "sampling": "evenly spaced: index floor(i*N/n)",
+        })
     log.info("wrote data/{train,validation,test}.jsonl and data/manifest.json")
 
 

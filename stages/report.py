@@ -4,23 +4,23 @@ Reads only artifacts (no model): metrics/{baseline,finetuned,train,comparison}.j
 data/manifest.json. Writes reports/report.md.
 """
 import logging
-from pathlib import Path
 
+from qlora_nli import artifacts
 from qlora_nli import markdown as md
 from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import EVIDENCE_MIN_N
-from qlora_nli.io import read_json, write_text
+from qlora_nli.io import write_text
 from qlora_nli.prompts import LABELS
 
 log = logging.getLogger("report")
 
-INPUTS = {
-    "baseline": "metrics/baseline.json",
-    "finetuned": "metrics/finetuned.json",
-    "train": "metrics/train.json",
-    "comparison": "metrics/comparison.json",
-    "failures": "reports/failure_cases.json",
-    "manifest": "data/manifest.json",
+INPUTS = {  # name: (path, the shape every key this stage reads must have)
+    "baseline": ("metrics/baseline.json", artifacts.EVAL_METRICS),
+    "finetuned": ("metrics/finetuned.json", artifacts.EVAL_METRICS),
+    "train": ("metrics/train.json", artifacts.TRAIN_METRICS),
+    "comparison": ("metrics/comparison.json", artifacts.COMPARISON),
+    "failures": ("reports/failure_cases.json", artifacts.FAILURE_CASES),
+    "manifest": ("data/manifest.json", artifacts.MANIFEST),
 }
 METHODS = {
     "score": "each of the three label words is scored by its log-likelihood after the prompt and the most likely one "
@@ -31,16 +31,13 @@ METHODS = {
 
 
 def load_inputs():
-    for path in INPUTS.values():
-        if not Path(path).exists():
-            raise ArtifactError(f"{path}: missing; run dvc repro")
-    art = {k: read_json(p) for k, p in INPUTS.items()}
+    art = {name: artifacts.read_document(path, shape) for name, (path, shape) in INPUTS.items()}
     # every number must come from the same run: a stale metrics file would make the report contradict itself
     for name in ("baseline", "finetuned"):
         got, want = art["comparison"][f"{name}_accuracy"], art[name]["accuracy"]
         if abs(got - want) > 1e-4 or art["comparison"]["n"] != art[name]["n"]:
-            raise ArtifactError(f"{INPUTS['comparison']}: accuracy {got} disagrees with {INPUTS[name]} ({want}); "
-                             "artifacts are stale, run dvc repro")
+            raise ArtifactError(f"{INPUTS['comparison'][0]}: accuracy {got} disagrees with {INPUTS[name][0]} "
+                                f"({want}); artifacts are stale, run dvc repro")
     return art
 
 

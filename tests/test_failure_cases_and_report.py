@@ -247,7 +247,7 @@ def test_report_missing_input_gives_one_line_error(workdir):
     (workdir / "metrics/train.json").unlink()
     proc = run_stage("report", workdir)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == "metrics/train.json: missing; run dvc repro"
+    assert proc.stderr.strip() == "metrics/train.json: missing; rerun `dvc repro finetune`"
 
 
 def test_report_refuses_stale_metrics(workdir):

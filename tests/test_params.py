@@ -50,7 +50,8 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("lora", "layers", "all", "all"),
     ("lora", "layers", 1, 1),
     ("train", "weight_decay", 0, 0.0),
-    ("train", "seed", -3, -3),
+    ("train", "seed", 0, 0),
+    ("train", "seed", 2**32 - 1, 2**32 - 1),  # NumPy's seed range is 0..2**32-1
     ("train", "num_threads", 0, 0),
     ("report", "n_examples", 0, 0),
     ("model", "trust_remote_code", True, True),
@@ -88,6 +89,8 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("train", "gradient_checkpointing", "no", "train.gradient_checkpointing = 'no' has the wrong type"),
     ("train", "num_threads", -1, "train.num_threads = -1 is out of range"),
     ("train", "seed", None, "train.seed = None has the wrong type"),
+    ("train", "seed", -3, "train.seed = -3 is out of range; allowed: an integer from 0 to 4294967295"),
+    ("train", "seed", 2**32, "train.seed = 4294967296 is out of range"),
     ("train", "micro_batch_tokens", 0, "train.micro_batch_tokens = 0 is out of range"),
     ("data", "source", "  ", "data.source = '  ' is out of range"),
     ("data", "source", 3, "data.source = 3 has the wrong type"),

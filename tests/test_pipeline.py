@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import dvc, make_project, set_param, stages_run
 
-ALL_STAGES = {"prepare", "finetune", "evaluate@baseline", "evaluate@finetuned", "failure_cases", "report"}
+ALL_STAGES = {"check_params", "prepare", "finetune", "evaluate@baseline", "evaluate@finetuned", "failure_cases", "report"}
 MACHINE_SPECIFIC = {"eval_seconds", "pairs_per_second", "model"}  # timings, and the tiny model's tmp path
 
 

@@ -1,0 +1,53 @@
+"""Stage check_params: every param checked before DVC touches any stage's outputs.
+
+DVC deletes a stage's outputs before it runs the stage's command, so a stage that finds a bad param itself has
+already lost them (git-tracked metrics and plots included). Every other stage depends on params.checked, so DVC
+runs this stage first, and a failure here stops `dvc repro` with every output as it was. params.checked has the
+same bytes for every valid params.yaml: a changed param still reruns only the stages that declare its group.
+
+Checked here: each value (params.check_params); model.device and model.compute_dtype against the machine;
+lora.target_modules and lora.layers against the model's config (no weights load); data.n_* against the split
+sizes recorded in data/manifest.json, when it describes the same data.source.
+"""
+import json
+import logging
+from pathlib import Path
+
+from qlora_nli import modeling
+from qlora_nli.errors import run_stage
+from qlora_nli.io import write_text
+from qlora_nli.params import check_split_size, load_params
+
+log = logging.getLogger("check_params")
+
+OUTPUT = "params.checked"
+MANIFEST = Path("data/manifest.json")
+SIZES = {"train": "data.n_train", "validation": "data.n_val", "test": "data.n_test"}
+
+
+def recorded_split_sizes(source):
+    """{split: labeled pairs} as the last prepare counted them, or {} when it read another source (or none)."""
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+        if manifest["source"] != source:
+            return {}
+        return {split: c["raw"] - c["unlabeled_dropped"] - c["skipped_empty"] for split, c in manifest["counts"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no usable manifest: prepare checks itself
+        return {}
+
+
+def main():
+    params = load_params()
+    device = modeling.pick_device(params["model"]["device"])
+    modeling.check_model_params(params, device)
+    available = recorded_split_sizes(params["data"]["source"])
+    for split, key in SIZES.items():
+        n = params["data"][key.split(".")[1]]
+        if n != "all" and split in available:
+            check_split_size(key, n, available[split])
+    write_text(OUTPUT, "params.yaml passed stages/check_params.py\n")
+    log.info("params.yaml is valid")
+
+
+if __name__ == "__main__":
+    run_stage(main, log_format="%(name)s: %(message)s")
