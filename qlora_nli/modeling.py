@@ -102,7 +102,7 @@ def resolve_model_path(name):
     return name
 
 
-_LOCATED = {}  # model.name -> (what from_pretrained gets, extra kwargs): the Hub is probed once per process
+_HUB_LOCATED = {}  # Hub id -> (what from_pretrained gets, extra kwargs): the Hub is probed once per process
 MODEL_NAME_FORMS = "a Hub id (owner/name), a local model directory, or one of " + ", ".join(EMBEDDED_MODELS)
 
 
@@ -113,8 +113,6 @@ def _looks_like_path(name):
 
 def locate_model(name):
     """(path or Hub id for from_pretrained, extra kwargs); each way `model.name` can be wrong is its own line."""
-    if name in _LOCATED:
-        return _LOCATED[name]
     if name.startswith("embedded:"):
         if name not in EMBEDDED_MODELS:
             raise ParamsError(f"params.yaml model.name: unknown embedded model '{name}'; allowed: "
@@ -130,8 +128,9 @@ def locate_model(name):
         raise ModelLoadError(f"params.yaml model.name: the local directory '{name}' does not exist; fix the path, or "
                              f"use {MODEL_NAME_FORMS}")
     else:
-        found = _locate_on_hub(name)
-    _LOCATED[name] = found
+        if name not in _HUB_LOCATED:
+            _HUB_LOCATED[name] = _locate_on_hub(name)
+        found = _HUB_LOCATED[name]
     return found
 
 
@@ -178,7 +177,8 @@ def check_model_params(params, device):
         # Refused rather than warned about: a warning scrolls away, and the run takes several times longer.
         raise ParamsError(f"params.yaml model.compute_dtype = {dtype} on CPU, where half-precision matmuls are "
                           f"several times slower than float32; allowed on CPU: auto or float32 (keep {dtype} for GPUs)")
-    config = _from_pretrained(AutoConfig, params["model"]["name"])
+    trust = params["model"]["trust_remote_code"]
+    config = _from_pretrained(AutoConfig, params["model"]["name"], trust_remote_code=trust)
     lora = params.get("lora")
     if lora is None:
         return
@@ -190,7 +190,7 @@ def check_model_params(params, device):
         return
     try:
         with torch.device("meta"):  # the module tree without allocating or reading a single weight
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
     except Exception as e:  # an architecture transformers cannot build: the weight load reports it properly
         log.info("module names not checked before loading: %s: %s", type(e).__name__, " ".join(str(e).split())[:160])
         return
@@ -226,7 +226,7 @@ def load_base_model(model_params, device):
         quantization_config=quant,
         dtype=dtype,
         device_map={"": device},
-        attn_implementation=model_params.get("attn_implementation", "sdpa"),
+        attn_implementation="sdpa",
         # Code shipped with a model runs only if params.yaml says so (model.trust_remote_code). Weights: transformers
         # takes model.safetensors first and reads a pickled .bin fallback with weights_only, so neither runs code.
         trust_remote_code=model_params.get("trust_remote_code", False),

@@ -246,7 +246,7 @@ def config_only_model(tmp_path_factory):
 
 
 def lora_params(model, **lora):
-    return {"model": {"name": model, "compute_dtype": "auto"},
+    return {"model": {"name": model, "compute_dtype": "auto", "trust_remote_code": False},
             "lora": {"target_modules": "all-linear", "layers": 1, **lora}}
 
 
@@ -290,7 +290,7 @@ def test_unreachable_hub_model_fails_fast(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
-    monkeypatch.setattr(modeling, "_LOCATED", {})
+    monkeypatch.setattr(modeling, "_HUB_LOCATED", {})
     start = time.monotonic()
     message = one_line(ModelLoadError, lambda: modeling.load_tokenizer("made-up-owner/no-such-model"))
     assert time.monotonic() - start < 5
@@ -310,7 +310,7 @@ def test_hub_probe_tells_not_found_from_unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", not_found)
     assert hub.probe("owner/name", "model") == hub.NOT_FOUND
-    monkeypatch.setattr(modeling, "_LOCATED", {})
+    monkeypatch.setattr(modeling, "_HUB_LOCATED", {})
     message = one_line(ModelLoadError, lambda: modeling.load_tokenizer("owner/name"))
     assert "'owner/name' is neither a local directory nor a model on the Hugging Face Hub" in message
 
@@ -349,7 +349,7 @@ def test_prepare_writes_all_outputs_or_none(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     stage["main"].__globals__["write_json"] = disk_full  # the manifest is the last file written
-    with pytest.raises(OSError):
+    with pytest.raises(errors.OutputError, match="No space left"):  # one line, not a traceback
         stage["main"]()
     after = {p.name: p.read_bytes() for p in sorted((project / "data").iterdir()) if not p.name.startswith(".")}
     assert after == before
