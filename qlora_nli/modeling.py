@@ -34,7 +34,7 @@ def pick_device(requested="auto"):
 
 
 def pick_compute_dtype(device, requested="auto"):
-    """float32 on CPU (bf16 measured ~20x slower on our CPUs), bf16 on Ampere+, fp16 on older GPUs (T4)."""
+    """float32 on CPU (half precision is much slower there), bf16 on Ampere+, fp16 on older GPUs (T4)."""
     if requested != "auto":
         return getattr(torch, requested)
     if device == "cpu":
@@ -234,7 +234,7 @@ def load_base_model(model_params, device):
     )
     if device == "cpu":
         # On CPU the weights left unquantized (embeddings, norms) are views into the memory-mapped checkpoint, and
-        # they keep the whole file resident (0.4 GB of RSS for the embedded model): own copies let it go.
+        # they keep the whole file resident: own copies let it go.
         for tensor in [*model.parameters(), *model.buffers()]:
             if not hasattr(tensor, "quant_state"):
                 tensor.data = tensor.data.clone()
@@ -251,7 +251,7 @@ def attach_lora(model, lora_params, gradient_checkpointing=False):
     targets, layers = lora_params["target_modules"], None
     if lora_params["layers"] != "all":
         # Adapting only the last N blocks: backward stops at the lowest adapted block, and the blocks below it
-        # keep no activations for it (measured on CPU: last 15 of 30, 1.3x the speed at 0.63 of the memory).
+        # keep no activations for it: fewer adapted blocks, faster steps and less memory.
         n_blocks = model.config.num_hidden_layers
         if lora_params["layers"] > n_blocks:
             raise ParamsError(f"params.yaml lora.layers = {lora_params['layers']} is more than the model's {n_blocks} "

@@ -161,9 +161,9 @@ class FrozenBlockStates:
 
     With LoRA on the last `lora.layers` blocks only, the blocks below have no adapters and (checked by `usable`) no
     dropout, so they compute the same states for an example in every epoch. Training then runs only the adapted
-    blocks on the kept states: the same loss and gradients as the full forward (tested on Llama and Phi), for
-    15 of 30 blocks a third less work per epoch. Kept per example after the prompts' common prefix (kept once):
-    76 MB for the embedded model's 1,000 pairs, so they go to a temporary file (`in_memory=False`, the default)
+    blocks on the kept states: the same loss and gradients as the full forward (tested on Llama and Phi), and the
+    fewer blocks are adapted, the less work per epoch. Kept per example after the prompts' common prefix (kept once);
+    their size grows with the training set, so they go to a temporary file (`in_memory=False`, the default)
     and each micro-batch reads back its rows: memory stays flat as the training set grows, and the numbers are
     the same bits as kept in memory (tested)."""
 

@@ -14,13 +14,13 @@ log = logging.getLogger("prepare")
 
 
 def main():
-    params = load_params()["data"]
-    sizes = {"train": ("data.n_train", params["n_train"]),
-             "validation": ("data.n_val", params["n_val"]),
-             "test": ("data.n_test", params["n_test"])}
+    p = load_params()["data"]
+    sizes = {"train": ("data.n_train", p["n_train"]),
+             "validation": ("data.n_val", p["n_val"]),
+             "test": ("data.n_test", p["n_test"])}
 
-    log.info("reading %s", params["source"])
-    splits, info = load_splits(params["source"])
+    log.info("reading %s", p["source"])
+    splits, info = load_splits(p["source"])
     log.info("read from %s", info["read_from"])
 
     # Sample every split before writing anything, so that a too-large n fails before any output changes.
@@ -38,7 +38,7 @@ def main():
         for split in SPLITS:
             write_jsonl(staged[f"data/{split}.jsonl"], samples[split])
         write_json(staged["data/manifest.json"], {
-            "source": params["source"],
+            "source": p["source"],
             "read_from": info["read_from"],
             "raw_sha256": info["raw_sha256"],
             "counts": info["counts"],

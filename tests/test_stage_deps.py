@@ -1,0 +1,71 @@
+"""dvc.yaml declares exactly what each stage's code uses: the package modules it imports (transitively) and the
+params groups (or single keys) it reads, so that a change to either reruns the stage and nothing else does."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _stage_defs():
+    """(stage name, script path, deps, params) per stage; foreach stages once per item."""
+    for name, stage in STAGES.items():
+        body = stage.get("do", stage)
+        script = body["cmd"].split()[1]
+        yield name, script, body.get("deps", []), body.get("params", [])
+
+
+def _imported_modules(path, seen=None):
+    """Files of qlora_nli/ that `path` imports, directly or through each other."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "qlora_nli":
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "qlora_nli" or len(parts) < 2:
+                continue
+            module = f"qlora_nli/{parts[1]}.py"
+            if (REPO / module).is_file() and module not in seen:
+                seen.add(module)
+                _imported_modules(REPO / module, seen)
+    return seen
+
+
+def _params_read(script):
+    """Groups read whole (`params["g"]`) and single keys read (`params["g"]["k"]`) by a stage script."""
+    text = (REPO / script).read_text()
+    keys = set(re.findall(r'params\["(\w+)"\]\["(\w+)"\]', text))
+    groups = set(re.findall(r'params\["(\w+)"\](?!\[)', text)) | set(re.findall(r'load_params\(\)\["(\w+)"\]', text))
+    return groups, keys
+
+
+@pytest.mark.parametrize("name, script, deps, params", list(_stage_defs()), ids=[s[0] for s in _stage_defs()])
+def test_code_deps_are_the_transitive_imports(name, script, deps, params):
+    declared = {d for d in deps if isinstance(d, str) and d.startswith("qlora_nli/")}
+    assert script in deps, f"{name}: its own script {script} is not a dep"
+    assert declared == _imported_modules(REPO / script), f"{name}: deps differ from what {script} imports"
+
+
+@pytest.mark.parametrize("name, script, deps, params", list(_stage_defs()), ids=[s[0] for s in _stage_defs()])
+def test_params_read_are_declared(name, script, deps, params):
+    groups, keys = _params_read(script)
+    if {"params.yaml": None} in params:  # the whole file: nothing to compare
+        assert name == "check_params", f"{name}: only check_params declares every param"
+        return
+    declared = set(params)
+    for group in groups:
+        assert group in declared, f"{name}: {script} reads params group {group!r} but dvc.yaml does not declare it"
+    for group, key in keys:
+        assert group in declared or f"{group}.{key}" in declared, \
+            f"{name}: {script} reads {group}.{key} but dvc.yaml declares neither {group} nor {group}.{key}"
+    read = groups | {g for g, _ in keys} | {f"{g}.{k}" for g, k in keys}
+    for entry in declared:
+        assert entry in read, f"{name}: dvc.yaml declares params {entry!r} that {script} never reads"
