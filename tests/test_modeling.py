@@ -44,8 +44,8 @@ def test_gpu_compute_dtype_follows_the_capability(monkeypatch, capability, expec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1], name="fake GPU"))
+    properties = SimpleNamespace(major=capability[0], minor=capability[1], name="fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
     assert modeling.pick_compute_dtype("cuda") == expected
     assert modeling.pick_compute_dtype("cuda", "float32") == torch.float32  # an explicit choice is kept
