@@ -39,7 +39,8 @@ def pick_compute_dtype(device, requested="auto"):
         return getattr(torch, requested)
     if device == "cpu":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # including_emulation=False: torch otherwise reports bf16 as supported on pre-Ampere GPUs, where it is emulated
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def describe_device(device):

@@ -1,4 +1,6 @@
 """Model loading: the real embedded GGUF file, 4-bit parameter accounting, device and dtype choice."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -26,6 +28,27 @@ def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
 def test_compute_dtype_choice():
     assert modeling.pick_compute_dtype("cpu") == torch.float32
     assert modeling.pick_compute_dtype("cpu", "bfloat16") == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 5), torch.float16),   # T4 (Turing): bf16 only emulated, slow
+    ((7, 0), torch.float16),   # V100 (Volta)
+    ((8, 0), torch.bfloat16),  # A100 (Ampere)
+    ((8, 9), torch.bfloat16),  # L4 (Ada)
+    ((9, 0), torch.bfloat16),  # H100 (Hopper)
+])
+def test_gpu_compute_dtype_follows_the_capability(monkeypatch, capability, expected):
+    """The device queries are faked below torch.cuda.is_bf16_supported, which stays real: on a pre-Ampere GPU it
+    answers True by default because bf16 can be emulated there, and emulated bf16 must not be chosen."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    properties = SimpleNamespace(major=capability[0], minor=capability[1], name="fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert modeling.pick_compute_dtype("cuda") == expected
+    assert modeling.pick_compute_dtype("cuda", "float32") == torch.float32  # an explicit choice is kept
 
 
 def test_cuda_requested_without_gpu_is_one_line(monkeypatch):

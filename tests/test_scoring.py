@@ -55,10 +55,34 @@ def test_answer_loss_is_mean_answer_token_nll(tiny_model_dir):
     assert mean_answer_nll(scores, labels, answers) == pytest.approx(loss.item(), abs=1e-4)
 
 
-def test_generate_returns_text_per_prompt(tiny_model_dir):
-    model, tokenizer = _model(tiny_model_dir, False)
-    texts = generate_answers(model, tokenizer, _prompts(4), batch_size=3, max_new_tokens=3)
-    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+# premise/hypothesis pairs of very different lengths, in no length order: batches are formed longest first, so the
+# texts must be put back in the original order
+UNEVEN_PAIRS = [
+    ("a man paints.", "a man."),
+    ("the dog climbs the old bridge in the morning and waits beside a small boat near the river.",
+     "two kids watch the band on the stage because it is late."),
+    ("x", "y"),
+    ("three girls clean a red car.", "the girls do not clean."),
+    ("an old cook waits beside the river in the morning while the band plays on the stage near the fence.", "a cook."),
+    ("a tall player jumps.", "a player jumps over the fence because it is late and the band watches."),
+    ("the band.", "a band plays."),
+]
+
+
+def test_generate_equals_one_prompt_at_a_time_greedy_decoding(tiny_model_dir):
+    model, tokenizer = _model(tiny_model_dir, load_in_4bit=True)
+    # prompts that end in their own words: after the template's fixed ending a random model answers all alike
+    prompts = [f"Premise: {p}\nHypothesis: {h}" for p, h in UNEVEN_PAIRS]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    assert max(map(len, prompt_ids)) - min(map(len, prompt_ids)) > 50  # batches need real left padding
+    reference = []
+    with torch.no_grad():
+        for ids in prompt_ids:  # alone: no padding, no batch
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones_like(torch.tensor([ids])),
+                                 max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            reference.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    assert len(set(reference)) >= 3, "the random model must answer differently, or a mix-up of rows could not show"
+    assert generate_answers(model, tokenizer, prompts, batch_size=3, max_new_tokens=6) == reference
 
 
 @pytest.mark.parametrize("text, expected", [

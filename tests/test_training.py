@@ -5,7 +5,7 @@ import torch
 from qlora_nli import modeling
 from qlora_nli.prompts import TEMPLATE
 from qlora_nli.scoring import answer_loss, body_and_head, encode_answers, encode_prompts, shared_prefix_length
-from qlora_nli.training import FrozenBlockStates, micro_batches
+from qlora_nli.training import FrozenBlockStates, make_scheduler, micro_batches, train_one_epoch
 from tiny import made_up_pairs
 
 
@@ -60,19 +60,27 @@ def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradien
 
     # reference: each sequence alone (no padding, no shared prefix), summed per answer token
     model.zero_grad()
+    reference_loss = 0.0
     for p, a in zip(prompt_ids, answer_ids):
-        (answer_loss(model, [p], [a], tokenizer.pad_token_id) * len(a) / n_tokens).backward()
+        loss = answer_loss(model, [p], [a], tokenizer.pad_token_id) * len(a) / n_tokens
+        loss.backward()
+        reference_loss += loss.item()
     reference = _grads(model)
 
-    # the training path: the batch in micro-batches, each with its shared prefix computed once
-    model.zero_grad()
+    # the training path: train_one_epoch on the batch, split into micro-batches, each with its shared prefix
+    # computed once; an optimizer with learning rate 0 keeps the weights, on_step sees the accumulated gradient
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
-    parts = micro_batches(list(range(6)), lengths, shared_prefix_length(prompt_ids), max_tokens=3 * max(lengths))
-    assert len(parts) > 1
-    for part in parts:
-        loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], tokenizer.pad_token_id)
-        (loss * sum(len(answer_ids[i]) for i in part) / n_tokens).backward()
-    batched = _grads(model)
+    budget = 3 * max(lengths)
+    assert len(micro_batches(list(range(6)), lengths, shared_prefix_length(prompt_ids), budget)) > 1
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = make_scheduler(optimizer, total_steps=1, warmup_ratio=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    epoch_loss = train_one_epoch(model, [list(range(6))], prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
+                                 scheduler, scaler, {"micro_batch_tokens": budget, "max_grad_norm": 1e9}, torch.float32,
+                                 on_step=lambda loss, lr: seen.append(_grads(model)))
+    assert len(seen) == 1 and epoch_loss == pytest.approx(reference_loss, rel=1e-5)
+    batched = seen[0]
     for name, g in reference.items():
         assert torch.allclose(batched[name], g, atol=1e-5, rtol=1e-4), name
     assert any(g.abs().sum() > 0 for n, g in reference.items() if "layers.0." in n), "gradients reach layer 0"

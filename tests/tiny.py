@@ -52,15 +52,16 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
 
 
-def make_tiny_model(arch, path, seed=0):
-    """Save a tiny random `llama` or `phi` causal LM with the test tokenizer into `path`."""
+def make_tiny_model(arch, path, seed=0, **overrides):
+    """Save a tiny random `llama` or `phi` causal LM with the test tokenizer into `path`; `overrides` change the
+    model config (e.g. initializer_range)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
 
     tokenizer = make_tokenizer()
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
     config = LlamaConfig(**common) if arch == "llama" else PhiConfig(**common, partial_rotary_factor=0.5)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

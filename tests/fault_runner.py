@@ -1,0 +1,107 @@
+"""Run a stage script with one fault injected at the OS calls an atomic write goes through.
+
+    QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py stages/finetune.py
+
+SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
+  rename   os.replace / os.rename onto `path`: before the call (the new version is complete but not in place)
+  moveaway os.replace / os.rename of `path` itself to elsewhere, just after the call (the old version was moved away)
+  rmtree   shutil.rmtree of `path`: just after the call (the old version was deleted)
+  close    the close of a file opened for writing whose name is the name of `path` (the file it writes to, the
+           output itself or a temporary): before the close, so buffered text is not yet on disk
+It tests the contract of the writes, not one implementation: whichever way qlora_nli.io writes, these are the calls
+at which a killed run must still leave either the previous or the new complete version.
+"""
+import builtins
+import io
+import json
+import os
+import runpy
+import shutil
+import signal
+import sys
+
+SPEC = json.loads(os.environ["QLORA_NLI_FAULT"])
+TARGET = os.path.abspath(SPEC["path"])
+_calls = 0
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hit(kind, path):
+    global _calls
+    if SPEC["at"] != kind or os.path.abspath(os.fspath(path)) != TARGET:
+        return False
+    _calls += 1
+    return _calls == SPEC.get("nth", 1)
+
+
+def _renaming(real):
+    def rename(src, dst, *args, **kwargs):
+        if _hit("rename", dst):
+            _die()
+        moved_away = _hit("moveaway", src)
+        result = real(src, dst, *args, **kwargs)
+        if moved_away:
+            _die()
+        return result
+    return rename
+
+
+def _removing(real):
+    def rmtree(path, *args, **kwargs):
+        hit = _hit("rmtree", path)
+        result = real(path, *args, **kwargs)
+        if hit:
+            _die()
+        return result
+    return rmtree
+
+
+class _KillOnClose:
+    """A file object that dies instead of closing."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        global _calls
+        _calls += 1
+        if _calls == SPEC.get("nth", 1):
+            _die()
+        self._f.close()
+
+
+def _opening(real):
+    def open_(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        writes = any(c in mode for c in "wax+")
+        if (SPEC["at"] == "close" and writes and isinstance(file, (str, os.PathLike))
+                and os.path.basename(os.fspath(file)) == os.path.basename(TARGET)):
+            return _KillOnClose(f)
+        return f
+    return open_
+
+
+os.replace, os.rename = _renaming(os.replace), _renaming(os.rename)
+shutil.rmtree = _removing(shutil.rmtree)
+builtins.open = io.open = _opening(io.open)
+
+if __name__ == "__main__":
+    sys.argv = sys.argv[1:]
+    script = sys.argv[0]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python stages/x.py` would have it
+    runpy.run_path(script, run_name="__main__")
