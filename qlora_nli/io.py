@@ -75,6 +75,25 @@ def _kind(path):
     return "a directory" if path.is_dir() else "a file"
 
 
+def exchange_paths(a, b):
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE): a directory output is replaced
+    without an instant in which it is missing, and the old one ends up at `a`, deleted with the temporary. False where
+    the C library or the file system cannot, so that the caller falls back to two renames."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without the flag
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path; on success it is renamed over `path` (a file or a directory).
@@ -104,11 +123,13 @@ def atomic_path(path):
                               f"move or delete {path} yourself, then rerun")
         aside = workdir / "replaced"
         try:
-            if exists and tmp.is_dir():
-                # Two renames, nothing copied or deleted between them: the old directory is gone from `path` only for
-                # that instant, and is deleted with the temporary afterwards.
+            if exists and tmp.is_dir() and not exchange_paths(tmp, path):
+                # Where the system cannot swap two directories in one step: two renames, nothing copied or deleted
+                # between them, so the old directory is gone from `path` only for that instant.
                 os.rename(path, aside)
-            os.replace(tmp, path)
+                os.replace(tmp, path)
+            elif not (exists and tmp.is_dir()):
+                os.replace(tmp, path)
         except OSError as e:
             if aside.exists() and not path.exists():
                 os.rename(aside, path)  # put the old directory back: a failed write changes nothing

@@ -3,7 +3,8 @@
     QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py stages/finetune.py
 
 SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
-  rename   os.replace / os.rename onto `path`: before the call (the new version is complete but not in place)
+  rename   os.replace / os.rename onto `path`, or qlora_nli.io.exchange_paths swapping a new directory in: before
+           the call (the new version is complete but not in place)
   moveaway os.replace / os.rename of `path` itself to elsewhere, just after the call (the old version was moved away)
   rmtree   shutil.rmtree of `path`: just after the call (the old version was deleted)
   close    the close of a file opened for writing whose name is the name of `path` (the file it writes to, the
@@ -97,6 +98,8 @@ def _opening(real):
 
 
 os.replace, os.rename = _renaming(os.replace), _renaming(os.rename)
+import qlora_nli.io  # noqa: E402  (after os is patched; the stage imports the same module object)
+qlora_nli.io.exchange_paths = _renaming(qlora_nli.io.exchange_paths)
 shutil.rmtree = _removing(shutil.rmtree)
 builtins.open = io.open = _opening(io.open)
 

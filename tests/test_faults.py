@@ -122,9 +122,6 @@ def test_kill_mid_write_leaves_previous_or_new_complete_outputs(project, stage, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="qlora_nli.io.atomic_path deletes the old directory before renaming the new "
-                                       "one in: a kill in between leaves models/adapter missing (DVC then reruns "
-                                       "finetune, which resumes from checkpoints/)")
 def test_kill_during_a_directory_replace_keeps_a_complete_adapter(project):
     root = project
     set_param(root, "train.learning_rate", 0.002)  # a new adapter, to replace the existing one

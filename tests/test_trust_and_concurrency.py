@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline import REPO, env, make_project, run
+import qlora_nli.io
 from qlora_nli import modeling
 from qlora_nli.errors import CheckpointError, ModelLoadError, OutputError
 from qlora_nli.io import atomic_path, write_text
@@ -296,12 +297,31 @@ def test_directory_replace_that_fails_puts_the_old_directory_back(tmp_path, monk
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 
+    monkeypatch.setattr(qlora_nli.io, "exchange_paths", lambda a, b: False)  # the two-rename fallback
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OutputError) as e:
         with atomic_path(dest) as tmp:
             tmp.mkdir()
             (tmp / "weights").write_text("newer")
     assert str(dest) in one_line(e.value) and "No space left" in str(e.value)
+    assert (dest / "weights").read_text() == "new" and temporaries(dest) == []
+
+
+def test_directory_replace_swaps_in_one_step_where_the_system_can(tmp_path, monkeypatch):
+    """With renameat2's exchange the old directory is never moved away from its path: no rename of it happens."""
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "weights").write_text("old")
+    real_rename = os.rename
+
+    def no_move_away(src, dst):
+        assert os.fspath(src) != os.fspath(dest), "the old directory was moved away: the path was missing"
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", no_move_away)
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
     assert (dest / "weights").read_text() == "new" and temporaries(dest) == []
 
 
