@@ -4,7 +4,7 @@ training.FrozenBlockStates keeps the states entering the lowest adapted block fo
 1,000 pairs on the embedded model). They go to an unlinked temporary file read back per micro-batch, so peak RSS
 should not grow with data.n_train. This runs the real stages once per size and compares:
 
-    python benchmarks/bench_frozen_states_memory.py --set data.source=/work/shared/data/snli \
+    python benchmarks/bench_frozen_states_memory.py --set data.source=$PWD/../shared/data/snli \
         [--n-train 1000 6000] [--set group.key=value ...] [--out benchmarks/results/frozen_states_memory.json]
 
 Each size runs `stages/prepare.py` then `stages/finetune.py` of this checkout in a temporary copy (a git repo, as
