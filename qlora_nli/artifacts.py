@@ -215,6 +215,7 @@ FAILURE_CASES = {
     **{f"counts.{key}": "integer" for key in ("corrected", "not_corrected", "regressed", "both_right")},
     "slices": "list", "slices.*.slice": "string", "slices.*.n": "integer",
     "slices.*.baseline_error": "number", "slices.*.finetuned_error": "number",
+    "slices.*.baseline_errors": "integer", "slices.*.finetuned_errors": "integer",
     "confusion_pairs.baseline": "mapping", "confusion_pairs.finetuned": "mapping",
     "confusion_pairs.finetuned.*": "integer",
 }

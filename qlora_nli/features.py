@@ -106,7 +106,8 @@ def error_rates_by_slice(rows):
     """Error rate of each model on every slice value, plus the overall ("all") row first.
 
     rows: dicts with premise, hypothesis, label, baseline_correct, finetuned_correct.
-    Returns [{slice, value, n, baseline_error, finetuned_error}], values in a fixed order, empty slices left out.
+    Returns [{slice, value, n, baseline_errors, finetuned_errors, baseline_error, finetuned_error}] (counts and
+    rates), values in a fixed order, empty slices left out.
     """
     groups = {("all", "all"): []}
     for row in rows:
@@ -123,13 +124,22 @@ def error_rates_by_slice(rows):
 
 def _error_row(name, value, rows):
     n = len(rows)
+    baseline_errors = sum(not r["baseline_correct"] for r in rows)
+    finetuned_errors = sum(not r["finetuned_correct"] for r in rows)
     return {
         "slice": name,
         "value": value,
         "n": n,
-        "baseline_error": round(sum(not r["baseline_correct"] for r in rows) / n, 4) if n else None,
-        "finetuned_error": round(sum(not r["finetuned_correct"] for r in rows) / n, 4) if n else None,
+        "baseline_errors": baseline_errors,  # counts too: a change computed from rounded rates would be off
+        "finetuned_errors": finetuned_errors,
+        "baseline_error": round(baseline_errors / n, 4) if n else None,
+        "finetuned_error": round(finetuned_errors / n, 4) if n else None,
     }
+
+
+def error_change(s):
+    """Fine-tuned minus baseline error rate of a slice row, from its error counts (exact, not a difference of roundings)."""
+    return round((s["finetuned_errors"] - s["baseline_errors"]) / s["n"], 4)
 
 
 def confusion_pairs(gold, pred):

@@ -1,4 +1,5 @@
 """Markdown formatting shared by the report stages: one way to print a number, so reports match the metrics files."""
+from qlora_nli.features import error_change
 
 
 def pct(x):
@@ -28,7 +29,7 @@ def table(headers, rows):
 def slice_table(slices):
     """Error rates by feature slice (rows of features.error_rates_by_slice), baseline vs fine-tuned."""
     rows = [(s["slice"], s["value"], s["n"], pct(s["baseline_error"]), pct(s["finetuned_error"]),
-             pp(s["finetuned_error"] - s["baseline_error"])) for s in slices]
+             pp(error_change(s))) for s in slices]
     return table(["slice", "value", "pairs", "baseline error", "fine-tuned error", "change"], rows)
 
 

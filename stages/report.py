@@ -8,7 +8,7 @@ import logging
 from qlora_nli import artifacts
 from qlora_nli import markdown as md
 from qlora_nli.errors import ArtifactError, run_stage
-from qlora_nli.features import EVIDENCE_MIN_N
+from qlora_nli.features import EVIDENCE_MIN_N, error_change
 from qlora_nli.io import write_text
 from qlora_nli.prompts import LABELS
 
@@ -178,15 +178,12 @@ def resources_section(train):
     return lines
 
 
-def change(s):
-    return round(s["finetuned_error"] - s["baseline_error"], 4)
-
-
 def failures_section(failures):
     c = failures["counts"]
     overall = next(s for s in failures["slices"] if s["slice"] == "all")
     # a slice of 2 pairs swings by 50 points on one pair: only slices large enough to count as evidence are compared
-    shifts = sorted((s for s in failures["slices"] if s["slice"] != "all" and s["n"] >= EVIDENCE_MIN_N), key=change)
+    shifts = sorted((s for s in failures["slices"] if s["slice"] != "all" and s["n"] >= EVIDENCE_MIN_N),
+                    key=error_change)
     lines = [
         "## 5. Failure cases\n",
         f"Of {failures['n']} test pairs, fine-tuning corrected {c['corrected']}, left {c['not_corrected']} wrong, "
@@ -200,10 +197,10 @@ def failures_section(failures):
     if shifts:
         def shift(s):
             return (f"{s['slice']} = {s['value']} ({s['n']} pairs, {md.pct(s['baseline_error'])} -> "
-                    f"{md.pct(s['finetuned_error'])}, {md.pp(change(s))})")
+                    f"{md.pct(s['finetuned_error'])}, {md.pp(error_change(s))})")
 
         lines.append(f"Error change by slice ranges from {shift(shifts[0])} to {shift(shifts[-1])}; "
-                     f"overall {md.pp(change(overall))} (slices of at least {EVIDENCE_MIN_N} pairs; "
+                     f"overall {md.pp(error_change(overall))} (slices of at least {EVIDENCE_MIN_N} pairs; "
                      "small slices carry wide uncertainty).\n")
     top = list(failures["confusion_pairs"]["finetuned"].items())[:3]
     if top:

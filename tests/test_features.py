@@ -74,10 +74,10 @@ ROWS = [
 
 def test_error_rates_by_slice():
     table = {(r["slice"], r["value"]): r for r in error_rates_by_slice(ROWS)}
-    assert table[("all", "all")] == {"slice": "all", "value": "all", "n": 4,
-                                     "baseline_error": 0.5, "finetuned_error": 0.5}
-    assert table[("negation", "yes")] == {"slice": "negation", "value": "yes", "n": 2,
-                                          "baseline_error": 1.0, "finetuned_error": 0.5}
+    assert table[("all", "all")] == {"slice": "all", "value": "all", "n": 4, "baseline_errors": 2,
+                                     "finetuned_errors": 2, "baseline_error": 0.5, "finetuned_error": 0.5}
+    assert table[("negation", "yes")] == {"slice": "negation", "value": "yes", "n": 2, "baseline_errors": 2,
+                                          "finetuned_errors": 1, "baseline_error": 1.0, "finetuned_error": 0.5}
     assert table[("negation", "no")]["baseline_error"] == 0.0
     assert table[("gold label", "contradiction")]["n"] == 2
     assert ("gold label", "neutral") in table and ("length", "long") not in table  # empty slices are left out

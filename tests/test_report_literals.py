@@ -105,6 +105,7 @@ def test_markdown_shows_the_numbers_by_hand(workdir):
     assert headline in failure_md
     for row in ("| overlap | low | 5 | 40.00% | 0.00% | -40.00 pp |",
                 "| negation | yes | 5 | 60.00% | 40.00% | -20.00 pp |",
+                "| negation | no | 7 | 28.57% | 14.29% | -14.29 pp |",  # -1/7, not 14.29% - 28.57% of rounded rates
                 "| length | short | 9 | 44.44% | 33.33% | -11.11 pp |",
                 "| all | all | 12 | 41.67% | 25.00% | -16.67 pp |",
                 "| gold label | neutral | 3 | 33.33% | 0.00% | -33.33 pp |"):
