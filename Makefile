@@ -8,7 +8,7 @@ ifdef NLI_DATA_MIRROR
 export NLI_DATA_MIRROR := $(abspath $(NLI_DATA_MIRROR))
 endif
 
-.PHONY: setup repro test bench sweep-table clean-cache
+.PHONY: setup repro test bench sweep-table
 
 setup: $(VENV)/.installed
 

@@ -1,13 +1,8 @@
-"""Shared test setup: the repository root and tests/ on sys.path, and one tiny random model per test session."""
-import sys
-from pathlib import Path
-
+"""Shared test setup: one tiny random model per test session (pyproject.toml puts the repository root and tests/ on
+sys.path, so the checkout's code is what runs)."""
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session", params=["llama", "phi"])
