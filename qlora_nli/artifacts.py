@@ -101,19 +101,25 @@ def prediction_row_problem(row):
     return None
 
 
+def _parse_json(path, text, line=None):
+    """`json.loads(text)`, a failure as one line naming the file and the line (`line`: the text's line in the file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} line {line or e.lineno}: not valid JSON ({e.msg} at column {e.colno}), the file "
+                            f"is truncated or damaged; {_rerun(path)}")
+    except (ValueError, RecursionError) as e:
+        where = f"{path} line {line}" if line else str(path)
+        raise ArtifactError(f"{where}: not valid JSON ({type(e).__name__}); {_rerun(path)}")
+
+
 def read_rows(path, row_problem):
     """The rows of a JSON-lines artifact; `row_problem(row)` says what is wrong with a row, or None."""
     rows = []
     for n, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}), the file is "
-                                f"truncated or damaged; {_rerun(path)}")
-        except (ValueError, RecursionError) as e:
-            raise ArtifactError(f"{path} line {n}: not valid JSON ({type(e).__name__}); {_rerun(path)}")
+        row = _parse_json(path, line, n)
         problem = f"expected an object, found {type(row).__name__}" if not isinstance(row, dict) else row_problem(row)
         if problem:
             raise ArtifactError(f"{path} line {n}: {problem}; {_rerun(path)}")
@@ -172,15 +178,7 @@ def check_shape(path, document, shape):
 
 def read_document(path, shape):
     """A JSON artifact, checked against `shape` (see KINDS)."""
-    text = _text(path)
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}), the file is "
-                            f"truncated or damaged; {_rerun(path)}")
-    except (ValueError, RecursionError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({type(e).__name__}); {_rerun(path)}")
-    return check_shape(path, document, shape)
+    return check_shape(path, _parse_json(path, _text(path)), shape)
 
 
 _PER_CLASS = {f"per_class.{label}.{key}": "number" for label in LABELS
