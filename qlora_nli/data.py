@@ -68,7 +68,7 @@ def resolve_source(source):
         return "local", str(path.resolve())
     if not HUB_ID.match(source):
         raise DataError(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
-                         f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
+                        f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
     mirror = mirror_directory()
     if mirror:
         # Offline machines keep a copy of each dataset under the mirror, by full id or by bare name.
@@ -80,8 +80,8 @@ def resolve_source(source):
         relative = "" if Path(given).expanduser().is_absolute() else (
             f" (NLI_DATA_MIRROR={given} is relative: taken from {os.environ.get('DVC_ROOT') or os.getcwd()})")
         raise DataError(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
-                         f"{' or '.join(map(str, tried))}{relative}; put the dataset there, set NLI_DATA_MIRROR to "
-                         f"an absolute path, or unset it to use the Hub")
+                        f"{' or '.join(map(str, tried))}{relative}; put the dataset there, set NLI_DATA_MIRROR to "
+                        f"an absolute path, or unset it to use the Hub")
     return "hub", source
 
 
@@ -118,7 +118,7 @@ def _split_file(directory, split):
         path = directory / SNLI1_FILES[split]
         if not path.is_file():
             raise DataError(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
-                             f"{', '.join(SNLI1_FILES.values())}")
+                            f"{', '.join(SNLI1_FILES.values())}")
         return path, SNLI1_COLUMNS
     candidates = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS]
     found = [path for path in candidates if path.is_file()]
@@ -128,11 +128,11 @@ def _split_file(directory, split):
                         f"of rows (move the rows into {not_files[0].name}, or remove the directory)")
     if not found:
         raise DataError(f"data.source: {directory} has no {split} split; expected one of "
-                         f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "
-                         f"(SNLI 1.0 layout) or a datasets.save_to_disk folder")
+                        f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "
+                        f"(SNLI 1.0 layout) or a datasets.save_to_disk folder")
     if len(found) > 1:
         raise DataError(f"data.source: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
-                         f"keep one")
+                        f"keep one")
     return found[0], HF_COLUMNS
 
 
@@ -197,7 +197,7 @@ def _check_columns(where, found, columns):
     for column in columns:
         if column not in found:
             raise DataError(f"{where}: missing column '{column}' (found: {', '.join(map(str, found)) or 'none'}); "
-                             f"the split needs {', '.join(columns)}")
+                            f"the split needs {', '.join(columns)}")
 
 
 def _read_file(path, columns):
@@ -228,10 +228,10 @@ def _load_from_disk(directory):
         dataset = datasets.load_from_disk(directory)
     except Exception as e:  # a damaged folder fails in many ways inside `datasets`; all mean the same to the user
         raise DataError(f"data.source: cannot read {directory} as a datasets.save_to_disk folder "
-                         f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
+                        f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"data.source: {directory} holds a single Dataset; save a DatasetDict with the splits "
-                         f"{', '.join(SPLITS)}")
+                        f"{', '.join(SPLITS)}")
     return dataset
 
 
@@ -262,7 +262,7 @@ def _clean(name, unit, records, columns):
         counts["raw"] += 1
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object with keys {', '.join(columns)}, found "
-                             f"{type(record).__name__} {_show(record)}; fix or remove the row")
+                            f"{type(record).__name__} {_show(record)}; fix or remove the row")
         for key in columns:
             if key not in record:
                 raise DataError(f"{where}: missing key '{key}'; every row needs {', '.join(columns)}")
@@ -278,7 +278,7 @@ def _clean(name, unit, records, columns):
             label = _parse_label(record[label_key])
         except ValueError:
             raise DataError(f"{where}: {label_key} = {_show(record[label_key])} is not a known label; "
-                             f"allowed: {ALLOWED_LABELS}")
+                            f"allowed: {ALLOWED_LABELS}")
         premise, hypothesis = record[premise_key], record[hypothesis_key]
         if label is None:
             counts["unlabeled_dropped"] += 1
@@ -288,7 +288,7 @@ def _clean(name, unit, records, columns):
             rows.append({"id": index, "premise": premise, "hypothesis": hypothesis, "label": label})
     if not rows:
         raise DataError(f"{name}: no labeled pairs ({counts['raw']} rows, {counts['unlabeled_dropped']} unlabeled, "
-                         f"{counts['skipped_empty']} with empty text); the split needs at least one labeled pair")
+                        f"{counts['skipped_empty']} with empty text); the split needs at least one labeled pair")
     return rows, counts
 
 
@@ -310,7 +310,7 @@ def load_splits(source):
             name = f"{info['read_from']} split {split}"
             if split not in dataset:
                 raise DataError(f"data.source: {info['read_from']} has no '{split}' split "
-                                 f"(found: {', '.join(dataset)}); it needs {', '.join(SPLITS)}")
+                                f"(found: {', '.join(dataset)}); it needs {', '.join(SPLITS)}")
             _check_columns(name, dataset[split].column_names, HF_COLUMNS)
             digest = hashlib.sha256()
             rows, counts = _clean(name, "row", _dataset_records(dataset[split], digest), HF_COLUMNS)

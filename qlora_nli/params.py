@@ -190,7 +190,7 @@ def check_params(raw, path="params.yaml"):
                                   f"(lower case, without spaces)")
             except TypeError:
                 raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong type "
-                                 f"({type(value).__name__}); allowed: {allowed}")
+                                  f"({type(value).__name__}); allowed: {allowed}")
             if in_range is not None and not in_range(converted):
                 raise ParamsError(f"{path}: {name} = {_show(value)} is out of range; allowed: {allowed}")
             params[group][key] = converted
@@ -246,4 +246,4 @@ def check_split_size(key, requested, available, path="params.yaml"):
     if requested > available:
         hint = ', or "all"' if key.endswith("n_test") else ""
         raise ParamsError(f"{path}: {key} = {requested} is larger than the split ({available} labeled pairs); "
-                         f"allowed: an integer from 1 to {available}{hint}")
+                          f"allowed: an integer from 1 to {available}{hint}")

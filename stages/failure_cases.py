@@ -98,11 +98,11 @@ def build_case(base, tuned):
 def join(base, tuned):
     if base.keys() != tuned.keys():
         raise ArtifactError(f"{BASELINE} and {FINETUNED}: ids differ ({len(base.keys() - tuned.keys())} only in baseline, "
-                         f"{len(tuned.keys() - base.keys())} only in finetuned); rerun dvc repro")
+                            f"{len(tuned.keys() - base.keys())} only in finetuned); rerun dvc repro")
     for i in base:
         if any(base[i][k] != tuned[i][k] for k in ("premise", "hypothesis", "label")):
             raise ArtifactError(f"{BASELINE} and {FINETUNED}: id {i} has a different premise, hypothesis or label; "
-                             "rerun dvc repro")
+                                "rerun dvc repro")
     return [build_case(base[i], tuned[i]) for i in sorted(base)]
 
 

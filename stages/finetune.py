@@ -122,7 +122,7 @@ def main():
                         checkpoints.save(epoch, model, optimizer, scheduler, scaler, history)
             except torch.OutOfMemoryError:
                 raise RunError(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
-                                 f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
+                               f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
 
         if not ranks.is_main:
             return

@@ -75,7 +75,8 @@ def shell(root, script, extra_env=None):
     """`script` run by bash the way a user types it in a new shell: the virtual environment is not on PATH."""
     environment = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     # PYTHONPATH keeps the project's copied package in place of the installed (editable) one, as in tests/pipeline.py
-    environment.update(PATH=SYSTEM_PATH, PYTHONPATH=str(root), TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
+    environment.update(PATH=SYSTEM_PATH, PYTHONPATH=str(root), TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1",
+                       **(extra_env or {}))
     return subprocess.run(["bash", "-c", script], cwd=root, env=environment, capture_output=True, text=True,
                           timeout=QUEUE_TIMEOUT_S)
 
