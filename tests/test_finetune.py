@@ -11,6 +11,8 @@ import pytest
 from pipeline import env, make_project, run, set_param
 from qlora_nli.errors import RunError
 
+pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
+
 STAGE_ORDER = ["stages/prepare.py", "stages/finetune.py"]
 
 

@@ -8,6 +8,7 @@ from qlora_nli import modeling
 from qlora_nli.errors import ModelLoadError, ParamsError
 
 
+@pytest.mark.slow  # converts the real embedded GGUF file
 def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     name = "embedded:smollm2-135m-instruct"

@@ -5,6 +5,8 @@ import pytest
 
 from pipeline import dvc, make_project, set_param, stages_run
 
+pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
+
 ALL_STAGES = {"check_params", "prepare", "finetune", "evaluate@baseline", "evaluate@finetuned", "failure_cases", "report"}
 MACHINE_SPECIFIC = {"eval_seconds", "pairs_per_second", "model"}  # timings, and the tiny model's tmp path
 
