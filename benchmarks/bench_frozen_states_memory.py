@@ -14,7 +14,7 @@ the other, so each run is alone on the machine and its peak RSS is its own proce
                  load, the frozen-block pass, the epoch, validation, saving)
   s / example    time.per_epoch_seconds[0] / n_train: the training epoch alone (the frozen-block pass before it
                  and the validation after it are excluded: both are per example by construction)
-Targets (pass/fail in the JSON, from issue 13): the largest size's peak RSS and seconds per example within 10% of
+Targets (pass/fail in the JSON): the largest size's peak RSS and seconds per example within 10% of
 the smallest size's. Try it at tiny sizes first, e.g. --n-train 16 24 --set model.name=<tiny model dir>
 --set data.source=<dir> --set data.n_val=6 --set data.n_test=6.
 """
@@ -41,7 +41,7 @@ from qlora_nli.io import read_json, write_json  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
 
 log = logging.getLogger("bench_frozen_states_memory")
-TOLERANCE = 0.10  # issue 13: within 10% of the smallest size
+TOLERANCE = 0.10  # the targets: within 10% of the smallest size
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""Bad input between stages, values that look valid, and outputs around a failed `dvc repro` (issue 17).
+"""Bad input between stages, values that look valid, and outputs around a failed `dvc repro`.
 
 Every case ends in one line naming the file or param, what is wrong and the fix, with exit status 1, never a
 traceback. The DVC cases run in a temporary git + DVC project and compare the git-tracked files byte for byte.
