@@ -168,6 +168,13 @@ def _from_pretrained(auto_class, name, **kwargs):
                              f"use {MODEL_NAME_FORMS}")
 
 
+def check_lora_layers(layers, n_blocks):
+    """lora.layers ("all" or the last N blocks) must fit the model's `n_blocks` transformer blocks."""
+    if layers != "all" and layers > n_blocks:
+        raise ParamsError(f"params.yaml lora.layers = {layers} is more than the model's {n_blocks} blocks; "
+                          f"allowed: an integer from 1 to {n_blocks}, or \"all\"")
+
+
 def check_model_params(params, device):
     """The checks that need only the model's config (a small file), run before any weights load: a compute dtype
     that would be slow on the device, and lora.target_modules / lora.layers against the model's structure."""
@@ -184,9 +191,8 @@ def check_model_params(params, device):
     if lora is None:
         return
     n_blocks = getattr(config, "num_hidden_layers", None)
-    if lora["layers"] != "all" and n_blocks is not None and lora["layers"] > n_blocks:
-        raise ParamsError(f"params.yaml lora.layers = {lora['layers']} is more than the model's {n_blocks} blocks; "
-                          f"allowed: an integer from 1 to {n_blocks}, or \"all\"")
+    if n_blocks is not None:
+        check_lora_layers(lora["layers"], n_blocks)
     if lora["target_modules"] == "all-linear":
         return
     try:
@@ -254,9 +260,7 @@ def attach_lora(model, lora_params, gradient_checkpointing=False):
         # Adapting only the last N blocks: backward stops at the lowest adapted block, and the blocks below it
         # keep no activations for it: fewer adapted blocks, faster steps and less memory.
         n_blocks = model.config.num_hidden_layers
-        if lora_params["layers"] > n_blocks:
-            raise ParamsError(f"params.yaml lora.layers = {lora_params['layers']} is more than the model's {n_blocks} "
-                              f"blocks; allowed: an integer from 1 to {n_blocks}, or \"all\"")
+        check_lora_layers(lora_params["layers"], n_blocks)
         layers = list(range(n_blocks - lora_params["layers"], n_blocks))
         if targets == "all-linear":  # peft takes a layer subset only with named targets
             targets = block_linear_names(model)
