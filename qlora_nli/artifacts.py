@@ -192,7 +192,7 @@ EVAL_METRICS = {
 TRAIN_METRICS = {
     "model": "string", "device": "string", "compute_dtype": "string", "load_in_4bit": "boolean",
     "epochs": "integer", "train_examples": "integer", "time.total_seconds": "number",
-    "time.per_epoch_seconds": "list", "time.per_epoch_seconds.*": "number",
+    "time.per_epoch_seconds": "list", "time.per_epoch_seconds.*": "number or null",
     **{f"{key}_per_epoch": "list" for key in ("train_loss", "val_loss", "val_accuracy")},
     **{f"{key}_per_epoch.*": "number" for key in ("train_loss", "val_loss", "val_accuracy")},
     **{f"parameters.{key}": "integer" for key in ("total", "trainable", "numel_as_stored")},

@@ -101,6 +101,7 @@ def main():
                 live.log_metric("train/step_loss", loss)
                 live.log_metric("train/learning_rate", lr)
 
+            measured_seconds = {}  # epoch -> seconds, for the epochs this process trains (not resumed ones)
             try:
                 for epoch in range(len(history["epochs"]) + 1, t["epochs"] + 1):
                     batches = length_grouped_batches(lengths, t["batch_size"], seed=t["seed"] * 1000 + epoch)
@@ -110,10 +111,11 @@ def main():
                                                      on_step, frozen, ranks)
                     val_loss, val_accuracy = validate(model, tokenizer, val_prompts, val_labels, answers,
                                                       t["batch_size"], ranks)
+                    # The checkpoint's history holds no time: same params and data, same bytes (and DVC hash).
                     record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),
-                              "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4),
-                              "seconds": round(timer.seconds, 3), "tokens": sum(lengths)}
+                              "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4)}
                     history["epochs"].append(record)
+                    measured_seconds[epoch] = round(timer.seconds, 3)
                     for key in ("train_loss", "val_loss", "val_accuracy"):
                         live.log_metric(f"epoch/{key}", record[key])
                     log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, %.0f s",
@@ -130,7 +132,8 @@ def main():
             modeling.save_adapter(model, tmp)
 
     epochs = history["epochs"]
-    seconds = [e["seconds"] for e in epochs]
+    seconds = [measured_seconds.get(e["epoch"]) for e in epochs]  # None: trained by an interrupted earlier run
+    measured = [s for s in seconds if s is not None]
     write_json("metrics/train.json", {
         "model": params["model"]["name"],
         "device": modeling.describe_device(device),
@@ -142,7 +145,7 @@ def main():
         "epochs": len(epochs),
         "train_examples": len(train_rows),
         "resumed_from_epoch": last[0] if last else None,
-        "time": {"total_seconds": round(sum(seconds), 1), "per_epoch_seconds": seconds},
+        "time": {"total_seconds": round(sum(measured), 1), "per_epoch_seconds": seconds},
         "train_loss_per_epoch": [e["train_loss"] for e in epochs],
         "val_loss_per_epoch": [e["val_loss"] for e in epochs],
         "val_accuracy_per_epoch": [e["val_accuracy"] for e in epochs],
@@ -153,9 +156,9 @@ def main():
             "numel_as_stored": base_parameters["numel_as_stored"],
         },
         "adapter_bytes": tree_size_bytes("models/adapter"),
-        "throughput": {
-            "examples_per_second": round(len(train_rows) * len(epochs) / sum(seconds), 2),
-            "tokens_per_second": round(sum(e["tokens"] for e in epochs) / sum(seconds), 1),
+        "throughput": {  # over the epochs this process trained
+            "examples_per_second": round(len(train_rows) * len(measured) / sum(measured), 2) if measured else None,
+            "tokens_per_second": round(sum(lengths) * len(measured) / sum(measured), 1) if measured else None,
         },
         "resources": monitor.summary(outputs=["models/adapter", "checkpoints"]),
     })

@@ -108,20 +108,22 @@ def accuracy_section(base, tuned, comparison):
 
 def time_section(train):
     t = train["time"]
-    per_epoch = t["per_epoch_seconds"]
+    per_epoch = t["per_epoch_seconds"]  # None for epochs an interrupted earlier run trained (time not kept)
+    measured = [s for s in per_epoch if s is not None]
 
     def at(key, i):
         values = train.get(key) or []
         return f"{values[i]:.4f}" if i < len(values) else "n/a"
 
-    rows = [(i + 1, f"{s:.1f}", at("train_loss_per_epoch", i), at("val_loss_per_epoch", i),
+    rows = [(i + 1, "resumed" if s is None else f"{s:.1f}", at("train_loss_per_epoch", i), at("val_loss_per_epoch", i),
              at("val_accuracy_per_epoch", i)) for i, s in enumerate(per_epoch)]
     tp = train.get("throughput", {})
     return [
         "\n## 2. Fine-tuning time\n",
         f"Total: {seconds(t['total_seconds'])} for {train['epochs']} epochs on {train['train_examples']} examples "
         f"(device `{train['device']}`, compute dtype `{train['compute_dtype']}`, 4-bit base: {train['load_in_4bit']}). "
-        f"Mean per epoch: {seconds(sum(per_epoch) / len(per_epoch)) if per_epoch else 'n/a'}.\n",
+        f"Mean per epoch: {seconds(sum(measured) / len(measured)) if measured else 'n/a'}"
+        f"{f' ({len(per_epoch) - len(measured)} resumed epochs not timed)' if len(measured) < len(per_epoch) else ''}.\n",
         f"Data-parallel processes: {train.get('world_size', 1)} "
         f"(torch.distributed backend: {train.get('backend') or 'none, one process'}).\n",
         md.table(["epoch", "seconds", "train loss", "val loss", "val accuracy"], rows),

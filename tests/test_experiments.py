@@ -256,8 +256,6 @@ def test_finetune_twice_gives_the_same_adapter_hashes(finetuned_twice):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="checkpoints/epoch-N/state.pt holds the measured epoch seconds (training "
-                                       "history), so the checkpoints' hash changes from run to run")
 def test_finetune_twice_gives_the_same_checkpoints_hash(finetuned_twice):
     _, first, second = finetuned_twice
     assert first["checkpoints"] == second["checkpoints"]
