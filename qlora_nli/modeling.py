@@ -295,6 +295,44 @@ def load_adapter(model, adapter_dir):
                              f"{reason}); rerun `dvc repro finetune` with the current model.name")
 
 
+def load_for_inference(model_params, device, adapter_dir=None):
+    """The frozen base model (plus the adapter in `adapter_dir`, if given) ready to score or generate. On CPU the 4-bit
+    weights are dequantized once: bitsandbytes' CPU path dequantizes every weight on every call, into the very
+    values kept here, so predictions are unchanged and scoring is faster, at the cost of holding the block weights
+    in the compute dtype. On a GPU the weights stay 4-bit (memory is what QLoRA saves there)."""
+    model = load_base_model(model_params, device)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    if device == "cpu":
+        dequantize_4bit_layers(model)
+    model.eval()
+    return model
+
+
+def dequantize_4bit_layers(model):
+    """Replace every bitsandbytes 4-bit Linear in `model` (also the base layers inside LoRA wrappers) by a plain
+    frozen torch Linear holding its dequantized weight. Returns how many were replaced."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no 4-bit layers without bitsandbytes
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device=weight.device, dtype=child.compute_dtype or weight.dtype)
+            plain.weight.data = weight.to(plain.weight.dtype)
+            if child.bias is not None:
+                plain.bias.data = child.bias.data.to(plain.weight.dtype)
+            plain.requires_grad_(False)
+            setattr(parent, name, plain)
+            replaced += 1
+    return replaced
+
+
 def count_parameters(model):
     """Real parameter counts. A 4-bit weight is stored packed two values per byte, so `numel()` halves it;
     bitsandbytes keeps the logical shape in `quant_state.shape`."""

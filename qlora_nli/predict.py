@@ -46,6 +46,8 @@ def load_model(model_params, adapter_dir, device):
         if unused:
             raise ModelLoadError(f"{mismatch} ({len(unused)} of its weights match no layer, e.g. {unused[0]}); "
                                  f"use the model.name it was trained on")
+    if device == "cpu":
+        modeling.dequantize_4bit_layers(model)  # same predictions, faster (see modeling.load_for_inference)
     model.eval()
     return model, tokenizer
 

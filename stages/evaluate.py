@@ -41,10 +41,7 @@ def main(name):
 
     log.info("evaluating %s (%s) on %d test pairs by %s", name, params["model"]["name"], len(rows), p["method"])
     tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
-    model = modeling.load_base_model(params["model"], device)
-    if ADAPTERS[name]:
-        model = modeling.load_adapter(model, ADAPTERS[name])
-    model.eval()
+    model = modeling.load_for_inference(params["model"], device, ADAPTERS[name])
 
     start = time.perf_counter()
     try:
