@@ -113,8 +113,9 @@ def _parse_json(path, text, line=None):
         raise ArtifactError(f"{where}: not valid JSON ({type(e).__name__}); {_rerun(path)}")
 
 
-def read_rows(path, row_problem):
-    """The rows of a JSON-lines artifact; `row_problem(row)` says what is wrong with a row, or None."""
+def read_rows(path, row_problem, allow_empty=False):
+    """The rows of a JSON-lines artifact; `row_problem(row)` says what is wrong with a row, or None. Empty is an
+    error unless `allow_empty` (an artifact that may rightly hold no rows, e.g. the probes when none are asked for)."""
     rows = []
     for n, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
@@ -124,7 +125,7 @@ def read_rows(path, row_problem):
         if problem:
             raise ArtifactError(f"{path} line {n}: {problem}; {_rerun(path)}")
         rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise ArtifactError(f"{path}: empty, no rows; {_rerun(path)}")
     return rows
 
@@ -142,6 +143,7 @@ KINDS = {
     "pair of numbers": lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v),
     "number or null": lambda v: v is None or _number(v),
     "string or null": lambda v: v is None or isinstance(v, str),
+    "mapping or null": lambda v: v is None or isinstance(v, dict),
 }
 
 
@@ -187,8 +189,10 @@ EVAL_METRICS = {
     "n": "integer", "accuracy": "number", "accuracy_ci95": "pair of numbers", "macro_f1": "number",
     "invalid_rate": "number", **_PER_CLASS, "confusion_matrix": "list", "predicted_distribution": "mapping",
     "predicted_distribution.*": "integer", "method": "string", "model": "string", "eval_seconds": "number",
-    "pairs_per_second": "number",
+    "pairs_per_second": "number", "calibration": "mapping or null", "probes": "mapping",
+    "probes.*.n": "integer", "probes.*.accuracy": "number or null",
 }
+SET_METRICS = {"set": "string", "n": "integer", "accuracy": "number", "accuracy_ci95": "pair of numbers"}
 TRAIN_METRICS = {
     "model": "string", "device": "string", "compute_dtype": "string", "load_in_4bit": "boolean",
     "epochs": "integer", "train_examples": "integer", "time.total_seconds": "number",
@@ -216,6 +220,7 @@ FAILURE_CASES = {
     "slices.*.baseline_errors": "integer", "slices.*.finetuned_errors": "integer",
     "confusion_pairs.baseline": "mapping", "confusion_pairs.finetuned": "mapping",
     "confusion_pairs.finetuned.*": "integer",
+    "evidence.claims": "list", "evidence.claims.*": "string",
 }
 MANIFEST = {"counts": "mapping", "counts.*": "mapping"}
 

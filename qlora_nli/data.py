@@ -36,12 +36,18 @@ SNLI1_FILES = {"train": "snli_1.0_train.jsonl", "validation": "snli_1.0_dev.json
 SNLI1_COLUMNS = ("sentence1", "sentence2", "gold_label")
 LABEL_IDS = {**{name: i for i, name in enumerate(LABELS)}, "0": 0, "1": 1, "2": 2}
 ALLOWED_LABELS = "0, 1, 2 or entailment, neutral, contradiction (-1 or '-' = unlabeled, dropped)"
+# Conventional short names an offline mirror may use for a Hub dataset (tried after the full id and its last part).
+MIRROR_ALIASES = {"nyu-mll/multi_nli": ("mnli", "multi_nli"), "stanfordnlp/snli": ("snli",)}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _show(value):
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _braces(names):
+    return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
 
 
 def _one_line(text):
@@ -61,43 +67,45 @@ def mirror_directory():
     return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or os.getcwd()) / path
 
 
-def resolve_source(source):
-    """(kind, location): ("local", abs dir), ("mirror", abs dir) or ("hub", dataset id). Touches no network."""
+def resolve_source(source, key="data.source"):
+    """(kind, location): ("local", abs dir), ("mirror", abs dir) or ("hub", dataset id). Touches no network.
+    `key` names the param in messages."""
     path = Path(source).expanduser()
     if path.is_dir():
         return "local", str(path.resolve())
     if not HUB_ID.match(source):
-        raise DataError(f"data.source: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
+        raise DataError(f"{key}: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
                         f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
     mirror = mirror_directory()
     if mirror:
         # Offline machines keep a copy of each dataset under the mirror, by full id or by bare name.
-        tried = list(dict.fromkeys([mirror / source, mirror / source.split("/")[-1]]))
+        names = [source, source.split("/")[-1], *MIRROR_ALIASES.get(source, ())]
+        tried = list(dict.fromkeys(mirror / name for name in names))
         for candidate in tried:
             if candidate.is_dir():
                 return "mirror", str(candidate.resolve())
         given = os.environ["NLI_DATA_MIRROR"]
         relative = "" if Path(given).expanduser().is_absolute() else (
             f" (NLI_DATA_MIRROR={given} is relative: taken from {os.environ.get('DVC_ROOT') or os.getcwd()})")
-        raise DataError(f"data.source: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
+        raise DataError(f"{key}: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
                         f"{' or '.join(map(str, tried))}{relative}; put the dataset there, set NLI_DATA_MIRROR to "
                         f"an absolute path, or unset it to use the Hub")
     return "hub", source
 
 
-def load_hub_dataset(source):
+def load_hub_dataset(source, key="data.source", wanted=SPLITS):
     """The Hub's DatasetDict, after a quick probe (hub.probe): offline, `load_dataset` alone retries, then raises."""
     from qlora_nli import hub
 
-    unreachable = (f"data.source: cannot reach the Hugging Face Hub for '{source}' and NLI_DATA_MIRROR is not set; "
+    unreachable = (f"{key}: cannot reach the Hugging Face Hub for '{source}' and NLI_DATA_MIRROR is not set; "
                    f"connect to the Hub, or set NLI_DATA_MIRROR to a directory holding "
-                   f"{source.split('/')[-1]}/{{train,validation,test}}.jsonl")
+                   f"{source.split('/')[-1]}/{_braces(wanted)}.jsonl")
     status = hub.probe(source, "dataset")  # OFFLINE: skip the probe, load_dataset may still find the local cache
     if status == hub.GATED:
-        raise DataError(f"data.source: '{source}' is a gated dataset; accept its terms on the Hub and log in "
+        raise DataError(f"{key}: '{source}' is a gated dataset; accept its terms on the Hub and log in "
                         f"(hf auth login), or use a local copy")
     if status == hub.NOT_FOUND:
-        raise DataError(f"data.source: '{source}' is neither a local directory nor a dataset on the Hugging Face "
+        raise DataError(f"{key}: '{source}' is neither a local directory nor a dataset on the Hugging Face "
                         f"Hub; fix the id or the path")
     if status == hub.UNREACHABLE:
         raise DataError(unreachable)
@@ -112,26 +120,30 @@ def load_hub_dataset(source):
 
 # --- raw records: (line or row number, record) per split, and the hash of what was read -------------------------
 
-def _split_file(directory, split):
+def _split_file(directory, split, key):
     """The raw file of a split and its column names (premise, hypothesis, label order)."""
     if any((directory / name).exists() for name in SNLI1_FILES.values()):
+        if split not in SNLI1_FILES:
+            raise DataError(f"{key}: {directory} has the SNLI 1.0 layout, whose splits are "
+                            f"{', '.join(SNLI1_FILES)}; there is no split '{split}'")
         path = directory / SNLI1_FILES[split]
         if not path.is_file():
-            raise DataError(f"data.source: {path} is missing; the SNLI 1.0 layout needs "
+            raise DataError(f"{key}: {path} is missing; the SNLI 1.0 layout needs "
                             f"{', '.join(SNLI1_FILES.values())}")
         return path, SNLI1_COLUMNS
     candidates = [directory / f"{split}.{ext}" for ext in HF_EXTENSIONS]
     found = [path for path in candidates if path.is_file()]
     not_files = [path for path in candidates if path.exists() and not path.is_file()]
     if not found and not_files:
-        raise DataError(f"data.source: {not_files[0]} is a directory, not a file; the {split} split must be a file "
+        raise DataError(f"{key}: {not_files[0]} is a directory, not a file; the {split} split must be a file "
                         f"of rows (move the rows into {not_files[0].name}, or remove the directory)")
     if not found:
-        raise DataError(f"data.source: {directory} has no {split} split; expected one of "
-                        f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}, {SNLI1_FILES[split]} "
-                        f"(SNLI 1.0 layout) or a datasets.save_to_disk folder")
+        snli1 = f", {SNLI1_FILES[split]} (SNLI 1.0 layout)" if split in SNLI1_FILES else ""
+        raise DataError(f"{key}: {directory} has no {split} split; expected one of "
+                        f"{', '.join(f'{split}.{ext}' for ext in HF_EXTENSIONS)}{snli1} or a datasets.save_to_disk "
+                        f"folder")
     if len(found) > 1:
-        raise DataError(f"data.source: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
+        raise DataError(f"{key}: {directory} has several {split} files ({', '.join(p.name for p in found)}); "
                         f"keep one")
     return found[0], HF_COLUMNS
 
@@ -221,17 +233,16 @@ def _dataset_records(dataset, digest):
         yield n, record
 
 
-def _load_from_disk(directory):
+def _load_from_disk(directory, key):
     import datasets
 
     try:
         dataset = datasets.load_from_disk(directory)
     except Exception as e:  # a damaged folder fails in many ways inside `datasets`; all mean the same to the user
-        raise DataError(f"data.source: cannot read {directory} as a datasets.save_to_disk folder "
+        raise DataError(f"{key}: cannot read {directory} as a datasets.save_to_disk folder "
                         f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
     if not isinstance(dataset, datasets.DatasetDict):
-        raise DataError(f"data.source: {directory} holds a single Dataset; save a DatasetDict with the splits "
-                        f"{', '.join(SPLITS)}")
+        raise DataError(f"{key}: {directory} holds a single Dataset; save a DatasetDict with its splits")
     return dataset
 
 
@@ -292,38 +303,53 @@ def _clean(name, unit, records, columns):
     return rows, counts
 
 
-def load_splits(source):
-    """({split: rows}, info) for train, validation and test; info says where the data came from and what was dropped."""
-    kind, location = resolve_source(source)
-    dataset = None
-    if kind == "hub":
-        dataset = load_hub_dataset(location)
-    elif (Path(location) / "dataset_dict.json").is_file():
-        dataset = _load_from_disk(location)
+class Source:
+    """An opened data source: where it is, and the Hub's or save_to_disk's DatasetDict if it is one."""
 
-    # Recorded without machine-specific absolute paths, so the manifest (and dvc.lock) match across machines.
-    read_from = {"hub": f"hub:{location}", "local": f"local:{source}",
-                 "mirror": f"mirror:$NLI_DATA_MIRROR/{os.path.relpath(location, os.path.realpath(mirror_directory() or '/'))}"}[kind]
-    splits, info = {}, {"read_from": read_from, "raw_sha256": {}, "counts": {}}
-    for split in SPLITS:
-        if dataset is not None:
-            name = f"{info['read_from']} split {split}"
-            if split not in dataset:
-                raise DataError(f"data.source: {info['read_from']} has no '{split}' split "
-                                f"(found: {', '.join(dataset)}); it needs {', '.join(SPLITS)}")
-            _check_columns(name, dataset[split].column_names, HF_COLUMNS)
+    def __init__(self, source, key="data.source", wanted=SPLITS):
+        self.key = key
+        kind, location = resolve_source(source, key)
+        self.location, self.dataset = location, None
+        if kind == "hub":
+            self.dataset = load_hub_dataset(location, key, tuple(wanted))
+        elif (Path(location) / "dataset_dict.json").is_file():
+            self.dataset = _load_from_disk(location, key)
+        # Recorded without machine-specific absolute paths, so the manifest (and dvc.lock) match across machines.
+        mirror = os.path.relpath(location, os.path.realpath(mirror_directory() or "/"))
+        self.read_from = {"hub": f"hub:{location}", "local": f"local:{source}",
+                          "mirror": f"mirror:$NLI_DATA_MIRROR/{mirror}"}[kind]
+
+    def read(self, split):
+        """(rows, counts, sha256 of what was read) of the source's split named `split`."""
+        if self.dataset is not None:
+            name = f"{self.read_from} split {split}"
+            if split not in self.dataset:
+                raise DataError(f"{self.key}: {self.read_from} has no '{split}' split (found: "
+                                f"{', '.join(self.dataset)}); name one of those")
+            _check_columns(name, self.dataset[split].column_names, HF_COLUMNS)
             digest = hashlib.sha256()
-            rows, counts = _clean(name, "row", _dataset_records(dataset[split], digest), HF_COLUMNS)
+            rows, counts = _clean(name, "row", _dataset_records(self.dataset[split], digest), HF_COLUMNS)
             sha = digest.hexdigest()
         else:
-            path, columns = _split_file(Path(location), split)
+            path, columns = _split_file(Path(self.location), split, self.key)
             unit, records, sha = _read_file(path, columns)
             rows, counts = _clean(str(path), unit, records, columns)
-        log.info("%s: %d rows, %d unlabeled dropped, %d with empty text skipped, %d kept",
-                 split, counts["raw"], counts["unlabeled_dropped"], counts["skipped_empty"], len(rows))
-        splits[split] = rows
-        info["raw_sha256"][split] = sha
-        info["counts"][split] = counts
+        log.info("%s %s: %d rows, %d unlabeled dropped, %d with empty text skipped, %d kept", self.read_from, split,
+                 counts["raw"], counts["unlabeled_dropped"], counts["skipped_empty"], len(rows))
+        return rows, counts, sha
+
+
+def load_splits(source, split_names=None, key="data.source"):
+    """({role: rows}, info) for the roles train, validation and test; `split_names` maps each role to the source's
+    split name (default: the role's own name). info says where the data came from and what was dropped."""
+    names = {role: (split_names or {}).get(role, role) for role in SPLITS}
+    opened = Source(source, key, list(names.values()))
+    splits, info = {}, {"read_from": opened.read_from, "raw_sha256": {}, "counts": {}}
+    for role in SPLITS:
+        rows, counts, sha = opened.read(names[role])
+        splits[role] = rows
+        info["raw_sha256"][role] = sha
+        info["counts"][role] = counts
     return splits, info
 
 

@@ -59,15 +59,16 @@ def _modules(value):
     return value
 
 
-def _template_ok(template):
-    """Exactly one plain {premise} and one plain {hypothesis}: a conversion (`!r`), a format spec (`:d`), an index
-    or attribute (`{premise[0]}`) would fail or change the text only when a row is formatted, so refuse them here."""
+def _template_ok(template, fields=("hypothesis", "premise")):
+    """Exactly one plain {premise} and one plain {hypothesis} (or just the `fields` given): a conversion (`!r`), a
+    format spec (`:d`), an index or attribute (`{premise[0]}`) would fail or change the text only when a row is
+    formatted, so refuse them here."""
     try:
-        fields = list(string.Formatter().parse(template))
+        fields_found = list(string.Formatter().parse(template))
     except ValueError:  # a lone `{` or `}`
         return False
-    named = [(name, spec, conversion) for _, name, spec, conversion in fields if name is not None]
-    if sorted(name for name, _, _ in named) != ["hypothesis", "premise"]:
+    named = [(name, spec, conversion) for _, name, spec, conversion in fields_found if name is not None]
+    if sorted(name for name, _, _ in named) != sorted(fields):
         return False
     if any(spec or conversion for _, spec, conversion in named):
         return False
@@ -76,6 +77,45 @@ def _template_ok(template):
     except (ValueError, KeyError, IndexError, AttributeError, TypeError):
         return False
     return True
+
+
+SPLIT_ROLES = ("train", "validation", "test")
+PROBES = ("hypothesis_only", "swap_contradiction", "premise_as_hypothesis", "tautology", "negation_tautology")
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def _split_names(value):
+    if not isinstance(value, dict) or sorted(value) != sorted(SPLIT_ROLES):
+        raise TypeError
+    if not all(isinstance(v, str) and v.strip() for v in value.values()):
+        raise TypeError
+    return dict(value)
+
+
+def _extra_sets(value):
+    """{name: {source, split, n}}; the name becomes a file name, n an evenly spaced sample size or "all"."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError
+    checked = {}
+    for name, spec in value.items():
+        if not (isinstance(name, str) and _SET_NAME.match(name)) or not isinstance(spec, dict):
+            raise TypeError
+        if sorted(spec) != ["n", "source", "split"]:
+            raise TypeError
+        if not all(isinstance(spec[k], str) and spec[k].strip() for k in ("source", "split")):
+            raise TypeError
+        checked[name] = {"source": spec["source"], "split": spec["split"], "n": _count_or_all(spec["n"])}
+        if checked[name]["n"] != "all" and checked[name]["n"] < 1:
+            raise TypeError
+    return checked
+
+
+def _probe_names(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    return value
 
 
 def _one_of(*choices):
@@ -94,6 +134,11 @@ SCHEMA = {
         "n_train": POSITIVE_INT,
         "n_val": POSITIVE_INT,
         "n_test": (_count_or_all, lambda v: v == "all" or v >= 1, 'an integer >= 1, or "all"'),
+        "splits": (_split_names, None, "a mapping of train, validation and test to the source's split names, "
+                                       "e.g. {train: train, validation: validation_matched, test: validation_mismatched}"),
+        "extra_sets": (_extra_sets, None, "a mapping of set names (letters, digits, _ or -) to {source, split, n} "
+                                          "(n an integer >= 1 or \"all\"), e.g. {mnli_matched: {source: "
+                                          "nyu-mll/multi_nli, split: validation_matched, n: 300}}, or {} for none"),
     },
     "model": {
         "name": NONEMPTY_STR,
@@ -111,6 +156,11 @@ SCHEMA = {
         "method": _one_of("score", "generate"),
         "batch_size": POSITIVE_INT,
         "max_new_tokens": POSITIVE_INT,
+        "probes": (_probe_names, lambda v: len(set(v)) == len(v) and set(v) <= set(PROBES),
+                   "a list of distinct probe names from " + ", ".join(PROBES) + " ([] for none)"),
+        "hypothesis_only_template": (_text, lambda v: _template_ok(v, ("hypothesis",)),
+                                     "a string with {hypothesis} once and no {premise} (the prompt.template without "
+                                     "the premise), written plainly; a literal brace as {{ or }}"),
     },
     "lora": {
         "r": POSITIVE_INT,
@@ -244,6 +294,6 @@ def check_target_modules(model, target_modules, path="params.yaml"):
 def check_split_size(key, requested, available, path="params.yaml"):
     """Prepare samples without replacement: asking for more pairs than a split holds is a params error."""
     if requested > available:
-        hint = ', or "all"' if key.endswith("n_test") else ""
+        hint = ', or "all"' if key.endswith(("n_test", ".n")) else ""
         raise ParamsError(f"{path}: {key} = {requested} is larger than the split ({available} labeled pairs); "
                           f"allowed: an integer from 1 to {available}{hint}")

@@ -1,28 +1,104 @@
-"""Stage evaluate@<name>: predict the test split with the pretrained model (baseline) or base + adapter (finetuned).
+"""Stage evaluate@<name>: predict with the pretrained model (baseline) or base + adapter (finetuned).
 
-Writes predictions/<name>.jsonl (every pair with its label scores or raw generation), metrics/<name>.json and
-plots/<name>/confusion.csv (actual vs predicted, for `dvc plots`). With QLORA_NLI_TORCHRUN set
-(qlora_nli/distributed.py) each process predicts a share of the batches; rank 0 writes them all, in the data's order.
+Scores, in one pass over one loaded model: the test split; the validation split (to fit the calibration temperature);
+the probes of evaluate.probes, built from the test pairs (qlora_nli/probes.py: hypothesis-only prompts and
+label-preserving perturbations); and every extra set of data.extra_sets (out of domain, written by prepare to
+data/sets/). Writes
+  predictions/<name>.jsonl           every test pair with its label scores (or raw generation)
+  metrics/<name>.json                test metrics, calibration (qlora_nli/calibration.py) and per-probe accuracy
+  metrics/sets/<name>/<set>.json     the metrics of each extra set (`dvc metrics diff`, `dvc exp show`)
+  evidence/<name>/                   the scored validation pairs, probe pairs and extra-set pairs
+  plots/<name>/{confusion,reliability,probes}.csv   for `dvc plots`
+With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) each process predicts a share of the batches; rank 0 writes
+them all, in the data's order.
 """
 import csv
 import io
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from qlora_nli import distributed, modeling
-from qlora_nli.errors import ParamsError, RunError, run_stage
 from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
-from qlora_nli.io import write_json, write_jsonl, write_text
+from qlora_nli.calibration import calibration_summary
+from qlora_nli.errors import ParamsError, RunError, run_stage
+from qlora_nli.io import all_or_none, write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
+from qlora_nli.probes import perturb, probe_summary
 from qlora_nli.prompts import LABELS, format_prompt
 from qlora_nli.scoring import generate_answers, parse_label, score_labels
 from qlora_nli.stats import classification_metrics
 
 log = logging.getLogger("evaluate")
 ADAPTERS = {"baseline": None, "finetuned": "models/adapter"}
+SETS_DIR = Path("data/sets")
+
+
+def build_jobs(test_rows, val_rows, sets, probes, template, hypothesis_only_template):
+    """[(group, rows, prompts, meta)]: everything this stage scores, in a fixed order. `meta` per row says where a
+    probe pair came from (probe name, index of its test pair)."""
+    jobs = [("test", test_rows, [format_prompt(template, r) for r in test_rows], None),
+            ("validation", val_rows, [format_prompt(template, r) for r in val_rows], None)]
+    probe_rows, probe_prompts, meta = [], [], []
+    if "hypothesis_only" in probes:
+        for i, r in enumerate(test_rows):
+            probe_rows.append(r)
+            probe_prompts.append(format_prompt(hypothesis_only_template, r))
+            meta.append(("hypothesis_only", i))
+    for probe, i, row in perturb(test_rows, [p for p in probes if p != "hypothesis_only"]):
+        probe_rows.append(row)
+        probe_prompts.append(format_prompt(template, row))
+        meta.append((probe, i))
+    jobs.append(("probes", probe_rows, probe_prompts, meta))
+    for name, rows in sets.items():
+        jobs.append((f"set:{name}", rows, [format_prompt(template, r) for r in rows], None))
+    return jobs
+
+
+def predict(model, tokenizer, prompts, p, ranks):
+    """(predicted label ids, label scores or None, generations or None) for every prompt, by evaluate.method."""
+    try:
+        if p["method"] == "score":
+            scores = score_labels(model, tokenizer, prompts, p["batch_size"], ranks=ranks).tolist()
+            return [max(range(len(LABELS)), key=s.__getitem__) for s in scores], scores, [None] * len(prompts)
+        generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"], ranks=ranks)
+        return [parse_label(g) for g in generations], [None] * len(prompts), generations
+    except torch.OutOfMemoryError:
+        raise RunError(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
+
+
+def prediction_rows(rows, preds, scores, generations, meta=None):
+    out = []
+    for i, (r, pred, s, g) in enumerate(zip(rows, preds, scores, generations)):
+        row = {"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
+               "pred": pred, "scores": [round(x, 5) for x in s] if s else None, "correct": pred == r["label"],
+               "generation": g}
+        if meta:
+            row = {"probe": meta[i][0], "test_index": meta[i][1], **row}
+        out.append(row)
+    return out
+
+
+def probe_metrics(test, probe_rows):
+    """{probe: summary} against the same model's answers on the original test pairs."""
+    summaries = {}
+    for probe in dict.fromkeys(r["probe"] for r in probe_rows):
+        mine = [r for r in probe_rows if r["probe"] == probe]
+        summaries[probe] = probe_summary([r["pred"] for r in mine], [r["label"] for r in mine],
+                                         [test[r["test_index"]]["pred"] for r in mine],
+                                         [test[r["test_index"]]["label"] for r in mine])
+    return summaries
+
+
+def csv_text(header, rows):
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return table.getvalue()
 
 
 def main(name):
@@ -33,48 +109,83 @@ def main(name):
     device = modeling.pick_device(params["model"]["device"])
     ranks = distributed.start(device)
     distributed.set_cpu_threads(params["train"]["num_threads"], ranks)
-    rows = read_rows("data/test.jsonl", data_row_problem)
+    test_rows = read_rows("data/test.jsonl", data_row_problem)
+    val_rows = read_rows("data/validation.jsonl", data_row_problem)
+    sets = {path.stem: read_rows(path, data_row_problem) for path in sorted(SETS_DIR.glob("*.jsonl"))}
     if ADAPTERS[name]:
         check_adapter_dir(ADAPTERS[name])  # before the base model loads
     modeling.check_model_params({"model": params["model"]}, device)
-    prompts = [format_prompt(params["prompt"]["template"], r) for r in rows]
+    jobs = build_jobs(test_rows, val_rows, sets, p["probes"], params["prompt"]["template"],
+                      p["hypothesis_only_template"])
 
-    log.info("evaluating %s (%s) on %d test pairs by %s", name, params["model"]["name"], len(rows), p["method"])
+    log.info("evaluating %s (%s) by %s: %s", name, params["model"]["name"], p["method"],
+             ", ".join(f"{len(rows)} {group}" for group, rows, _, _ in jobs))
     tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     model = modeling.load_for_inference(params["model"], device, ADAPTERS[name])
 
+    # One call for everything: batches then mix the sets, and prompts that share a prefix can share its computation.
     start = time.perf_counter()
-    try:
-        if p["method"] == "score":
-            scores = score_labels(model, tokenizer, prompts, p["batch_size"], ranks=ranks).tolist()
-            preds, generations = [max(range(len(LABELS)), key=s.__getitem__) for s in scores], [None] * len(rows)
-        else:
-            generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"],
-                                           ranks=ranks)
-            preds, scores = [parse_label(g) for g in generations], [None] * len(rows)
-    except torch.OutOfMemoryError:
-        raise RunError(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
+    preds, scores, generations = predict(model, tokenizer, [q for _, _, prompts, _ in jobs for q in prompts], p,
+                                         ranks)
     seconds = time.perf_counter() - start
     if not ranks.is_main:
         return
+    scored, at = {}, 0
+    for group, rows, prompts, meta in jobs:
+        part = slice(at, at + len(rows))
+        scored[group] = prediction_rows(rows, preds[part], scores[part], generations[part], meta)
+        at += len(rows)
 
-    predictions = [
-        {"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
-         "pred": pred, "scores": [round(x, 5) for x in s] if s else None, "correct": pred == r["label"],
-         "generation": g}
-        for r, pred, s, g in zip(rows, preds, scores, generations)
-    ]
-    write_jsonl(f"predictions/{name}.jsonl", predictions)
-    metrics = classification_metrics([r["label"] for r in rows], preds)
+    test, val = scored["test"], scored["validation"]
+    metrics = classification_metrics([r["label"] for r in test], [r["pred"] for r in test])
+    n_scored = len(preds)
     metrics.update({"model": params["model"]["name"], "method": p["method"], "adapter": ADAPTERS[name],
-                    "eval_seconds": round(seconds, 2), "pairs_per_second": round(len(rows) / seconds, 2)})
-    write_json(f"metrics/{name}.json", metrics)
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows([LABELS[r["label"]], LABELS[x] if x is not None else "invalid"] for r, x in zip(rows, preds))
-    write_text(f"plots/{name}/confusion.csv", table.getvalue())
-    log.info("%s accuracy %.3f on %d pairs (%.1f pairs/s)", name, metrics["accuracy"], len(rows), len(rows) / seconds)
+                    "eval_seconds": round(seconds, 2), "pairs_scored": n_scored,
+                    "pairs_per_second": round(n_scored / seconds, 2)})
+    calibration = None
+    if p["method"] == "score":
+        calibration = calibration_summary([r["scores"] for r in test], [r["label"] for r in test],
+                                          [r["scores"] for r in val], [r["label"] for r in val])
+    metrics["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins")} if calibration else None
+    metrics["validation_accuracy"] = classification_metrics([r["label"] for r in val], [r["pred"] for r in val])["accuracy"]
+    metrics["probes"] = probe_metrics(test, scored["probes"])
+
+    set_metrics = {}
+    for set_name in sets:
+        rows = scored[f"set:{set_name}"]
+        set_metrics[set_name] = {"set": set_name,
+                                 **classification_metrics([r["label"] for r in rows], [r["pred"] for r in rows])}
+        if p["method"] == "score":
+            summary = calibration_summary([r["scores"] for r in rows], [r["label"] for r in rows],
+                                          [r["scores"] for r in val], [r["label"] for r in val])
+            set_metrics[set_name]["calibration"] = {k: v for k, v in summary.items() if not k.startswith("bins")}
+
+    # Every output or none of them: a failed write leaves the previous run's files as they were.
+    evidence, sets_metrics, plots = Path("evidence") / name, Path("metrics/sets") / name, Path("plots") / name
+    outputs = [f"predictions/{name}.jsonl", f"metrics/{name}.json", evidence, sets_metrics,
+               plots / "confusion.csv", plots / "reliability.csv", plots / "probes.csv"]
+    with all_or_none(outputs) as staged:
+        write_jsonl(staged[f"predictions/{name}.jsonl"], test)
+        write_json(staged[f"metrics/{name}.json"], metrics)
+        (staged[evidence] / "sets").mkdir(parents=True)
+        write_jsonl(staged[evidence] / "validation.jsonl", val)
+        write_jsonl(staged[evidence] / "probes.jsonl", scored["probes"])
+        staged[sets_metrics].mkdir(parents=True)
+        for set_name, document in set_metrics.items():
+            write_jsonl(staged[evidence] / "sets" / f"{set_name}.jsonl", scored[f"set:{set_name}"])
+            write_json(staged[sets_metrics] / f"{set_name}.json", document)
+        write_text(staged[plots / "confusion.csv"], csv_text(
+            ["actual", "predicted"],
+            [[LABELS[r["label"]], LABELS[r["pred"]] if r["pred"] is not None else "invalid"] for r in test]))
+        bins = [b for b in (calibration or {}).get("bins", []) if b["n"]]
+        write_text(staged[plots / "reliability.csv"], csv_text(
+            ["confidence", "accuracy", "n"], [[b["mean_confidence"], b["accuracy"], b["n"]] for b in bins]))
+        write_text(staged[plots / "probes.csv"], csv_text(
+            ["probe", "accuracy"],
+            [["original test pairs", metrics["accuracy"]]]
+            + [[probe, s["accuracy"]] for probe, s in metrics["probes"].items()]))
+    log.info("%s accuracy %.3f on %d test pairs; %d pairs scored in all (%.1f pairs/s)", name, metrics["accuracy"],
+             len(test), n_scored, n_scored / seconds)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Stage failure_cases: which test pairs fine-tuning fixed, left wrong or broke, and what those pairs have in common.
 
-Reads  predictions/baseline.jsonl, predictions/finetuned.jsonl
+Reads  predictions/{baseline,finetuned}.jsonl, evidence/{baseline,finetuned}/probes.jsonl (the probes of evaluate)
 Writes reports/failure_cases.json, reports/failure_cases.md, metrics/comparison.json, plots/accuracy.json
+
+The probes turn explanations into counts: a case the fine-tuned model gets right from the hypothesis alone may be
+decided by an annotation artifact rather than by inference (Gururangan et al. 2018, Poliak et al. 2018), and a case
+whose answer flips under a label-preserving perturbation shows what the model does not rely on consistently.
 """
 import logging
 import math
@@ -21,6 +25,7 @@ log = logging.getLogger("failure_cases")
 
 BASELINE = Path("predictions/baseline.jsonl")
 FINETUNED = Path("predictions/finetuned.jsonl")
+PROBES = {"baseline": Path("evidence/baseline/probes.jsonl"), "finetuned": Path("evidence/finetuned/probes.jsonl")}
 
 CATEGORIES = {  # (baseline correct, fine-tuned correct) -> category
     (False, True): "corrected",
@@ -106,6 +111,85 @@ def join(base, tuned):
     return [build_case(base[i], tuned[i]) for i in sorted(base)]
 
 
+def probe_row_problem(row):
+    problem = prediction_row_problem(row)
+    if problem:
+        return problem
+    if not isinstance(row.get("probe"), str) or not isinstance(row.get("test_index"), int):
+        return "missing 'probe' (a name) or 'test_index' (an integer)"
+    return None
+
+
+def attach_probes(cases, test_order):
+    """Each case gains {probe: {"gold", "baseline", "finetuned"}} (predicted label ids on the probe pair) and tags
+    for what the probes show; `test_order` is the ids in the order evaluate scored the test pairs."""
+    by_id = {c["id"]: c for c in cases}
+    for model, path in PROBES.items():
+        for row in read_rows(path, probe_row_problem, allow_empty=True):
+            if not 0 <= row["test_index"] < len(test_order):
+                raise ArtifactError(f"{path}: test_index {row['test_index']} is outside the test predictions; "
+                                    "rerun dvc repro")
+            case = by_id[test_order[row["test_index"]]]
+            case.setdefault("probes", {}).setdefault(row["probe"], {"gold": row["label"]})[model] = row["pred"]
+    for c in cases:
+        c.setdefault("probes", {})
+        alone = c["probes"].get("hypothesis_only", {})
+        if alone.get("finetuned") is not None and alone["finetuned"] == c["gold"] and c["category"] == "corrected":
+            c["tags"].append("fine-tuned right from the hypothesis alone: possibly an annotation artifact, not inference")
+        elif alone and alone.get("finetuned") == c["finetuned"]["pred"]:
+            c["tags"].append("fine-tuned gives the same answer from the hypothesis alone")
+        for probe, answers in c["probes"].items():
+            if probe != "hypothesis_only" and c["finetuned"]["correct"] and answers.get("finetuned") != answers["gold"]:
+                c["tags"].append(f"fine-tuned flips under {probe.replace('_', ' ')}")
+
+
+def probe_evidence(cases, by_category):
+    """Counts behind the probe claims, per category and per probe."""
+    hypothesis_only = {}
+    for category, members in by_category.items():
+        with_probe = [c for c in members if "finetuned" in c["probes"].get("hypothesis_only", {})]
+        hypothesis_only[category] = {
+            "n": len(with_probe),
+            "same_answer_as_full": sum(c["probes"]["hypothesis_only"]["finetuned"] == c["finetuned"]["pred"]
+                                       for c in with_probe),
+            "right_from_hypothesis_alone": sum(c["probes"]["hypothesis_only"]["finetuned"] == c["gold"]
+                                               for c in with_probe),
+        }
+    flips = {}
+    for probe in sorted({p for c in cases for p in c["probes"]} - {"hypothesis_only"}):
+        for model in ("baseline", "finetuned"):
+            pairs = [c for c in cases if model in c["probes"].get(probe, {})]
+            right = [c for c in pairs if c[model]["correct"]]
+            flips.setdefault(probe, {})[model] = {
+                "n": len(pairs), "probe_right": sum(c["probes"][probe][model] == c["probes"][probe]["gold"]
+                                                    for c in pairs),
+                "original_right": len(right),
+                "flipped": sum(c["probes"][probe][model] != c["probes"][probe]["gold"] for c in right)}
+    return {"hypothesis_only": hypothesis_only, "probes": flips}
+
+
+def evidence_claims(evidence):
+    """One sentence per measured fact, each with its number and its n."""
+    claims = []
+    corrected = evidence["hypothesis_only"].get("corrected", {})
+    if corrected.get("n"):
+        claims.append(f"{corrected['right_from_hypothesis_alone']} of the {corrected['n']} corrected pairs are also "
+                      "right for the fine-tuned model from the hypothesis alone (premise left out): for those, "
+                      "the fix may come from hypothesis words, not from inference.")
+    for category in ("corrected", "not_corrected", "regressed", "both_right"):
+        h = evidence["hypothesis_only"].get(category, {})
+        if h.get("n"):
+            claims.append(f"{MEANING[category].capitalize()} ({category}): the fine-tuned answer equals its "
+                          f"hypothesis-only answer on {h['same_answer_as_full']} of {h['n']} pairs.")
+    for probe, models in evidence["probes"].items():
+        t, b = models.get("finetuned"), models.get("baseline")
+        if t and t["n"]:
+            claims.append(f"{probe.replace('_', ' ').capitalize()}: the fine-tuned model is right on {t['probe_right']} "
+                          f"of {t['n']} probe pairs (baseline {b['probe_right'] if b else 'n/a'}), and flips "
+                          f"{t['flipped']} of the {t['original_right']} it got right on the original pair.")
+    return claims
+
+
 def select(cases, category, n):
     def strength(c):  # None without scores (method "generate"): those cases sort last, in id order
         return c["gold_probability_gain"] if category == "corrected" else c["finetuned"]["confidence"]
@@ -147,7 +231,8 @@ def report_markdown(result, comparison, examples):
                   key=lambda k: (-pairs["finetuned"].get(k, 0), -pairs["baseline"].get(k, 0), k))
     lines.append(md.table(["confusion", "baseline", "fine-tuned"],
                           [(k, pairs["baseline"].get(k, 0), pairs["finetuned"].get(k, 0)) for k in keys]))
-    lines += ["## Examples\n", f"Selection rule: {result['selection_rule']}\n",
+    lines += ["## What the probes show\n", *(f"- {claim}" for claim in result["evidence"]["claims"]), "",
+              "## Examples\n", f"Selection rule: {result['selection_rule']}\n",
               "Evidence sentences compare the error rate of the slices a pair falls in with the overall error rate "
               f"(a slice is cited when it has at least {EVIDENCE_MIN_N} pairs and an error rate at least "
               f"{100 * EVIDENCE_MIN_GAP:.0f} percentage points above overall).\n"]
@@ -169,6 +254,7 @@ def main():
              "baseline_correct": c["baseline"]["correct"], "finetuned_correct": c["finetuned"]["correct"]}
             for c in cases]
     slices = error_rates_by_slice(rows)
+    attach_probes(cases, [r["id"] for r in read_rows(BASELINE, prediction_row_problem)])
     for c in cases:
         # a corrected pair is explained by why the baseline failed; the others by why the fine-tuned model fails
         c["explanation"] = explain(c["slices"], slices, "baseline" if c["category"] == "corrected" else "finetuned")
@@ -183,6 +269,8 @@ def main():
         "finetuned_accuracy": round(sum(r["finetuned_correct"] for r in rows) / n, 4),
         **paired,
     }
+    evidence = probe_evidence(cases, by_category)
+    evidence["claims"] = evidence_claims(evidence)
     gold = [c["gold"] for c in cases]
     result = {
         "n": n,
@@ -190,6 +278,7 @@ def main():
         "selection_rule": SELECTION_RULE,
         "slices": slices,
         "confusion_pairs": {m: confusion_pairs(gold, [c[m]["pred"] for c in cases]) for m in ("baseline", "finetuned")},
+        "evidence": evidence,
         **{k: by_category[k] for k in ("corrected", "not_corrected", "regressed")},
     }
     examples = {k: select(by_category[k], k, n_examples) for k in ("corrected", "not_corrected", "regressed")}

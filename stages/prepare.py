@@ -1,11 +1,12 @@
 """Stage prepare: read SNLI (Hub, NLI_DATA_MIRROR or a local directory), take evenly spaced samples, write data/.
 
-Outputs: data/{train,validation,test}.jsonl with rows {"id", "premise", "hypothesis", "label"}, and
+Outputs: data/{train,validation,test}.jsonl with rows {"id", "premise", "hypothesis", "label"}; data/sets/<name>.jsonl
+for each extra evaluation set of data.extra_sets (any source and split name, e.g. MNLI's validation_matched); and
 data/manifest.json saying where the data came from, the hash of each raw split and what was dropped or sampled.
 """
 import logging
 
-from qlora_nli.data import SPLITS, evenly_spaced, load_splits
+from qlora_nli.data import SPLITS, Source, evenly_spaced, load_splits
 from qlora_nli.errors import run_stage
 from qlora_nli.io import all_or_none, write_json, write_jsonl
 from qlora_nli.params import load_params
@@ -20,7 +21,7 @@ def main():
              "test": ("data.n_test", p["n_test"])}
 
     log.info("reading %s", p["source"])
-    splits, info = load_splits(p["source"])
+    splits, info = load_splits(p["source"], p["splits"])
     log.info("read from %s", info["read_from"])
 
     # Sample every split before writing anything, so that a too-large n fails before any output changes.
@@ -32,19 +33,34 @@ def main():
         info["counts"][split]["sampled"] = len(samples[split])
         log.info("%s: %d of %d labeled pairs", split, len(samples[split]), len(rows))
 
-    # All four files or none: a write that fails half-way must not leave new samples beside an old manifest.
-    outputs = [f"data/{split}.jsonl" for split in SPLITS] + ["data/manifest.json"]
+    extra, extra_info = {}, {}
+    for name, spec in p["extra_sets"].items():
+        key = f"data.extra_sets.{name}"
+        log.info("reading extra set %s: %s, split %s", name, spec["source"], spec["split"])
+        source = Source(spec["source"], f"{key}.source", [spec["split"]])
+        rows, counts, sha = source.read(spec["split"])
+        extra[name] = rows if spec["n"] == "all" else evenly_spaced(rows, spec["n"], key=f"{key}.n")
+        extra_info[name] = {"source": spec["source"], "split": spec["split"], "read_from": source.read_from,
+                            "raw_sha256": sha, "counts": {**counts, "sampled": len(extra[name])}}
+
+    # All the files or none: a write that fails half-way must not leave new samples beside an old manifest.
+    outputs = [f"data/{split}.jsonl" for split in SPLITS] + ["data/sets", "data/manifest.json"]
     with all_or_none(outputs) as staged:
         for split in SPLITS:
             write_jsonl(staged[f"data/{split}.jsonl"], samples[split])
+        staged["data/sets"].mkdir()
+        for name, rows in extra.items():
+            write_jsonl(staged["data/sets"] / f"{name}.jsonl", rows)
         write_json(staged["data/manifest.json"], {
             "source": p["source"],
             "read_from": info["read_from"],
             "raw_sha256": info["raw_sha256"],
+            "splits": p["splits"],
             "counts": info["counts"],
+            "extra_sets": extra_info,
             "sampling": "evenly spaced: index floor(i*N/n)",
         })
-    log.info("wrote data/{train,validation,test}.jsonl and data/manifest.json")
+    log.info("wrote data/{train,validation,test}.jsonl, data/sets/ (%d extra sets) and data/manifest.json", len(extra))
 
 
 if __name__ == "__main__":

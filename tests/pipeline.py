@@ -24,7 +24,7 @@ def make_project(root, arch="phi", overrides=None):
     model_dir = make_tiny_model(arch, root.parent / f"{root.name}-model")
     data_dir = write_nli_dir(root.parent / f"{root.name}-nli")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source=str(data_dir), n_train=24, n_val=6, n_test=9)
+    params["data"].update(source=str(data_dir), n_train=24, n_val=6, n_test=9, extra_sets={})
     params["model"]["name"] = str(model_dir)
     params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, num_threads=1)
     params["evaluate"]["batch_size"] = 4

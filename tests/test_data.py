@@ -262,6 +262,30 @@ def test_mirror(tmp_path, monkeypatch, layout):
     assert splits["test"] == KEPT
 
 
+def test_mirror_finds_a_conventional_short_name(tmp_path, monkeypatch):
+    (tmp_path / "mirror" / "mnli").mkdir(parents=True)
+    write_split(tmp_path / "mirror" / "mnli" / "validation_matched.jsonl", RAW, "jsonl")
+    monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path / "mirror"))
+    source = data.Source("nyu-mll/multi_nli", "data.extra_sets.m.source", ["validation_matched"])
+    rows, counts, _ = source.read("validation_matched")
+    assert source.read_from == "mirror:$NLI_DATA_MIRROR/mnli" and rows == KEPT and counts == COUNTS
+
+
+def test_split_names_other_than_train_validation_test(tmp_path):
+    root = tmp_path / "mnli"
+    root.mkdir()
+    for name in ("train", "validation_matched", "validation_mismatched"):
+        write_split(root / f"{name}.jsonl", RAW, "jsonl")
+    splits, info = load_splits(str(root), {"train": "train", "validation": "validation_matched",
+                                           "test": "validation_mismatched"})
+    assert splits["validation"] == KEPT and set(info["raw_sha256"]) == set(SPLITS)
+    message = one_line_error(lambda: load_splits(str(root)))  # the default names are not there
+    assert message.startswith("data.source: ") and "has no validation split" in message
+    snli1 = snli1_dir(tmp_path / "snli_1.0")
+    message = one_line_error(lambda: data.Source(str(snli1), "data.extra_sets.x.source").read("validation_matched"))
+    assert message.startswith("data.extra_sets.x.source: ") and "SNLI 1.0 layout" in message
+
+
 def test_mirror_without_the_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path))
     message = one_line_error(lambda: resolve_source("stanfordnlp/snli"))
@@ -327,7 +351,8 @@ def prepare_project(tmp_path, **data_params):
     many[7]["label"] = -1
     hf_dir(tmp_path / "nli", "jsonl", many)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"source": str(tmp_path / "nli"), "n_train": 10, "n_val": 4, "n_test": "all", **data_params})
+    params["data"].update({"source": str(tmp_path / "nli"), "n_train": 10, "n_val": 4, "n_test": "all",
+                           "extra_sets": {}, **data_params})
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -337,13 +362,15 @@ def prepare_project(tmp_path, **data_params):
 def run_prepare(project, monkeypatch):
     monkeypatch.chdir(project)
     runpy.run_path(str(REPO / "stages" / "prepare.py"))["main"]()
-    return {p.name: p.read_bytes() for p in sorted((project / "data").iterdir())}
+    return {str(p.relative_to(project / "data")): p.read_bytes() for p in sorted((project / "data").rglob("*"))
+            if p.is_file()}
 
 
 def test_prepare_end_to_end_is_reproducible(tmp_path, monkeypatch):
     project = prepare_project(tmp_path)
     first = run_prepare(project, monkeypatch)
     assert sorted(first) == ["manifest.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert (project / "data" / "sets").is_dir()  # no extra sets: an empty directory, still a declared output
     assert run_prepare(project, monkeypatch) == first
 
     train = [json.loads(line) for line in first["train.jsonl"].decode().splitlines()]
@@ -356,6 +383,24 @@ def test_prepare_end_to_end_is_reproducible(tmp_path, monkeypatch):
     assert manifest["counts"]["test"]["sampled"] == 39
     assert manifest["sampling"] == "evenly spaced: index floor(i*N/n)"
     assert set(manifest["raw_sha256"]) == set(SPLITS)
+
+
+def test_prepare_writes_extra_sets_with_their_own_split_names(tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    write_split(other / "dev_matched.csv", [{"premise": f"P {i}.", "hypothesis": f"H {i}.", "label": i % 3}
+                                            for i in range(10)], "csv")
+    project = prepare_project(tmp_path, extra_sets={"ood": {"source": str(other), "split": "dev_matched", "n": 4}})
+    files = run_prepare(project, monkeypatch)
+    rows = [json.loads(line) for line in files["sets/ood.jsonl"].decode().splitlines()]
+    assert [r["id"] for r in rows] == [0, 2, 5, 7] and rows[1]["premise"] == "P 2."
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["extra_sets"]["ood"]["split"] == "dev_matched"
+    assert manifest["extra_sets"]["ood"]["counts"]["sampled"] == 4 and manifest["extra_sets"]["ood"]["counts"]["raw"] == 10
+    project = prepare_project(tmp_path / "again", extra_sets={"ood": {"source": str(other), "split": "dev_matched", "n": 11}})
+    message = one_line_error(lambda: run_prepare(project, monkeypatch))
+    assert "data.extra_sets.ood.n = 11 is larger than the split (10 labeled pairs)" in message
+    assert not (project / "data").exists()  # nothing half-written
 
 
 def test_prepare_as_a_script(tmp_path):

@@ -55,6 +55,30 @@ def prediction_rows(which):
     return rows
 
 
+# Made-up probe answers (pair id -> predicted label id). Hypothesis only, fine-tuned: right on corrected pairs 1 and 3
+# (gold 2 and 1), wrong on 2; 0 elsewhere. The baseline answers 0 from every hypothesis. Tautology: both models answer
+# as on the original pair, except that the fine-tuned model flips pair 7 (right, entailment) to neutral.
+HYPOTHESIS_ONLY = {"baseline": {i: 0 for i in range(1, 13)},
+                   "finetuned": {**{i: 0 for i in range(1, 13)}, 1: 2, 2: 1, 3: 1}}
+CALIBRATION = {"n": 12, "n_bins": 10, "ece": 0.2345, "ece_ci95": [0.1234, 0.4567], "mean_confidence": 0.7,
+               "mean_confidence_right": 0.75, "mean_confidence_wrong": 0.6, "temperature": 1.8765, "n_val": 6,
+               "ece_after_temperature": 0.0789, "ece_after_temperature_ci95": [0.0456, 0.3012]}
+
+
+def probe_rows(which):
+    rows = []
+    for index, (i, premise, hypothesis, gold, bp, _, tp, _) in enumerate(PAIRS):
+        full = bp if which == "baseline" else tp
+        base = {"test_index": index, "id": i, "premise": premise, "label": gold, "scores": None, "generation": None}
+        alone = HYPOTHESIS_ONLY[which][i]
+        rows.append({"probe": "hypothesis_only", **base, "hypothesis": hypothesis, "pred": alone,
+                     "correct": alone == gold})
+        taut = 1 if which == "finetuned" and i == 7 else full
+        rows.append({"probe": "tautology", **base, "hypothesis": hypothesis + " and true is true", "pred": taut,
+                     "correct": taut == gold})
+    return rows
+
+
 def train_metrics(gpu=False):
     resources = {"wall_seconds": 130.2, "samples": 260, "process_rss_peak_mb": 2345.6, "process_rss_mean_mb": 2100.4,
                  "cpu_percent_mean": 71.3, "cpu_percent_peak": 98.8, "gpu_name": None,
@@ -100,7 +124,20 @@ def workdir(tmp_path):
         metrics.update({"model": "made-up/tiny-model", "method": "score",
                         "adapter": None if which == "baseline" else "models/adapter",
                         "eval_seconds": 12.3 if which == "baseline" else 14.6, "pairs_per_second": 0.98})
+        metrics["calibration"] = CALIBRATION if which == "finetuned" else {**CALIBRATION, "ece": 0.3456}
+        probes = probe_rows(which)
+        metrics["probes"] = {}
+        for name in ("hypothesis_only", "tautology"):
+            mine = [(r, row) for r, row in zip([r for r in probes if r["probe"] == name], rows)]
+            metrics["probes"][name] = {
+                "n": 12, "accuracy": round(sum(r["correct"] for r, _ in mine) / 12, 4),
+                "original_right": sum(row["correct"] for _, row in mine),
+                "flipped_when_original_right": sum(row["correct"] and not r["correct"] for r, row in mine)}
         write(tmp_path / f"metrics/{which}.json", metrics)
+        write(tmp_path / f"evidence/{which}/probes.jsonl", probes)
+        write(tmp_path / f"metrics/sets/{which}/ood.json",
+              {"set": "ood", "n": 30, "accuracy": 0.4 if which == "baseline" else 0.5667,
+               "accuracy_ci95": [0.2459, 0.5768] if which == "baseline" else [0.3920, 0.7262]})
     write(tmp_path / "metrics/train.json", train_metrics())
     write(tmp_path / "data/manifest.json", {
         "source": "made-up/snli-like", "read_from": "/made/up/mirror",
@@ -108,6 +145,7 @@ def workdir(tmp_path):
         "counts": {"train": {"raw": 5000, "unlabeled_dropped": 7, "sampled": 1000},
                    "validation": {"raw": 900, "unlabeled_dropped": 2, "sampled": 100},
                    "test": {"raw": 900, "unlabeled_dropped": 3, "sampled": 12}},
+        "extra_sets": {"ood": {"source": "made-up/ood", "split": "dev_matched"}},
         "sampling": "evenly spaced"})
     return tmp_path
 
@@ -276,3 +314,32 @@ def test_generate_method_without_scores(workdir):
     assert result["confusion_pairs"]["baseline"]["entailment -> invalid"] == 1
     text = (workdir / "reports/failure_cases.md").read_text()
     assert "baseline: invalid" in text and "**#1**" in text  # without scores, examples go by id
+
+
+def test_probe_evidence_by_hand(workdir):
+    assert run_stage("failure_cases", workdir).returncode == 0
+    evidence = json.loads((workdir / "reports/failure_cases.json").read_text())["evidence"]
+    # fine-tuned full answers: 1->2, 2->0, 3->1 (corrected); 4->1, 5->0; 6->2; 7..12 -> 0, 2, 1, 0, 2, 0
+    assert evidence["hypothesis_only"]["corrected"] == {"n": 3, "same_answer_as_full": 2, "right_from_hypothesis_alone": 2}
+    assert evidence["hypothesis_only"]["not_corrected"]["same_answer_as_full"] == 1  # pair 5
+    assert evidence["hypothesis_only"]["both_right"]["same_answer_as_full"] == 3  # pairs 7, 10, 12
+    # right on the original: fine-tuned 9 (1-3, 7-12), baseline 7 (6-12); the fine-tuned model flips pair 7
+    assert evidence["probes"]["tautology"] == {
+        "baseline": {"n": 12, "probe_right": 7, "original_right": 7, "flipped": 0},
+        "finetuned": {"n": 12, "probe_right": 8, "original_right": 9, "flipped": 1}}
+    claims = evidence["claims"]
+    assert claims[0].startswith("2 of the 3 corrected pairs are also right for the fine-tuned model from the hypothesis")
+    assert ("Tautology: the fine-tuned model is right on 8 of 12 probe pairs (baseline 7), and flips 1 of the 9 it got "
+            "right on the original pair.") in claims
+    cases = {c["id"]: c for c in json.loads((workdir / "reports/failure_cases.json").read_text())["corrected"]}
+    assert any("annotation artifact" in t for t in cases[1]["tags"])
+    assert not any("annotation artifact" in t for t in cases[2]["tags"])
+    assert "## What the probes show" in (workdir / "reports/failure_cases.md").read_text()
+    assert run_stage("report", workdir).returncode == 0
+    report = (workdir / "reports/report.md").read_text()
+    assert all(f"- {claim}" in report for claim in claims)
+    # calibration, probes and the extra set: the numbers of the metrics files
+    assert "| fine-tuned | 12 | 23.45% | [12.34%, 45.67%] | 0.750 | 0.600 | 1.88 | 7.89% | [4.56%, 30.12%] |" in report
+    assert "| baseline | 12 | 34.56% |" in report
+    assert "| ood | `made-up/ood` dev_matched | 30 | 40.00% [24.59%, 57.68%] | 56.67% [39.20%, 72.62%] | +16.67 pp |" in report
+    assert "| tautology | 12 | 58.33% | 66.67% | 0 / 7 | 1 / 9 |" in report

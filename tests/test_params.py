@@ -124,6 +124,18 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("lora", "layers", "last", "lora.layers = 'last' has the wrong type"),
     ("lora", "layers", True, "lora.layers = True has the wrong type"),
     ("report", "n_examples", -1, "report.n_examples = -1 is out of range"),
+    ("data", "splits", {"train": "train", "test": "test"}, "has the wrong type (dict); allowed: a mapping of train, validation and test"),
+    ("data", "splits", {"train": "train", "validation": "", "test": "test"}, "data.splits"),
+    ("data", "extra_sets", [], "data.extra_sets = [] has the wrong type"),
+    ("data", "extra_sets", {"a b": {"source": "x", "split": "y", "n": 3}}, "data.extra_sets"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y"}}, "data.extra_sets"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": 0}}, "data.extra_sets"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": "ALL"}}, "data.extra_sets"),
+    ("evaluate", "probes", ["tautology", "tautology"], "evaluate.probes = ['tautology', 'tautology'] is out of range"),
+    ("evaluate", "probes", ["typo"], "evaluate.probes = ['typo'] is out of range; allowed: a list of distinct probe names"),
+    ("evaluate", "probes", "tautology", "evaluate.probes = 'tautology' has the wrong type"),
+    ("evaluate", "hypothesis_only_template", "P: {premise} H: {hypothesis}", "evaluate.hypothesis_only_template"),
+    ("evaluate", "hypothesis_only_template", "Relation:", "evaluate.hypothesis_only_template = 'Relation:' is out of range"),
 ])
 def test_bad_values(tmp_path, group, key, value, fragment):
     params = committed()
@@ -195,3 +207,14 @@ def test_check_split_size():
     message = one_line_error(lambda: check_split_size("data.n_train", 11, 10))
     assert "data.n_train = 11 is larger than the split (10 labeled pairs)" in message
     assert '"all"' in one_line_error(lambda: check_split_size("data.n_test", 11, 10))
+
+
+def test_extra_sets_and_split_names_are_read(tmp_path):
+    params = committed()
+    params["data"]["splits"] = {"train": "train", "validation": "validation_matched", "test": "validation_mismatched"}
+    params["data"]["extra_sets"] = {"mnli-m": {"source": "local/dir", "split": "dev", "n": "all"}}
+    loaded = load_params(write(tmp_path, params))["data"]
+    assert loaded["splits"]["test"] == "validation_mismatched"
+    assert loaded["extra_sets"] == {"mnli-m": {"source": "local/dir", "split": "dev", "n": "all"}}
+    params["data"]["extra_sets"] = None  # an emptied mapping in YAML reads as null: no extra sets
+    assert load_params(write(tmp_path, params))["data"]["extra_sets"] == {}

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from pipeline import dvc, make_project, set_param, stages_run
+from tiny import write_nli_dir
 
 pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
 
@@ -13,7 +14,11 @@ MACHINE_SPECIFIC = {"eval_seconds", "pairs_per_second", "model"}  # timings, and
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("e2e") / "project")
+    base = tmp_path_factory.mktemp("e2e")
+    ood = write_nli_dir(base / "ood")  # an extra evaluation set whose split has a name of its own, like MNLI's
+    (ood / "test.jsonl").rename(ood / "dev_matched.jsonl")
+    root = make_project(base / "project", overrides={
+        "data.extra_sets": {"ood": {"source": str(ood), "split": "dev_matched", "n": 5}}})
     first = dvc(root, "repro")
     return root, first.stdout
 
@@ -38,6 +43,30 @@ def test_repro_runs_every_stage_and_writes_artifacts(project):
     assert baseline["n"] == 9 and 0 <= baseline["accuracy"] <= 1
     assert not (root / "models/adapter/model.safetensors").exists()  # adapter only, never base weights
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_extra_set_probes_and_calibration_reach_metrics_and_report(project):
+    root, _ = project
+    report = (root / "reports/report.md").read_text()
+    for model in ("baseline", "finetuned"):
+        metrics = json.loads((root / f"metrics/{model}.json").read_text())
+        ood = json.loads((root / f"metrics/sets/{model}/ood.json").read_text())
+        assert ood["set"] == "ood" and ood["n"] == 5 and 0 <= ood["accuracy"] <= 1
+        assert f"{100 * ood['accuracy']:.2f}%" in report
+        probes = metrics["probes"]
+        assert list(probes) == ["hypothesis_only", "swap_contradiction", "premise_as_hypothesis", "tautology",
+                                "negation_tautology"]
+        assert probes["hypothesis_only"]["n"] == 9 and probes["tautology"]["n"] == 9
+        scored = [json.loads(line) for line in (root / f"evidence/{model}/probes.jsonl").read_text().splitlines()]
+        assert sum(r["probe"] == "swap_contradiction" for r in scored) == probes["swap_contradiction"]["n"]
+        assert f"{100 * metrics['calibration']['ece']:.2f}%" in report
+        assert 0 < metrics["calibration"]["temperature"] and metrics["calibration"]["n_val"] == 6
+        assert (root / f"plots/{model}/reliability.csv").read_text().startswith("confidence,accuracy,n\n")
+    shown = dvc(root, "metrics", "show").stdout
+    assert "metrics/sets/finetuned/ood.json" in shown and "metrics/sets/baseline/ood.json" in shown
+    claims = json.loads((root / "reports/failure_cases.json").read_text())["evidence"]["claims"]
+    assert claims and all(claim in report for claim in claims)
+    assert "### What the evidence says" in report and "## 8. Out-of-domain sets" in report
 
 
 def test_second_repro_runs_nothing(project):

@@ -61,8 +61,10 @@ def workdir(tmp_path):
             for (i, premise, hypothesis, g, *_), pred in zip(PAIRS, preds)])
         metrics = classification_metrics(gold, preds)  # what the evaluate stage writes
         metrics.update({"model": "made-up/tiny-model", "method": "score", "adapter": None, "eval_seconds": 1.0,
-                        "pairs_per_second": 12.0})
+                        "pairs_per_second": 12.0, "calibration": None, "probes": {}})
         write(tmp_path / f"metrics/{which}.json", metrics)
+        (tmp_path / "evidence" / which).mkdir(parents=True)
+        (tmp_path / "evidence" / which / "probes.jsonl").write_text("")  # evaluate.probes: []
     write(tmp_path / "metrics/train.json", train_metrics())
     write(tmp_path / "data/manifest.json", {"source": "made-up", "read_from": "made-up", "raw_sha256": {},
                                             "counts": {}})
