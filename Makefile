@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The venv first on PATH: dvc.yaml's `python stages/...` commands must find the venv's python.
+# The venv first on PATH: dvc.yaml's `python -m stages...` commands must find the venv's python.
 IN_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 repro: setup

@@ -3,8 +3,8 @@
 # box of the README's GPU section). `dvc repro` is the normal way; data/ must already hold the prepared sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python stages/evaluate.py baseline
-python stages/finetune.py
-python stages/evaluate.py finetuned
-python stages/failure_cases.py
-python stages/report.py
+python -m stages.evaluate baseline
+python -m stages.finetune
+python -m stages.evaluate finetuned
+python -m stages.failure_cases
+python -m stages.report

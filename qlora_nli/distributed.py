@@ -66,13 +66,22 @@ def torchrun_arguments(value):
     return arguments
 
 
+def _this_program():
+    """How this process was started, for torchrun to start each rank the same way: `-m stages.finetune ...` for a
+    module (dvc.yaml's form, see there why), else the script path and its arguments."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name, *sys.argv[1:]]
+    return sys.argv
+
+
 def start(device):
     """First call of a stage: re-execute under torchrun if the switch asks for it (this call then never returns),
     else join the process group when torchrun started this process. Returns this process's Ranks."""
     if "LOCAL_RANK" not in os.environ:
         arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
         if arguments:
-            command = [sys.executable, "-m", "torch.distributed.run", *arguments, *sys.argv]
+            command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
             log.info("%s: %s", SWITCH, shlex.join(command))
             sys.stdout.flush()
             sys.stderr.flush()

@@ -42,7 +42,7 @@ def make_project(root, arch="phi", overrides=None):
 
 def env(root):
     # the copied package, not the installed one, so the test exercises what it copied
-    # this interpreter's bin first: dvc.yaml runs `python stages/...`, which must be the python running the tests
+    # this interpreter's bin first: dvc.yaml runs `python -m stages...`, which must be the python running the tests
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false",
             "DVC_NO_ANALYTICS": "1"}  # no background process trying to reach the network after each dvc call

@@ -15,7 +15,9 @@ def _stage_defs():
     """(stage name, script path, deps, params) per stage; foreach stages once per item."""
     for name, stage in STAGES.items():
         body = stage.get("do", stage)
-        script = body["cmd"].split()[1]
+        command = body["cmd"].split()
+        assert command[:2] == ["python", "-m"] and command[2].startswith("stages."), body["cmd"]
+        script = command[2].replace(".", "/") + ".py"
         yield name, script, body.get("deps", []), body.get("params", [])
 
 
@@ -69,3 +71,29 @@ def test_params_read_are_declared(name, script, deps, params):
     read = groups | {g for g, _ in keys} | {f"{g}.{k}" for g, k in keys}
     for entry in declared:
         assert entry in read, f"{name}: dvc.yaml declares params {entry!r} that {script} never reads"
+
+
+def test_stage_commands_import_the_package_of_the_directory_they_run_in(tmp_path):
+    """A queued experiment runs its stages in a temporary copy of the repository, while `pip install -e .` makes the
+    workspace's qlora_nli importable from anywhere (a PYTHONPATH entry stands in for it here). dvc.yaml's
+    `python -m stages.<name>` must import the copy's package; `python stages/<name>.py` would import the workspace's."""
+    import shutil
+    import subprocess
+    import sys
+
+    workspace = tmp_path / "workspace" / "qlora_nli"
+    workspace.mkdir(parents=True)
+    (workspace / "__init__.py").write_text("raise ImportError('imported the workspace package')\n")
+    copy = tmp_path / "copy"
+    for name in ("stages", "qlora_nli"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(workspace.parent)}
+
+    def run(command):
+        return subprocess.run([sys.executable, *command], cwd=copy, env=env, capture_output=True, text=True)
+
+    as_in_dvc_yaml = run(STAGES["check_params"]["cmd"].split()[1:])  # no params.yaml in the copy: a clean ParamsError
+    assert as_in_dvc_yaml.returncode == 1 and "params.yaml: file not found" in as_in_dvc_yaml.stderr
+    assert "imported the workspace package" not in as_in_dvc_yaml.stderr
+    as_a_script = run(["stages/check_params.py"])  # the form that picks the wrong package
+    assert "imported the workspace package" in as_a_script.stderr
