@@ -59,15 +59,16 @@ def _modules(value):
     return value
 
 
-def _template_ok(template):
-    """Exactly one plain {premise} and one plain {hypothesis}: a conversion (`!r`), a format spec (`:d`), an index
-    or attribute (`{premise[0]}`) would fail or change the text only when a row is formatted, so refuse them here."""
+def template_has_fields(template, wanted):
+    """True when the template's fields are exactly `wanted` (names), each once and plain: a conversion (`!r`), a
+    format spec (`:d`), an index or attribute (`{premise[0]}`) would fail or change the text only when a row is
+    formatted, so refuse them here."""
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError:  # a lone `{` or `}`
         return False
     named = [(name, spec, conversion) for _, name, spec, conversion in fields if name is not None]
-    if sorted(name for name, _, _ in named) != ["hypothesis", "premise"]:
+    if sorted(name for name, _, _ in named) != sorted(wanted):
         return False
     if any(spec or conversion for _, spec, conversion in named):
         return False
@@ -76,6 +77,11 @@ def _template_ok(template):
     except (ValueError, KeyError, IndexError, AttributeError, TypeError):
         return False
     return True
+
+
+def _template_ok(template):
+    """Exactly one plain {premise} and one plain {hypothesis} (see template_has_fields)."""
+    return template_has_fields(template, ["premise", "hypothesis"])
 
 
 def _one_of(*choices):
