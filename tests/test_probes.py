@@ -52,12 +52,13 @@ def test_registry_order():
 
 def test_perturb_orders_by_probe_then_row_and_skips_what_does_not_apply():
     rows = [ENT, CON, NEU]
-    out = perturb(rows, ["premise_as_hypothesis", "swap_contradiction"])
+    out = perturb(rows, ["swap_contradiction", "premise_as_hypothesis"])  # the order given, not the registry's
     assert [(name, index) for name, index, _ in out] == [
-        ("premise_as_hypothesis", 0), ("premise_as_hypothesis", 1), ("premise_as_hypothesis", 2),
         ("swap_contradiction", 1),  # only the contradiction pair
+        ("premise_as_hypothesis", 0), ("premise_as_hypothesis", 1), ("premise_as_hypothesis", 2),
     ]
-    assert out[3][2] == swap_contradiction(CON)
+    assert out[0][2] == swap_contradiction(CON)
+    assert out[1][2] == premise_as_hypothesis(ENT)
     assert perturb(rows, []) == []
 
 
