@@ -82,14 +82,10 @@ def reliability_bins(confidences, correct, n_bins=10):
 
 
 def _ece_from_index(conf, right, index, n_bins):
-    """ECE for pairs already binned; conf, right and index may be (resamples, N) tables, one ECE per row."""
-    conf, right, index = np.atleast_2d(conf), np.atleast_2d(right), np.atleast_2d(index)
-    rows, n = index.shape
-    flat = (index + n_bins * np.arange(rows)[:, None]).reshape(-1)  # one set of bins per row
-    gap = (np.bincount(flat, weights=conf.reshape(-1), minlength=rows * n_bins)
-           - np.bincount(flat, weights=right.reshape(-1), minlength=rows * n_bins))
-    # sum_b n_b/N |acc_b - conf_b| = sum_b |sum over bin of (conf - right)| / N
-    return np.abs(gap.reshape(rows, n_bins)).sum(axis=1) / n
+    """ECE of pairs already binned (index = bin of each pair)."""
+    gap = np.bincount(index, weights=conf, minlength=n_bins) - np.bincount(index, weights=right, minlength=n_bins)
+    # sum_b n_b/N |acc_b - conf_b| = sum_b |sum over the bin of (conf - right)| / N
+    return float(np.abs(gap).sum() / conf.size)
 
 
 def expected_calibration_error(confidences, correct, n_bins=10):
@@ -99,7 +95,7 @@ def expected_calibration_error(confidences, correct, n_bins=10):
     conf, right = _pairs(confidences, correct)
     if conf.size == 0:
         return None
-    return float(_ece_from_index(conf, right, _bin_index(conf, edges), n_bins)[0])
+    return _ece_from_index(conf, right, _bin_index(conf, edges), n_bins)
 
 
 def ece_interval(confidences, correct, n_bins=10, n_resamples=1000, seed=0):
@@ -115,13 +111,11 @@ def ece_interval(confidences, correct, n_bins=10, n_resamples=1000, seed=0):
         return [None, None]
     index = _bin_index(conf, edges)
     rng = np.random.default_rng(seed)
-    n = conf.size
-    chunk = max(1, 2_000_000 // n)  # resamples per step: bounds the (chunk, N) index tables in memory
     eces = []
-    for start in range(0, n_resamples, chunk):
-        draw = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+    for _ in range(n_resamples):  # one resample at a time: memory stays O(N) whatever n_resamples is
+        draw = rng.integers(0, conf.size, size=conf.size)
         eces.append(_ece_from_index(conf[draw], right[draw], index[draw], n_bins))
-    lo, hi = np.percentile(np.concatenate(eces), [2.5, 97.5])
+    lo, hi = np.percentile(eces, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 

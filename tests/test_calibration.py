@@ -76,13 +76,23 @@ def test_fit_temperature_empty_and_deterministic():
     assert fit_temperature(scores, labels) == fit_temperature(scores, labels)
 
 
+def _overconfident(seed, n=2000):
+    """Confidences and correctness of scores three times too sharp: ECE well above 0, where the bootstrap of the
+    ECE is not lopsided."""
+    scores, labels = _sampled(seed, n)
+    p = label_probabilities(3 * scores)
+    return p.max(axis=1), p.argmax(axis=1) == labels
+
+
 def test_ece_interval_contains_the_estimate_and_is_deterministic():
-    scores, labels = _sampled(seed=2, n=2000)
-    p = label_probabilities(3 * scores)  # over-confident: ECE well above 0, where the bootstrap is not lopsided
-    conf, right = p.max(axis=1), p.argmax(axis=1) == labels
+    conf, right = _overconfident(seed=2)
     ece = expected_calibration_error(conf, right)
     lo, hi = ece_interval(conf, right, n_resamples=300, seed=5)
     assert lo <= ece <= hi and lo < hi
+    # its width matches the spread of the ECE over fresh samples of the same size: a 95% interval is about
+    # 2 * 1.96 standard deviations wide; the bounds leave room for the noise of both estimates
+    spread = np.std([expected_calibration_error(*_overconfident(seed=100 + i)) for i in range(100)])
+    assert 0.6 < (hi - lo) / (2 * 1.96 * spread) < 1.5
     assert ece_interval(conf, right, n_resamples=300, seed=5) == [lo, hi]
     assert ece_interval(conf, right, n_resamples=300, seed=6) != [lo, hi]
     assert ece_interval([], []) == [None, None]
