@@ -57,7 +57,8 @@ def _edges(n_bins):
 
 def _bin_index(conf, edges):
     """Bin b holds lower < c <= upper, except the first, which also holds c = 0: so 1.0 falls in the last bin and a
-    confidence exactly on an inner edge in the bin below it. The edges are the very floats reported as lower/upper."""
+    confidence exactly on an inner edge in the bin below it (edges as np.linspace gives them; lower/upper report
+    them to 4 decimals)."""
     return np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, len(edges) - 2)
 
 
