@@ -59,16 +59,16 @@ def _modules(value):
     return value
 
 
-def _template_ok(template, fields=("hypothesis", "premise")):
-    """Exactly one plain {premise} and one plain {hypothesis} (or just the `fields` given): a conversion (`!r`), a
+def template_has_fields(template, wanted=("hypothesis", "premise")):
+    """True when the template's fields are exactly `wanted` (names), each once and plain: a conversion (`!r`), a
     format spec (`:d`), an index or attribute (`{premise[0]}`) would fail or change the text only when a row is
     formatted, so refuse them here."""
     try:
-        fields_found = list(string.Formatter().parse(template))
+        fields = list(string.Formatter().parse(template))
     except ValueError:  # a lone `{` or `}`
         return False
-    named = [(name, spec, conversion) for _, name, spec, conversion in fields_found if name is not None]
-    if sorted(name for name, _, _ in named) != sorted(fields):
+    named = [(name, spec, conversion) for _, name, spec, conversion in fields if name is not None]
+    if sorted(name for name, _, _ in named) != sorted(wanted):
         return False
     if any(spec or conversion for _, spec, conversion in named):
         return False
@@ -148,7 +148,7 @@ SCHEMA = {
         "trust_remote_code": (_boolean, None, "true or false"),
     },
     "prompt": {
-        "template": (_text, _template_ok, "a string with {premise} and {hypothesis} once each, written plainly "
+        "template": (_text, template_has_fields, "a string with {premise} and {hypothesis} once each, written plainly "
                                           "(no !conversion, :format spec, index or attribute), and no other {...} "
                                           "field; write a literal brace as {{ or }}"),
     },
@@ -158,7 +158,7 @@ SCHEMA = {
         "max_new_tokens": POSITIVE_INT,
         "probes": (_probe_names, lambda v: len(set(v)) == len(v) and set(v) <= set(PROBES),
                    "a list of distinct probe names from " + ", ".join(PROBES) + " ([] for none)"),
-        "hypothesis_only_template": (_text, lambda v: _template_ok(v, ("hypothesis",)),
+        "hypothesis_only_template": (_text, lambda v: template_has_fields(v, ["hypothesis"]),
                                      "a string with {hypothesis} once and no {premise} (the prompt.template without "
                                      "the premise), written plainly; a literal brace as {{ or }}"),
     },
