@@ -12,13 +12,16 @@ ALL_STAGES = {"check_params", "prepare", "finetune", "evaluate@baseline", "evalu
 MACHINE_SPECIFIC = {"eval_seconds", "pairs_per_second", "model"}  # timings, and the tiny model's tmp path
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
+def project_with_an_extra_set(base):
     ood = write_nli_dir(base / "ood")  # an extra evaluation set whose split has a name of its own, like MNLI's
     (ood / "test.jsonl").rename(ood / "dev_matched.jsonl")
-    root = make_project(base / "project", overrides={
+    return make_project(base / "project", overrides={
         "data.extra_sets": {"ood": {"source": str(ood), "split": "dev_matched", "n": 5}}})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = project_with_an_extra_set(tmp_path_factory.mktemp("e2e"))
     first = dvc(root, "repro")
     return root, first.stdout
 
@@ -98,7 +101,7 @@ def test_generate_method_is_comparable(project):
 def test_same_params_same_results(project, tmp_path):
     """A second project from scratch with the same params: byte-identical data, identical metrics."""
     root, _ = project
-    other = make_project(tmp_path / "project")
+    other = project_with_an_extra_set(tmp_path)
     set_param(other, "evaluate.max_new_tokens", 7)
     dvc(other, "repro")
     for split in ["train", "validation", "test"]:
