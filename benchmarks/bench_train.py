@@ -1,20 +1,22 @@
-"""CPU benchmark: our QLoRA pipeline ("ours") against the usual notebook recipe ("naive"), side by side.
+"""Training benchmark on CPU: our QLoRA pipeline ("ours") against the usual notebook recipe ("naive"), side by side.
+(Scoring speed against another git revision: bench_eval.py; shared pieces: common.py.)
 
 Same model (params.yaml model.*, 4-bit NF4 base + the same LoRA config), same training sample, same machine, same
 torch thread count, one run. Reads data/train.jsonl and data/test.jsonl: run `dvc repro prepare` first.
 
     python benchmarks/bench_train.py [--epochs 1] [--n-train 1000] [--n-test 100] [--max-batches N]
-                                   [--sides ours,naive] [--threads N] [--set train.micro_batch_tokens=384 ...]
-                                   [--naive-eval-batch-size N] [--no-cross-eval] [--no-dvc]
-                                   [--out benchmarks/results/train.json]
+                                     [--sides ours,naive] [--threads N] [--set train.micro_batch_tokens=384 ...]
+                                     [--naive-eval-batch-size N] [--no-cross-eval] [--no-dvc]
+                                     [--out benchmarks/results/train.json]
 Levers (ours only, each a params.yaml key): --set train.micro_batch_tokens=384, --set train.gradient_checkpointing=true,
 --set lora.dropout=0, --set 'lora.target_modules=[q_proj,v_proj]', --set 'prompt.template=...',
 --set train.num_threads=1 (--threads N sets both sides). Develop with e.g. --n-train 32 --n-test 8 --max-batches 2.
 
 Sides (each runs in its own subprocess, so its peak RSS is its own):
-  ours   the `finetune` and `evaluate` code paths of the package: length-grouped batches with dynamic padding,
-         split into micro-batches by a token budget (training.length_grouped_batches, micro_batches,
-         train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
+  ours   the `finetune` and `evaluate` code paths of the package, the run built and trained by the stage's own
+         functions (training.build_training: model, LoRA, optimizer, schedule, kept frozen-block states;
+         training.train_remaining_epochs: each epoch's batches by training.epoch_batches): length-grouped batches
+         with dynamic padding, split into micro-batches by a token budget (training.micro_batches, train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
          the answer tokens only with logits computed only there (scoring.answer_loss), evaluation by label
          log-likelihood with the KV-cache trick (scoring.score_labels). params.yaml lora/train/evaluate
          values, plus any `--set group.key=value`.
