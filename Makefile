@@ -33,8 +33,12 @@ repro: setup
 test: setup
 	$(IN_VENV) $(BIN)/python -m pytest -q tests
 
+# Training (ours vs naive, benchmarks/results/train.json), then scoring speed of this checkout against BENCH_AGAINST
+# (benchmarks/results/eval.json)
+BENCH_AGAINST ?= HEAD~1
 bench: setup
-	$(IN_VENV) $(BIN)/python benchmarks/bench_cpu.py
+	$(IN_VENV) $(BIN)/python benchmarks/bench_train.py
+	$(IN_VENV) $(BIN)/python benchmarks/bench_eval.py --against $(BENCH_AGAINST)
 
 # The queued experiments' results as a Markdown table and plot-ready JSON (docs/experiments.md)
 sweep-table: setup

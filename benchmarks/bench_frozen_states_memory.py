@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cpu import _parse_value, machine_info  # noqa: E402
+from common import machine_info, parse_value  # noqa: E402
 from qlora_nli.errors import NLIError  # noqa: E402
 from qlora_nli.io import read_json, write_json  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
@@ -62,7 +62,7 @@ def build_params(overrides, n_train):
         group, dot, name = key.strip().partition(".")
         if not sep or not dot:
             raise SystemExit(f"--set {item!r}: expected GROUP.KEY=VALUE, e.g. data.source=/path/to/snli")
-        params.setdefault(group, {})[name] = _parse_value(text)
+        params.setdefault(group, {})[name] = parse_value(text)
     params["data"]["n_train"] = n_train
     params["train"]["epochs"] = 1
     return check_params(params, "params.yaml + --set")

@@ -11,15 +11,17 @@ import signal
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from qlora_nli import distributed, modeling
 from qlora_nli.distributed import SINGLE, sum_gradients
 from qlora_nli.errors import CheckpointError, RunError
-from qlora_nli.io import atomic_path
+from qlora_nli.io import atomic_path, tree_size_bytes
 from qlora_nli.modeling import save_adapter
 from qlora_nli.scoring import answer_loss, body_and_head, forward_body, shared_prefix_length
 
@@ -44,6 +46,12 @@ def length_grouped_batches(lengths, batch_size, seed):
         chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def epoch_batches(lengths, train_params, epoch):
+    """The batches of `epoch` (1-based): a seed of their own per epoch, derived from train.seed, so every epoch
+    differs and a resumed run, a benchmark and the stage all see the same order."""
+    return length_grouped_batches(lengths, train_params["batch_size"], seed=train_params["seed"] * 1000 + epoch)
 
 
 def make_optimizer(model, train_params, device):
@@ -187,6 +195,7 @@ class FrozenBlockStates:
         self.rows = _RowsInMemory() if in_memory else _RowsInFile(device)
         captured = []
         hook = self.blocks[self.start - 1].register_forward_hook(lambda module, args, out: captured.append(out))
+        started = time.perf_counter()
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding
         self.keys = [None] * len(sequences)
         self.positions = 0  # computed, padding included
@@ -203,6 +212,7 @@ class FrozenBlockStates:
                         self.keys[i] = self.rows.append(rows[r, rows.size(1) - (len(sequences[i]) - self.common):])
         finally:
             hook.remove()
+        self.seconds = time.perf_counter() - started  # part of training's cost, for benchmarks
         log.info("kept the states entering block %d for %d examples (%.0f MB, %s): later passes run %d of %d blocks",
                  self.start, len(sequences), self.rows.nbytes / 1e6,
                  "in memory" if in_memory else "in a temporary file",
@@ -363,3 +373,134 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one fine-tuning run trains with, as built by `build_training`."""
+    model: object
+    optimizer: object
+    optimizer_name: str
+    scheduler: object
+    scaler: object
+    base_parameters: dict
+    n_parameters: dict
+    history: dict = field(default_factory=lambda: {"epochs": [], "steps": []})
+    resumed: tuple = None  # (epoch, directory, state) of the checkpoint resumed from, else None
+    frozen: object = None  # FrozenBlockStates, or None when every epoch runs all blocks
+
+
+def build_training(params, device, dtype, prompt_ids, answer_ids, pad_id, checkpoints=None, ranks=SINGLE):
+    """Seed, 4-bit base model, LoRA, optimizer, linear schedule and gradient scaler for training on these examples;
+    restored from the newest of `checkpoints` of this run if there is one; then the frozen blocks' states, kept
+    when usable and epochs remain. The seed is set before the weights load, so the adapters start the same."""
+    t = params["train"]
+    set_seed(t["seed"])
+    model = modeling.load_base_model(params["model"], device)
+    base_parameters = modeling.count_parameters(model)
+    model = modeling.attach_lora(model, params["lora"], t["gradient_checkpointing"])
+    n_parameters = modeling.count_parameters(model)
+    steps_per_epoch = -(-len(prompt_ids) // t["batch_size"])
+    optimizer, optimizer_name = make_optimizer(model, t, device)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * t["epochs"], t["warmup_ratio"])
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    setup = TrainingSetup(model, optimizer, optimizer_name, scheduler, scaler, base_parameters, n_parameters)
+
+    if checkpoints is not None:
+        with distributed.main_first(ranks):  # rank 0 alone removes stale checkpoints; every rank resumes
+            setup.resumed = checkpoints.latest()
+        distributed.check_same_on_every_rank(ranks, setup.resumed[0] if setup.resumed else None,
+                                             "the epoch to resume after")
+        if setup.resumed is not None:
+            setup.history = checkpoints.restore(setup.resumed, model, optimizer, scheduler, scaler)
+            log.info("resuming after epoch %d from %s", setup.resumed[0], setup.resumed[1])
+
+    why_not = FrozenBlockStates.usable(model, t)
+    if why_not:
+        log.info("every epoch runs all blocks: %s", why_not)
+    elif len(setup.history["epochs"]) < t["epochs"]:
+        setup.frozen = FrozenBlockStates(model, [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_ids, pad_id,
+                                         dtype, t["batch_size"])
+    return setup
+
+
+def train_remaining_epochs(setup, train_params, dtype, prompt_ids, answer_ids, pad_id, on_step, after_epoch,
+                           ranks=SINGLE, max_batches=None):
+    """Train the epochs after those in `setup.history`, up to train.epochs. Per epoch: its batches
+    (`epoch_batches`, at most `max_batches` of them if given), `train_one_epoch` timed, then
+    `after_epoch(epoch, train_loss, seconds)`. Returns {epoch: seconds} for the epochs trained here."""
+    t = train_params
+    lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
+    seconds = {}
+    try:
+        for epoch in range(len(setup.history["epochs"]) + 1, t["epochs"] + 1):
+            batches = epoch_batches(lengths, t, epoch)[:max_batches]
+            with Timer() as timer:
+                train_loss = train_one_epoch(setup.model, batches, prompt_ids, answer_ids, pad_id, setup.optimizer,
+                                             setup.scheduler, setup.scaler, t, dtype, on_step, setup.frozen, ranks)
+            seconds[epoch] = timer.seconds
+            after_epoch(epoch, train_loss, timer.seconds)
+    except torch.OutOfMemoryError:
+        raise RunError(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
+                       f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
+    return seconds
+
+
+def live_curves(live, history):
+    """Replay `history` into the dvclive `live` (a resumed run's curves then match an uninterrupted run's) and
+    return the `on_step(loss, lr)` that appends each new step to `history` and logs it."""
+    for record in history["steps"]:
+        live.step = record["step"]
+        live.log_metric("train/step_loss", record["loss"])
+        live.log_metric("train/learning_rate", record["lr"])
+    for record in history["epochs"]:
+        live.step = record["step"]
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            live.log_metric(f"epoch/{key}", record[key])
+
+    def on_step(loss, lr):
+        step = len(history["steps"]) + 1
+        history["steps"].append({"step": step, "loss": loss, "lr": lr})  # unrounded: a resumed run replays it
+        live.step = step
+        live.log_metric("train/step_loss", loss)
+        live.log_metric("train/learning_rate", lr)
+
+    return on_step
+
+
+def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor):
+    """metrics/train.json's content. `seconds`: {epoch: seconds} of the epochs this process trained; an epoch
+    trained by an interrupted earlier run has None as its time and counts in no throughput."""
+    epochs = setup.history["epochs"]
+    per_epoch = [round(seconds[e["epoch"]], 3) if e["epoch"] in seconds else None for e in epochs]
+    measured = [s for s in per_epoch if s is not None]
+    base, adapted = setup.base_parameters, setup.n_parameters
+    return {
+        "model": params["model"]["name"],
+        "device": modeling.describe_device(device),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "load_in_4bit": params["model"]["load_in_4bit"],
+        "optimizer": setup.optimizer_name,
+        "world_size": ranks.world_size,
+        "backend": ranks.backend,
+        "epochs": len(epochs),
+        "train_examples": len(prompt_ids),
+        "resumed_from_epoch": setup.resumed[0] if setup.resumed else None,
+        "time": {"total_seconds": round(sum(measured), 1), "per_epoch_seconds": per_epoch},
+        "train_loss_per_epoch": [e["train_loss"] for e in epochs],
+        "val_loss_per_epoch": [e["val_loss"] for e in epochs],
+        "val_accuracy_per_epoch": [e["val_accuracy"] for e in epochs],
+        "parameters": {
+            "total": base["total"],
+            "trainable": adapted["trainable"],
+            "trainable_percent": round(100 * adapted["trainable"] / base["total"], 4),
+            "numel_as_stored": base["numel_as_stored"],
+        },
+        "adapter_bytes": tree_size_bytes("models/adapter"),
+        "throughput": {  # over the epochs this process trained
+            "examples_per_second": round(len(prompt_ids) * len(measured) / sum(measured), 2) if measured else None,
+            "tokens_per_second": round(sum(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)) * len(measured)
+                                       / sum(measured), 1) if measured else None,
+        },
+        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"]),
+    }

@@ -110,7 +110,8 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
     run(["python", "stages/prepare.py"], root)
     monkeypatch.chdir(root)
     stage = _load_stage(root)
-    real_epoch, calls = stage.train_one_epoch, []
+    from qlora_nli import training  # the stage's epochs run through training.train_remaining_epochs
+    real_epoch, calls = training.train_one_epoch, []
 
     def fails_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -118,7 +119,7 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
             raise error()
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "train_one_epoch", fails_in_epoch_2)
+    monkeypatch.setattr(training, "train_one_epoch", fails_in_epoch_2)
     with pytest.raises(expected) as e:
         stage.main()
     if expected is RunError:

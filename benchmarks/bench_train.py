@@ -1,20 +1,22 @@
-"""CPU benchmark: our QLoRA pipeline ("ours") against the usual notebook recipe ("naive"), side by side.
+"""Training benchmark on CPU: our QLoRA pipeline ("ours") against the usual notebook recipe ("naive"), side by side.
+(Scoring speed against another git revision: bench_eval.py; shared pieces: common.py.)
 
 Same model (params.yaml model.*, 4-bit NF4 base + the same LoRA config), same training sample, same machine, same
 torch thread count, one run. Reads data/train.jsonl and data/test.jsonl: run `dvc repro prepare` first.
 
-    python benchmarks/bench_cpu.py [--epochs 1] [--n-train 1000] [--n-test 100] [--max-batches N]
-                                   [--sides ours,naive] [--threads N] [--set train.micro_batch_tokens=384 ...]
-                                   [--naive-eval-batch-size N] [--no-cross-eval] [--no-dvc]
-                                   [--out benchmarks/results/cpu.json]
+    python benchmarks/bench_train.py [--epochs 1] [--n-train 1000] [--n-test 100] [--max-batches N]
+                                     [--sides ours,naive] [--threads N] [--set train.micro_batch_tokens=384 ...]
+                                     [--naive-eval-batch-size N] [--no-cross-eval] [--no-dvc]
+                                     [--out benchmarks/results/train.json]
 Levers (ours only, each a params.yaml key): --set train.micro_batch_tokens=384, --set train.gradient_checkpointing=true,
 --set lora.dropout=0, --set 'lora.target_modules=[q_proj,v_proj]', --set 'prompt.template=...',
 --set train.num_threads=1 (--threads N sets both sides). Develop with e.g. --n-train 32 --n-test 8 --max-batches 2.
 
 Sides (each runs in its own subprocess, so its peak RSS is its own):
-  ours   the `finetune` and `evaluate` code paths of the package: length-grouped batches with dynamic padding,
-         split into micro-batches by a token budget (training.length_grouped_batches, micro_batches,
-         train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
+  ours   the `finetune` and `evaluate` code paths of the package, the run built and trained by the stage's own
+         functions (training.build_training: model, LoRA, optimizer, schedule, kept frozen-block states;
+         training.train_remaining_epochs: each epoch's batches by training.epoch_batches): length-grouped batches
+         with dynamic padding, split into micro-batches by a token budget (training.micro_batches, train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on
          the answer tokens only with logits computed only there (scoring.answer_loss), evaluation by label
          log-likelihood with the KV-cache trick (scoring.score_labels). params.yaml lora/train/evaluate
          values, plus any `--set group.key=value`.
@@ -77,32 +79,26 @@ import argparse
 import json
 import logging
 import os
-import platform
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, with or without `pip install -e .`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
-from qlora_nli.io import read_json, read_jsonl, write_json  # noqa: E402  (light imports: the parent never loads torch)
+from common import (MATMUL_REPS, MATMUL_SIZE, REPO, child_matmul, fmt, machine_info, matmul_peak,  # noqa: E402
+                    parse_value, rss_peak_mb, run_child, set_threads, time_dvc_noop)
+from qlora_nli.io import read_jsonl, write_json  # noqa: E402  (light imports: the parent never loads torch)
 from qlora_nli.errors import NLIError  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
 
-log = logging.getLogger("bench_cpu")
+log = logging.getLogger("bench_train")
 
 SIDES = ("ours", "naive")
-MATMUL_SIZE, MATMUL_REPS = 2048, 10
-DVC_REPEATS = 3
 TARGETS = {"train_speedup": 2.0, "eval_speedup": 10.0, "ours_peak_rss_mb": 2048.0, "dvc_repro_noop_seconds": 5.0}
 FLOPS_FORMULA = {
     "N": "dense weights of the non-embedding linear layers (logical in*out, q/k/v/o/gate/up/down of every block)",
@@ -147,7 +143,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-cross-eval", dest="cross_eval", action="store_false",
                     help="skip evaluating each trained model the other side's way")
     ap.add_argument("--no-dvc", dest="dvc", action="store_false", help="skip the dvc repro no-op timing")
-    ap.add_argument("--out", default="benchmarks/results/cpu.json", help="JSON results (written atomically)")
+    ap.add_argument("--out", default="benchmarks/results/train.json", help="JSON results (written atomically)")
     # internal: how the parent starts a child
     ap.add_argument("--child", choices=SIDES + ("matmul",), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -161,16 +157,6 @@ def parse_args(argv=None):
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def _parse_value(text):
-    """YAML value as `dvc exp run -S` reads it; text that YAML would turn into a mapping (a template starting
-    with `{premise}`) or cannot parse stays a plain string."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return text if isinstance(value, dict) else value
 
 
 def build_params(overrides, epochs, threads):
@@ -188,61 +174,8 @@ def build_params(overrides, epochs, threads):
             raise SystemExit(f"--set {item!r}: expected GROUP.KEY=VALUE, e.g. train.micro_batch_tokens=384")
         if key.strip() == "train.epochs":
             raise SystemExit("--set train.epochs: use --epochs, which applies to both sides")
-        ours.setdefault(group, {})[name] = _parse_value(text)
+        ours.setdefault(group, {})[name] = parse_value(text)
     return check_params(base, "params.yaml"), check_params(ours, "params.yaml + --set")
-
-
-def run_child(role, spec, workdir):
-    """Run one side (or the matmul peak) in a fresh interpreter; its progress goes straight to our terminal."""
-    spec_path, result_path = Path(workdir) / f"{role}.spec.json", Path(workdir) / f"{role}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", role, "--spec", str(spec_path),
-           "--result", str(result_path)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0 or not result_path.exists():
-        log.error("%s child failed (exit code %s); see its output above", role, proc.returncode)
-        return {"error": f"child process exited with code {proc.returncode}", "process_seconds": round(seconds, 1)}
-    result = read_json(result_path)
-    result["process_seconds"] = round(seconds, 1)
-    return result
-
-
-def dvc_command():
-    exe = shutil.which("dvc", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    return [exe] if exe else [sys.executable, "-m", "dvc"]
-
-
-def time_dvc_noop():
-    """`dvc repro` with nothing to do: the cost a user pays for every `dvc repro`/`dvc exp run` check."""
-    dvc = dvc_command()
-    start = time.perf_counter()
-    status = subprocess.run(dvc + ["status", "--json"], cwd=REPO, capture_output=True, text=True)
-    status_seconds = round(time.perf_counter() - start, 2)
-    result = {"seconds": None, "runs_seconds": [], "status_seconds": status_seconds, "reason": None}
-    if status.returncode != 0:
-        result["reason"] = f"`dvc status` failed (exit {status.returncode}): {status.stderr.strip()[-300:]}"
-        return result
-    try:
-        changed = json.loads(status.stdout or "{}")
-    except json.JSONDecodeError:
-        changed = {"?": status.stdout.strip()[-300:]}
-    if changed:
-        # Timing `dvc repro` now would run the pipeline (an hour), not measure a no-op.
-        result["reason"] = (f"not measured: `dvc status` is not up to date ({len(changed)} stage(s) changed: "
-                            f"{', '.join(sorted(changed))}); run `dvc repro` once, then rerun the benchmark")
-        return result
-    for _ in range(DVC_REPEATS):
-        start = time.perf_counter()
-        proc = subprocess.run(dvc + ["repro"], cwd=REPO, capture_output=True, text=True)
-        result["runs_seconds"].append(round(time.perf_counter() - start, 2))
-        if proc.returncode != 0:
-            result["reason"] = f"`dvc repro` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"
-            return result
-        result["output_tail"] = proc.stdout.strip()[-300:]
-    result["seconds"] = statistics.median(result["runs_seconds"])
-    return result
 
 
 def flops(side, peak_flops):
@@ -302,41 +235,6 @@ def evaluate_targets(sides, ratios, dvc):
     ]
 
 
-def machine_info():
-    import psutil
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("torch", "transformers", "bitsandbytes", "peft", "accelerate", "dvc"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_model": cpu_model or platform.processor(),
-        "cpu_count_logical": os.cpu_count(),
-        "cpu_count_physical": psutil.cpu_count(logical=False),
-        "memory_total_mb": round(psutil.virtual_memory().total / 2**20),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-def _fmt(value, digits=1):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
 def print_table(report):
     sides, ratios = report["sides"], report["ratios"]
     ours, naive = sides.get("ours", {}), sides.get("naive", {})
@@ -368,7 +266,7 @@ def print_table(report):
         if "GFLOP" in label:
             a, b = (x / 1e9 if x is not None else None for x in (a, b))
         r = ratios.get(ratio_key) if ratio_key else None
-        lines.append(f"{label:40s} {_fmt(a, digits):>12s} {_fmt(b, digits):>12s} {_fmt(r, 2):>11s}")
+        lines.append(f"{label:40s} {fmt(a, digits):>12s} {fmt(b, digits):>12s} {fmt(r, 2):>11s}")
     peak = report["matmul_peak"]
     peaks = [f"{v['torch_threads']} threads: {v['peak_flops_per_second'] / 1e9:.1f} GFLOP/s" for v in peak.values()]
     lines.append("matmul peak (fp32 torch.mm): " + ("; ".join(peaks) or "-"))
@@ -382,7 +280,7 @@ def print_table(report):
     lines.append("targets:")
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
-        lines.append(f"  [{verdict:4s}] {t['name']}: {_fmt(t['value'], 2)} (target {t['target']})")
+        lines.append(f"  [{verdict:4s}] {t['name']}: {fmt(t['value'], 2)} (target {t['target']})")
     for name, side in sides.items():
         if "error" in side:
             lines.append(f"{name}: ERROR {side['error']}")
@@ -400,7 +298,7 @@ def main(args):
     params = {"ours": ours_params, "naive": naive_params}
     threads = sorted({params[s]["train"]["num_threads"] for s in args.sides})
     report = {
-        "benchmark": "bench_cpu",
+        "benchmark": "bench_train",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "settings": {
@@ -415,33 +313,24 @@ def main(args):
     if args.max_batches:
         log.warning("--max-batches %d: a debug run, the numbers are not the benchmark's", args.max_batches)
 
-    with tempfile.TemporaryDirectory(prefix="bench_cpu.") as workdir:
+    with tempfile.TemporaryDirectory(prefix="bench_train.") as workdir:
         # Peak before and after the sides: a drop between the two says the machine was busy with something else.
         log.info("measuring the fp32 matmul peak (%dx%d, threads: %s)", MATMUL_SIZE, MATMUL_SIZE, threads)
-        peak_before = run_child("matmul", {"threads": threads}, workdir)
+        peak_before = run_child(__file__, "matmul", {"threads": threads}, workdir)
         sides = {}
         for side in args.sides:
             log.info("running side %s in a subprocess", side)
             spec = {"params": params[side], "n_train": args.n_train, "n_test": args.n_test,
                     "max_batches": args.max_batches, "cross_eval": args.cross_eval}
-            sides[side] = run_child(side, spec, workdir)
-        peak_after = run_child("matmul", {"threads": threads}, workdir)
+            sides[side] = run_child(__file__, side, spec, workdir)
+        peak_after = run_child(__file__, "matmul", {"threads": threads}, workdir)
 
-    matmul_peak = {}
-    for t in threads:
-        runs = [p["threads"][str(t)] for p in (peak_before, peak_after) if "threads" in p]
-        if runs:
-            matmul_peak[str(t)] = {
-                "torch_threads": runs[0]["torch_threads"],
-                "peak_flops_per_second": max(r["best_flops_per_second"] for r in runs),
-                "before_best": runs[0]["best_flops_per_second"], "before_median": runs[0]["median_flops_per_second"],
-                "after_best": runs[-1]["best_flops_per_second"] if len(runs) > 1 else None,
-            }
+    peaks = matmul_peak((peak_before, peak_after), threads)
     for side, result in sides.items():
         if "error" not in result:
-            peak = matmul_peak.get(str(params[side]["train"]["num_threads"]), {}).get("peak_flops_per_second")
+            peak = peaks.get(str(params[side]["train"]["num_threads"]), {}).get("peak_flops_per_second")
             result["flops"] = flops(result, peak)
-    report["matmul_peak"] = matmul_peak
+    report["matmul_peak"] = peaks
     report["machine"]["torch_threads"] = {s: r.get("torch_threads") for s, r in sides.items()}
     report["sides"] = sides
 
@@ -473,40 +362,6 @@ def main(args):
 # Children: each imports torch itself, so the parent stays small and ru_maxrss is the side's own
 # ------------------------------------------------------------------------------------------------------------------
 
-def _rss_peak_mb():
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
-def _set_threads(n):
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
-def child_matmul(spec):
-    """Achievable fp32 matmul FLOP/s on this machine: the denominator of % of peak."""
-    import torch
-
-    out = {}
-    for n_threads in spec["threads"]:
-        actual = _set_threads(n_threads)
-        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-        for _ in range(3):  # warm-up: thread pool, caches, the BLAS kernel choice
-            torch.mm(a, b)
-        rates = []
-        for _ in range(MATMUL_REPS):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            rates.append(2 * MATMUL_SIZE**3 / (time.perf_counter() - start))
-        out[str(n_threads)] = {"torch_threads": actual, "best_flops_per_second": round(max(rates)),
-                               "median_flops_per_second": round(statistics.median(rates))}
-        log.info("matmul peak at %d threads: %.1f GFLOP/s (median %.1f)", actual, max(rates) / 1e9,
-                 statistics.median(rates) / 1e9)
-    return {"threads": out}
-
-
 def _load_rows(spec):
     train, test = read_jsonl("data/train.jsonl"), read_jsonl("data/test.jsonl")
     for name, rows, n in (("train", train, spec["n_train"]), ("test", test, spec["n_test"])):
@@ -533,7 +388,7 @@ def _start_side(spec):
     from qlora_nli import modeling
 
     params = spec["params"]
-    result = {"torch_threads": _set_threads(params["train"]["num_threads"]), "rss_mb_after_imports": _rss_peak_mb()}
+    result = {"torch_threads": set_threads(params["train"]["num_threads"]), "rss_mb_after_imports": rss_peak_mb()}
     train_rows, test_rows = _load_rows(spec)
     tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     template = params["prompt"]["template"]
@@ -542,35 +397,42 @@ def _start_side(spec):
 
 
 def _load_model(params):
-    """4-bit base + LoRA exactly as stages/finetune.py builds it, and the sizes the FLOP estimate needs."""
-    import torch
-
+    """The naive side's model: 4-bit base + LoRA with the same seed, config and loaders as the pipeline's."""
     from qlora_nli import modeling
-    from qlora_nli.params import check_target_modules
-    from qlora_nli.training import first_trainable_block, set_seed
+    from qlora_nli.training import set_seed
 
     set_seed(params["train"]["seed"])  # LoRA init is random: same seed, same start on both sides
     model = modeling.load_base_model(params["model"], "cpu")
-    check_target_modules(model, params["lora"]["target_modules"])
+    total = modeling.count_parameters(model)["total"]
+    model = modeling.attach_lora(model, params["lora"], params["train"]["gradient_checkpointing"])
+    return model, _model_dims(model, total, modeling.count_parameters(model)["trainable"], params)
+
+
+def _model_dims(model, parameters_total, n_lora, params):
+    """The sizes the FLOP estimate needs, from the model with its adapters attached."""
+    import torch
+
+    from qlora_nli.training import first_trainable_block
+
     head = model.get_output_embeddings()
     cfg = model.config
-    dims = {
-        # Linear4bit keeps the logical in/out features; lm_head (tied to the embeddings) is counted apart
-        "n_body_linear": sum(m.in_features * m.out_features for m in model.modules()
-                             if isinstance(m, torch.nn.Linear) and m is not head),
-        "lm_head": head.in_features * head.out_features,
-        "n_layers": cfg.num_hidden_layers,
-        "d_attn": cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
-        "parameters_total": modeling.count_parameters(model)["total"],
-    }
-    model = modeling.attach_lora(model, params["lora"], params["train"]["gradient_checkpointing"])
-    dims["n_lora"] = modeling.count_parameters(model)["trainable"]
-    dims["lora_target_modules"] = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
+    # Linear4bit keeps the logical in/out features; lm_head (tied to the embeddings) is counted apart and the
+    # adapters' own Linear layers (lora_A, lora_B) are LoRA weights, not the base's
+    base_linear = [m for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name]
     # Backward runs from the top down to the lowest adapted block (to the embeddings under gradient checkpointing,
     # where peft makes the embeddings' output require gradients).
     lowest = 0 if params["train"]["gradient_checkpointing"] else first_trainable_block(model)
-    dims["n_backward_layers"] = cfg.num_hidden_layers - lowest
-    return model, dims
+    return {
+        "n_body_linear": sum(m.in_features * m.out_features for m in base_linear),
+        "lm_head": head.in_features * head.out_features,
+        "n_layers": cfg.num_hidden_layers,
+        "d_attn": cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+        "parameters_total": parameters_total,
+        "n_lora": n_lora,
+        "lora_target_modules": sorted(getattr(model.peft_config["default"], "target_modules", None) or []),
+        "n_backward_layers": cfg.num_hidden_layers - lowest,
+    }
 
 
 def _accuracy(preds, rows):
@@ -602,7 +464,7 @@ def _finish(result, model, tokenizer, prompts, rows, params, method, other_metho
         "eval_seconds": round(seconds, 3),
         "eval_pairs_per_second": round(len(rows) / seconds, 3), "accuracy": _accuracy(preds, rows),
         "invalid_answers": invalid, "generation_examples": texts,
-        "peak_rss_mb": _rss_peak_mb(),  # before cross-eval: this side's own pipeline only
+        "peak_rss_mb": rss_peak_mb(),  # before cross-eval: this side's own pipeline only
     })
     log.info("%s: accuracy %.3f, %.2f pairs/s, peak RSS %.0f MB", method, result["accuracy"],
              result["eval_pairs_per_second"], result["peak_rss_mb"])
@@ -619,41 +481,35 @@ def _finish(result, model, tokenizer, prompts, rows, params, method, other_metho
 
 
 def child_ours(spec):
-    """The finetune + evaluate code paths of the pipeline, timed."""
-    import torch
-
+    """The finetune + evaluate code paths of the pipeline, timed: the run is built and trained by the stage's own
+    functions (training.build_training, train_remaining_epochs), without checkpoints or per-epoch validation."""
     from qlora_nli import modeling
     from qlora_nli.resources import ResourceMonitor
     from qlora_nli.scoring import shared_prefix_length
-    from qlora_nli.training import (FrozenBlockStates, length_grouped_batches, make_optimizer, make_scheduler,
-                                    micro_batches, train_one_epoch)
+    from qlora_nli.training import build_training, epoch_batches, micro_batches, train_remaining_epochs
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, train_rows, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = _start_side(spec)
 
     with ResourceMonitor() as monitor:
-        model, result["model_dims"] = _load_model(params)
-        result["rss_mb_after_load"] = _rss_peak_mb()
         dtype = modeling.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
-        optimizer, result["optimizer"] = make_optimizer(model, t, "cpu")
-        # Same batches as stages/finetune.py (seed * 1000 + epoch); --max-batches cuts each epoch short.
-        epochs = [length_grouped_batches(lengths, t["batch_size"], seed=t["seed"] * 1000 + e)[: spec["max_batches"]]
-                  for e in range(1, t["epochs"] + 1)]
-        scheduler = make_scheduler(optimizer, sum(len(b) for b in epochs), t["warmup_ratio"])
-        scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32 on CPU: nothing to scale
-
-        log.info("ours: training %d epoch(s), %d steps", len(epochs), sum(len(b) for b in epochs))
-        losses, frozen = [], None
-        start = time.perf_counter()
-        if FrozenBlockStates.usable(model, t) is None:  # as stages/finetune.py does, inside the timed training
-            frozen = FrozenBlockStates(model, [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_ids,
-                                       tokenizer.pad_token_id, dtype, t["batch_size"])
-            result["frozen_blocks"] = {"blocks": frozen.start, "positions": frozen.positions}
-        for batches in epochs:
-            losses.append(train_one_epoch(model, batches, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
-                                          scheduler, scaler, t, dtype, on_step=lambda loss, lr: None, frozen=frozen))
-        train_seconds = time.perf_counter() - start
-        result["rss_mb_peak_after_train"] = _rss_peak_mb()
+        # Keeping the frozen blocks' states is part of training (it replaces their forward in every epoch): timed.
+        setup = build_training(params, "cpu", dtype, prompt_ids, answer_ids, tokenizer.pad_token_id)
+        result["model_dims"] = _model_dims(setup.model, setup.base_parameters["total"],
+                                           setup.n_parameters["trainable"], params)
+        result["optimizer"] = setup.optimizer_name
+        result["rss_mb_after_load"] = rss_peak_mb()
+        if setup.frozen is not None:
+            result["frozen_blocks"] = {"blocks": setup.frozen.start, "positions": setup.frozen.positions}
+        losses = []
+        log.info("ours: training %d epoch(s)", t["epochs"])
+        seconds = train_remaining_epochs(setup, t, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
+                                         on_step=lambda loss, lr: None,
+                                         after_epoch=lambda epoch, loss, s: losses.append(loss),
+                                         max_batches=spec["max_batches"])
+        train_seconds = sum(seconds.values()) + (setup.frozen.seconds if setup.frozen is not None else 0.0)
+        result["rss_mb_peak_after_train"] = rss_peak_mb()
+        epochs = [epoch_batches(lengths, t, e)[: spec["max_batches"]] for e in sorted(seconds)]
 
         # What ran, for the FLOP estimate (training.micro_batches + scoring.answer_loss): per micro-batch, the
         # prompts' shared prefix once, then each row's own tokens left-padded to the longest; vocabulary
@@ -676,7 +532,7 @@ def child_ours(spec):
         counts["lm_head_positions_model"] = counts["answer_tokens"]
         result.update(_train_summary(counts, train_seconds, losses, "mean cross-entropy over answer tokens",
                                      t["gradient_checkpointing"]))
-        _finish(result, model, tokenizer, test_prompts, test_rows, params, "score", "generate", spec["cross_eval"],
+        _finish(result, setup.model, tokenizer, test_prompts, test_rows, params, "score", "generate", spec["cross_eval"],
                 monitor)
     return result
 
@@ -743,7 +599,7 @@ def child_naive(spec):
     accumulation = 1  # the whole batch in one pass: the notebooks' way, and its fastest on CPU
     with ResourceMonitor() as monitor, tempfile.TemporaryDirectory(prefix="bench_naive.") as output_dir:
         model, result["model_dims"] = _load_model(params)  # same 4-bit base, LoRA config and seed as ours
-        result["rss_mb_after_load"] = _rss_peak_mb()
+        result["rss_mb_after_load"] = rss_peak_mb()
         collator, loss_log = CountingCollator(), LossLog()
         args = TrainingArguments(
             output_dir=output_dir,
@@ -774,7 +630,7 @@ def child_naive(spec):
         start = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - start
-        result["rss_mb_peak_after_train"] = _rss_peak_mb()
+        result["rss_mb_peak_after_train"] = rss_peak_mb()
         result["torch_threads_after_train"] = torch.get_num_threads()  # Trainer/accelerate must not change it
 
         # Batches that were trained on (with --max-batches the dataloader may have collated one more).

@@ -1,0 +1,263 @@
+"""Scoring speed of this checkout's code against a git revision's, same model, data, machine and thread count.
+
+    python benchmarks/bench_eval.py --against REV [--n 100] [--repeats 3] [--threads N]
+                                    [--out benchmarks/results/eval.json]
+
+Scores the first N pairs of data/test.jsonl by label log-likelihood (scoring.score_labels, evaluate.batch_size) with
+the model of params.yaml model.*: "baseline" (no adapter) and "finetuned" (models/adapter, when present). The
+revision's code comes from a `git worktree add --detach` of REV in a temporary folder (removed afterwards). Each
+side runs in its own subprocess with its tree first on sys.path, in the repository root (same params, data and
+adapter), sides alternating (this, REV, this, REV, ...) for --repeats rounds. A side loads the model with its own
+tree's `modeling.load_for_inference(model, "cpu", adapter)` if it has one, else `load_base_model` (+ `load_adapter`)
++ `.eval()` (older revisions). Model loading is not timed; the prompts' tokenization is (it is part of scoring).
+
+Measured per side and model: pairs/s (median over the rounds; best beside it), the ratio this / REV, and useful
+evaluation FLOP/s as % of the fp32 matmul peak (best of the peaks measured before and after, same threads):
+  useful eval FLOPs = sum over pairs of
+      2 * N * (P + sum over the 3 labels of (len(answer) - 1))   the blocks, on every real token the scores need:
+                                                                  the prompt's P tokens and each answer's tokens
+                                                                  but the last (the last one is only predicted)
+    + 2 * V * H * (sum over the 3 labels of len(answer))          vocabulary projection, only where a log-probability
+                                                                  is read: last prompt position and answer tokens
+  N = dense weights of the base model's non-embedding linear layers (logical in*out, LoRA's own layers not
+  counted), V * H = the vocabulary projection; attention scores, norms and padding are not counted. Token counts use
+  this checkout's tokenization, so both sides are charged the same work.
+Both sides' scores are compared (max abs difference per model): a speed-up must not change the numbers.
+While a side is timed, the long experiment sweep sharing this CPU (if any) is paused, 90 s at most at a time
+(common.PausedSweep).
+"""
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
+
+from common import (REPO, PausedSweep, child_matmul, fmt, machine_info, matmul_peak, run_child,  # noqa: E402
+                    set_threads)
+
+log = logging.getLogger("bench_eval")
+SIDES = ("this", "rev")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", help="git revision whose code is compared with this checkout's (e.g. HEAD~1)")
+    ap.add_argument("--n", type=int, default=100, help="first N pairs of data/test.jsonl (default 100)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of this, REV (default 3)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads, both sides (default params train.num_threads; 0 = torch's default)")
+    ap.add_argument("--out", default="benchmarks/results/eval.json", help="JSON results")
+    # internal: how the parent starts a child
+    ap.add_argument("--child", choices=("side", "matmul"), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not args.child and not args.against:
+        ap.error("--against REV is required")
+    for name in ("n", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parent
+# ------------------------------------------------------------------------------------------------------------------
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def useful_flops(counts, dims):
+    """The docstring's useful evaluation FLOPs for the scored pairs."""
+    return 2 * dims["n_body_linear"] * counts["block_tokens"] + 2 * dims["lm_head"] * counts["projected_positions"]
+
+
+def summarize(runs, counts, dims, peak, n):
+    """Per model: pairs/s over the rounds, useful GFLOP/s and % of peak at the median."""
+    out = {}
+    for model in runs[0]["models"]:
+        rates = [n / r["models"][model]["seconds"] for r in runs]
+        median = statistics.median(rates)
+        flops = useful_flops(counts, dims) * median / n
+        out[model] = {"pairs_per_second_median": round(median, 3), "pairs_per_second_best": round(max(rates), 3),
+                      "pairs_per_second_runs": [round(x, 3) for x in rates],
+                      "useful_flops_per_second": round(flops),
+                      "percent_of_peak": round(100 * flops / peak, 2) if peak else None}
+    return out
+
+
+def max_abs_difference(a, b):
+    return max((abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b)), default=0.0)
+
+
+def print_table(report):
+    lines = [f"{'':28s} {'this':>10s} {report['against']['short']:>10s} {'this/rev':>9s}"]
+    for model, ratio in report["ratios"].items():
+        this, rev = report["sides"]["this"]["summary"][model], report["sides"]["rev"]["summary"][model]
+        lines.append(f"{model + ' pairs/s':28s} {fmt(this['pairs_per_second_median'], 2):>10s} "
+                     f"{fmt(rev['pairs_per_second_median'], 2):>10s} {fmt(ratio, 2):>9s}")
+        lines.append(f"{'  useful GFLOP/s':28s} {fmt(this['useful_flops_per_second'] / 1e9, 2):>10s} "
+                     f"{fmt(rev['useful_flops_per_second'] / 1e9, 2):>10s}")
+        lines.append(f"{'  % of matmul peak':28s} {fmt(this['percent_of_peak'], 1):>10s} "
+                     f"{fmt(rev['percent_of_peak'], 1):>10s}")
+        lines.append(f"{'  max |score difference|':28s} {report['max_abs_score_difference'][model]:>10.2e}")
+    peak = report["matmul_peak"]
+    lines.append("matmul peak (fp32 torch.mm): " + ("; ".join(
+        f"{v['torch_threads']} threads: {v['peak_flops_per_second'] / 1e9:.1f} GFLOP/s" for v in peak.values()) or "-"))
+    if report["sweep_pause_expired"]:
+        lines.append("note: a timed section outlived the 90 s sweep pause; it ran beside the sweep")
+    print("\n".join(lines), flush=True)
+
+
+def main(args):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    test_file, adapter = REPO / "data/test.jsonl", REPO / "models/adapter"
+    if not test_file.exists():
+        raise SystemExit(f"{test_file} is missing: run `dvc repro prepare` first")
+    threads = params["train"]["num_threads"] if args.threads is None else args.threads
+    models = {"baseline": None}
+    if adapter.exists():
+        models["finetuned"] = str(adapter)
+    else:
+        log.warning("%s is missing: timing the baseline only (run `dvc repro finetune` for the finetuned model)",
+                    adapter)
+    commit = git("rev-parse", "--verify", f"{args.against}^{{commit}}")
+    report = {
+        "benchmark": "bench_eval",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "this": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
+        "against": {"rev": args.against, "commit": commit, "short": commit[:8]},
+        "settings": {"n": args.n, "repeats": args.repeats, "threads_requested": threads,
+                     "batch_size": params["evaluate"]["batch_size"], "model": params["model"], "models": models},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_eval.") as workdir:
+        rev_tree = Path(workdir) / "rev"
+        git("worktree", "add", "--detach", str(rev_tree), commit)
+        try:
+            trees = {"this": str(REPO), "rev": str(rev_tree)}
+            peaks = [run_child(__file__, "matmul", {"threads": [threads]}, workdir)]
+            runs = {side: [] for side in SIDES}
+            for round_ in range(args.repeats):
+                for side in SIDES:
+                    log.info("round %d/%d: %s side (%s)", round_ + 1, args.repeats, side, trees[side])
+                    spec = {"tree": trees[side], "model": params["model"], "models": models, "n": args.n,
+                            "threads": threads, "batch_size": params["evaluate"]["batch_size"],
+                            "template": params["prompt"]["template"], "keep_scores": round_ == 0}
+                    result = run_child(__file__, f"side-{side}-{round_}", spec, workdir, role_arg="side")
+                    if "error" in result:
+                        raise SystemExit(f"the {side} side failed in round {round_ + 1}: {result['error']}")
+                    runs[side].append(result)
+            peaks.append(run_child(__file__, "matmul", {"threads": [threads]}, workdir))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(rev_tree)], cwd=REPO)
+
+    report["matmul_peak"] = matmul_peak(peaks, [threads])
+    peak = report["matmul_peak"].get(str(threads), {}).get("peak_flops_per_second")
+    counts, dims = runs["this"][0]["counts"], runs["this"][0]["dims"]
+    report["useful_eval_flops"] = {"counts": counts, "dims": dims, "total": useful_flops(counts, dims)}
+    report["sides"] = {side: {"qlora_nli_from": runs[side][0]["qlora_nli_from"],
+                              "loader": runs[side][0]["loader"], "torch_threads": runs[side][0]["torch_threads"],
+                              "summary": summarize(runs[side], counts, dims, peak, args.n)} for side in SIDES}
+    report["ratios"] = {m: round(report["sides"]["this"]["summary"][m]["pairs_per_second_median"]
+                                 / report["sides"]["rev"]["summary"][m]["pairs_per_second_median"], 3)
+                        for m in models}
+    report["max_abs_score_difference"] = {m: max_abs_difference(runs["this"][0]["models"][m]["scores"],
+                                                                runs["rev"][0]["models"][m]["scores"])
+                                          for m in models}
+    report["sweep_pause_expired"] = any(r["sweep_pause_expired"] for side in SIDES for r in runs[side])
+    out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    log.info("wrote %s", out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Child: one side, its tree's qlora_nli first on sys.path (imported only here)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _load(modeling, model_params, adapter):
+    if hasattr(modeling, "load_for_inference"):
+        return modeling.load_for_inference(model_params, "cpu", adapter), "load_for_inference"
+    model = modeling.load_base_model(model_params, "cpu")
+    if adapter is not None:
+        model = modeling.load_adapter(model, adapter)
+    return model.eval(), "load_base_model + load_adapter + eval"
+
+
+def _counts(tokenizer, prompts):
+    """Token counts of the useful-FLOP definition, with this tree's tokenization."""
+    from qlora_nli.scoring import encode_answers, encode_prompts
+
+    answers = encode_answers(tokenizer)
+    prompt_tokens = sum(len(p) for p in encode_prompts(tokenizer, prompts))
+    per_pair_answer = sum(len(a) for a in answers)
+    return {"pairs": len(prompts), "prompt_tokens": prompt_tokens,
+            "block_tokens": prompt_tokens + len(prompts) * (per_pair_answer - len(answers)),
+            "projected_positions": len(prompts) * per_pair_answer}
+
+
+def _dims(model):
+    import torch
+
+    head = model.get_output_embeddings()
+    return {"n_body_linear": sum(m.in_features * m.out_features for name, m in model.named_modules()
+                                 if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name),
+            "lm_head": head.in_features * head.out_features}
+
+
+def child_side(spec):
+    sys.path.insert(0, spec["tree"])
+    import torch
+
+    import qlora_nli
+    from qlora_nli import modeling
+    from qlora_nli.prompts import format_prompt
+    from qlora_nli.scoring import score_labels
+
+    rows = [json.loads(line) for line in (REPO / "data/test.jsonl").read_text().splitlines() if line.strip()]
+    if spec["n"] > len(rows):
+        raise SystemExit(f"--n {spec['n']}: data/test.jsonl has only {len(rows)} pairs")
+    prompts = [format_prompt(spec["template"], r) for r in rows[: spec["n"]]]
+    result = {"qlora_nli_from": str(Path(qlora_nli.__file__).parent), "torch_threads": set_threads(spec["threads"]),
+              "models": {}, "sweep_pause_expired": False}
+    tokenizer = modeling.load_tokenizer(spec["model"]["name"], spec["model"]["trust_remote_code"])
+    result["counts"] = _counts(tokenizer, prompts)
+    for name, adapter in spec["models"].items():
+        model, result["loader"] = _load(modeling, spec["model"], adapter)
+        result.setdefault("dims", _dims(model))
+        score_labels(model, tokenizer, prompts[:2], spec["batch_size"])  # warm-up: thread pool, allocator
+        with torch.no_grad(), PausedSweep() as pause:
+            start = time.perf_counter()
+            scores = score_labels(model, tokenizer, prompts, spec["batch_size"])
+            seconds = time.perf_counter() - start
+        result["sweep_pause_expired"] |= pause.expired
+        result["models"][name] = {"seconds": seconds,
+                                  "scores": scores.tolist() if spec["keep_scores"] else None}
+        log.info("%s: %d pairs in %.2f s", name, len(prompts), seconds)
+        del model
+    return result
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{cli.child or 'parent'}] %(name)s: %(message)s")
+    if cli.child:
+        spec = json.loads(Path(cli.spec).read_text())
+        result = {"side": child_side, "matmul": child_matmul}[cli.child](spec)
+        Path(cli.result).write_text(json.dumps(result))
+    else:
+        sys.exit(main(cli))
