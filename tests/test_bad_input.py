@@ -351,7 +351,8 @@ def test_prepare_writes_all_outputs_or_none(tmp_path, monkeypatch):
     stage["main"].__globals__["write_json"] = disk_full  # the manifest is the last file written
     with pytest.raises(errors.OutputError, match="No space left"):  # one line, not a traceback
         stage["main"]()
-    after = {p.name: p.read_bytes() for p in sorted((project / "data").iterdir()) if not p.name.startswith(".")}
+    after = {str(p.relative_to(project / "data")): p.read_bytes() for p in sorted((project / "data").rglob("*"))
+             if p.is_file() and not p.name.startswith(".")}
     assert after == before
     assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # no staging leftovers
     stage["main"].__globals__["write_json"] = real_write_json
