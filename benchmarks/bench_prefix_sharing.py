@@ -3,7 +3,8 @@ scoring.score_labels) against the plain path (`group_prefixes=False`: length-sor
 a whole batch computed once), on the embedded model (params.yaml model.*, evaluate.batch_size).
 
     python benchmarks/bench_prefix_sharing.py [--data data/test.jsonl] [--n-pairs 100] [--slice-pairs 10]
-                                              [--gap 5] [--threads N] [--no-pause] [--out benchmarks/results/prefix_sharing.json]
+                                              [--gap 5] [--threads N] [--no-pause]
+                                              [--out benchmarks/results/prefix_sharing.json]
 
 Two prompt sets built from the first --n-pairs test pairs (params.yaml prompt.template):
   variants   per pair the original prompt, a tautology ("H and true is true"), a negation ("H and false is not
@@ -11,8 +12,9 @@ Two prompt sets built from the first --n-pairs test pairs (params.yaml prompt.te
   originals  the plain originals only: unrelated prompts, where the grouped path must fall back to the plain one
 Both paths run in this one process with the same torch thread count. On this shared 2-core CPU a whole set takes
 minutes, so each set is scored in slices of --slice-pairs pairs, one score_labels call per slice and path, the paths
-alternating (plain, grouped, then grouped, plain, ...) so that both see the same machine. Each timed call is bracketed by /work/scratch/sweep_signal.sh STOP ... CONT (CONT always,
-in a `finally`), so a concurrent experiment sweep is paused while it runs; --no-pause leaves it alone.
+alternating (plain, grouped, then grouped, plain, ...) so that both see the same machine. Each timed call is bracketed
+by /work/scratch/sweep_signal.sh STOP ... CONT (CONT always, in a `finally`, and after MAX_PAUSE_S at the latest), so
+a concurrent experiment sweep is paused while it runs; --no-pause leaves it alone.
 Measured per path and set:
   pairs/s                     test pairs / summed wall seconds of the slices' score_labels calls (tokenization
                               included)
@@ -41,6 +43,7 @@ from qlora_nli.prompts import format_prompt  # noqa: E402
 
 log = logging.getLogger("bench_prefix_sharing")
 SWEEP_SIGNAL = "/work/scratch/sweep_signal.sh"
+MAX_PAUSE_S = 80  # the sweep may be paused for at most 90 s at a time
 PATHS = {"plain": False, "grouped": True}
 
 
@@ -69,22 +72,26 @@ def original_prompts(template, rows):
     return [format_prompt(template, r) for r in rows]
 
 
-def sweep(signal, enabled):
-    if enabled and os.path.exists(SWEEP_SIGNAL):
-        subprocess.run([SWEEP_SIGNAL, signal], check=False, capture_output=True)
-
-
 def timed_run(model, tokenizer, prompts, batch_size, group_prefixes, pause, counter):
+    """score_labels timed with the sweep paused; a timer resumes the sweep after MAX_PAUSE_S even if scoring runs
+    longer (the timing then includes the sweep's load)."""
     from qlora_nli.scoring import score_labels
 
     counter[0] = 0
-    sweep("STOP", pause)
+    pause = pause and os.path.exists(SWEEP_SIGNAL)
+    timer = None
+    if pause:
+        subprocess.run([SWEEP_SIGNAL, "STOP"], check=False, capture_output=True)
+        timer = subprocess.Popen(["sh", "-c", f"sleep {MAX_PAUSE_S} && {SWEEP_SIGNAL} CONT"],
+                                 stdout=subprocess.DEVNULL)
     try:
         start = time.perf_counter()
         scores = score_labels(model, tokenizer, prompts, batch_size, group_prefixes=group_prefixes)
         seconds = time.perf_counter() - start
     finally:
-        sweep("CONT", pause)
+        if pause:
+            timer.kill()
+            subprocess.run([SWEEP_SIGNAL, "CONT"], check=False, capture_output=True)
     return scores, seconds, counter[0]
 
 
