@@ -47,14 +47,16 @@ def body_and_head(model):
     return lm.base_model, lm.get_output_embeddings()
 
 
+def common_prefix_length(a, b):
+    n = min(len(a), len(b))
+    return next((j for j in range(n) if a[j] != b[j]), n)
+
+
 def shared_prefix_length(sequences):
     """Length of the token prefix all sequences share, leaving each at least one token of its own."""
     if len(sequences) < 2:
         return 0
-    first, n = sequences[0], min(len(s) for s in sequences) - 1
-    for s in sequences[1:]:
-        n = next((j for j in range(n) if s[j] != first[j]), n)
-    return n
+    return min(min(len(s) for s in sequences) - 1, *(common_prefix_length(sequences[0], s) for s in sequences[1:]))
 
 
 def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None):
@@ -109,15 +111,81 @@ def mean_answer_nll(scores, labels, answers):
     return -sum(scores[i, k].item() for i, k in enumerate(labels)) / sum(len(answers[k]) for k in labels)
 
 
+def plan_groups(sequences, prefix):
+    """Groups of rows that share more than the batch's common `prefix`, as (member rows, length of the prefix they
+    share beyond `prefix`), chosen to minimise the tokens the batch computes: each group's shared prefix once (one row
+    per group, padded to the longest), then every row's remaining tokens (padded to the longest). Padding counts
+    because it is computed too. Returns [] when computing every row's tokens beyond `prefix` (forward_body) costs no
+    more, e.g. when no prompts are related.
+
+    For a width w of the rows' own part, a row longer than prefix + w must get its first tokens from a group; a group
+    of rows that are neighbours in lexicographic order shares their common prefix, so filling groups greedily in that
+    order gives the fewest group rows. The group prefix is kept as short as its members allow: the group pass is
+    padded to its longest group prefix, while the own part is padded to w anyway."""
+    rows = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    shared = [[common_prefix_length(sequences[i], sequences[j]) for j in range(len(sequences))]
+              for i in range(len(sequences))]
+    widest = max(len(s) for s in sequences) - prefix
+    best_cost, best = len(rows) * widest, []
+    for width in range(1, widest):
+        groups = []  # [members, group prefix length, shortest member length]
+        for i in rows:
+            need = len(sequences[i]) - prefix - width
+            if need <= 0:
+                continue
+            if groups:
+                members, length, shortest = groups[-1]
+                shortest = min(shortest, len(sequences[i]))
+                length = max(length, need)
+                # every member keeps at least one token of its own, the last one, whose hidden state is scored
+                if min(shared[members[0]][i], shortest - 1) - prefix >= length:
+                    groups[-1] = [members + [i], length, shortest]
+                    continue
+            groups.append([[i], need, len(sequences[i])])
+        cost = len(groups) * (widest - width) + len(rows) * width
+        if cost < best_cost:
+            best_cost, best = cost, [(members, length) for members, length, _ in groups]
+    return best
+
+
+def forward_grouped(body, sequences, prefix, groups, pad_id, device):
+    """forward_body for prompts that share more than the batch's `prefix` (scoring only, without gradients; training
+    keeps forward_body): the batch prefix runs once, then each group's shared prefix once (one row per group,
+    left-padded), its keys/values are copied to the group's members, then every row's own tokens (left-padded). A row
+    in no group sees the batch prefix only: the group columns are masked out for it, so its mask has a hole there.
+    Returns what forward_body returns: (hidden states of the own part, attention mask over all columns, cache)."""
+    heads = [sequences[members[0]][: prefix + length] for members, length in groups]
+    _, head_mask, cache = forward_body(body, heads, prefix, pad_id, device, use_cache=True)
+    source, skip = [0] * len(sequences), [0] * len(sequences)
+    for g, (members, length) in enumerate(groups):
+        for i in members:
+            source[i], skip[i] = g, length
+    alone = [i for i in range(len(sequences)) if not skip[i]]
+    head_mask = head_mask[source]  # advanced indexing copies
+    head_mask[alone, prefix:] = 0
+    cache.batch_select_indices(torch.tensor(source, device=device))
+    input_ids, own_mask, positions = left_pad([s[prefix + k:] for s, k in zip(sequences, skip)], pad_id, device)
+    mask = torch.cat([head_mask, own_mask], dim=1)
+    positions = positions + prefix + torch.tensor(skip, device=device)[:, None]
+    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+               use_cache=True)
+    return out.last_hidden_state, mask, out.past_key_values
+
+
 @torch.no_grad()
-def _score_batch(model, prompt_ids, answers, pad_id):
-    """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache),
-    then one short pass over the answers' remaining tokens for all labels at once."""
+def _score_batch(model, prompt_ids, answers, pad_id, group_prefixes=True):
+    """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache;
+    prefixes shared by groups of prompts computed once when that computes fewer tokens), then one short pass over
+    the answers' remaining tokens for all labels at once."""
     device = model.device
     body, head = body_and_head(model)
     n_labels, batch = len(answers), len(prompt_ids)
-    hidden, mask, cache = forward_body(body, prompt_ids, shared_prefix_length(prompt_ids), pad_id, device,
-                                       use_cache=True)
+    prefix = shared_prefix_length(prompt_ids)
+    groups = plan_groups(prompt_ids, prefix) if group_prefixes else []
+    if groups:
+        hidden, mask, cache = forward_grouped(body, prompt_ids, prefix, groups, pad_id, device)
+    else:
+        hidden, mask, cache = forward_body(body, prompt_ids, prefix, pad_id, device, use_cache=True)
     first = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)
     scores = torch.stack([first[:, a[0]] for a in answers], dim=1)  # (batch, n_labels)
     longest = max(len(a) for a in answers)
@@ -155,14 +223,37 @@ def length_sorted_batches(prompt_ids, batch_size):
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE):
+def prefix_sharing_batches(prompt_ids, batch_size):
+    """length_sorted_batches with related prompts kept together, so that a batch can compute their shared prefix
+    once (plan_groups): prompts are clustered with their neighbours in lexicographic order when the two share at
+    least half of the shorter one's tokens beyond the prefix common to all prompts (e.g. the variants of one
+    premise/hypothesis pair), and clusters go longest first. Without such prompts every cluster is one prompt and the
+    batches are length_sorted_batches'. Built from all prompts, so ranks split these very batches."""
+    common = shared_prefix_length(prompt_ids)
+    lexical = sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i])
+    clusters = []
+    for before, i in zip([None] + lexical, lexical):
+        a, b = prompt_ids[i], before is not None and prompt_ids[before]
+        if b and 2 * (common_prefix_length(a, b) - common) >= min(len(a), len(b)) - common:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    clusters.sort(key=lambda c: (-max(len(prompt_ids[i]) for i in c), min(c)))
+    order = [i for c in clusters for i in c]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE, group_prefixes=True):
     """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. Each rank scores its share of the
-    batches and every rank gets all the scores."""
+    batches and every rank gets all the scores. `group_prefixes=False` gives the plain path (length-sorted batches,
+    only the prefix common to a whole batch computed once), the reference the grouped path must equal."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     answers = encode_answers(tokenizer)
+    make_batches = prefix_sharing_batches if group_prefixes else length_sorted_batches
     mine = {}
-    for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
-        mine.update(zip(idx, _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id)))
+    for idx in tqdm(ranks.share(make_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
+        scores = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id, group_prefixes)
+        mine.update(zip(idx, scores))
     every = gather_by_index(ranks, mine)
     return torch.stack([every[i] for i in range(len(prompts))]) if prompts else torch.empty(0, len(answers))
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_nli import modeling
+from qlora_nli import modeling, scoring
 from qlora_nli.prompts import LABELS, TEMPLATE
 from qlora_nli.scoring import (answer_loss, encode_answers, encode_prompts, generate_answers, mean_answer_nll,
                                parse_label, score_labels)
@@ -92,3 +92,44 @@ def test_generate_equals_one_prompt_at_a_time_greedy_decoding(tiny_model_dir):
 ])
 def test_parse_label(text, expected):
     assert parse_label(text) == expected
+
+
+def _related_prompts():
+    """Prompt variants of made-up pairs, as the evaluation probes build them: groups of different sizes sharing
+    prefixes of different lengths (up to the hypothesis, or only up to "Hypothesis:"), an exact duplicate, a pair
+    with one variant, and unrelated prompts, one of them not even sharing the template's first token."""
+    rows = made_up_pairs(4, 11)
+    variants = lambda p, h: [(p, h), (p, f"{h} and true is true"), (p, f"{h} and false is not true"), (p, p)]
+    pairs = variants(rows[0]["premise"], rows[0]["hypothesis"]) + [(rows[0]["premise"], rows[0]["hypothesis"])]
+    pairs += variants(rows[1]["premise"], rows[1]["hypothesis"])[:2] + [(rows[2]["premise"], rows[2]["hypothesis"])]
+    pairs += [(rows[3]["hypothesis"], rows[3]["premise"])]  # swapped
+    prompts = [TEMPLATE.format(premise=p, hypothesis=h) for p, h in pairs]
+    return prompts + [f"Hypothesis: {rows[3]['hypothesis']}\nRelation:", "the band waits.\nRelation:"]
+
+
+@pytest.mark.parametrize("batch_size", [3, 4, 16])
+def test_grouped_prefixes_give_the_per_prompt_scores(tiny_model_dir, batch_size, monkeypatch):
+    model, tokenizer = _model(tiny_model_dir, False)
+    prompts = _related_prompts()
+    planned = []
+    plan = scoring.plan_groups
+    monkeypatch.setattr(scoring, "plan_groups", lambda *a: planned.append(plan(*a)) or planned[-1])  # groups formed
+    grouped = score_labels(model, tokenizer, prompts, batch_size)
+    assert any(len(members) >= min(batch_size, 4) - 1 for groups in planned for members, _ in groups), planned
+    single = score_labels(model, tokenizer, prompts, batch_size=1, group_prefixes=False)
+    assert torch.allclose(grouped, single, atol=1e-4), (grouped - single).abs().max()
+    assert torch.equal(grouped.argmax(1), single.argmax(1))
+    assert len({tuple(row) for row in single.tolist()}) == len(prompts) - 1  # only the duplicate scores alike
+    assert torch.equal(grouped, score_labels(model, tokenizer, prompts, batch_size)), "not reproducible"
+
+
+def test_prefix_sharing_batches_keep_related_prompts_together_and_fall_back_to_length_order(tiny_model_dir):
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    prompt_ids = encode_prompts(tokenizer, _related_prompts())
+    order = [i for batch in scoring.prefix_sharing_batches(prompt_ids, 4) for i in batch]
+    assert sorted(order) == list(range(len(prompt_ids)))
+    places = sorted(order.index(i) for i in range(5))  # the five variants of one pair, side by side
+    assert places == list(range(places[0], places[0] + 5))
+    unrelated = [[k] * n for k, n in enumerate((5, 9, 2, 7, 7, 3, 1))]
+    assert scoring.prefix_sharing_batches(unrelated, 2) == scoring.length_sorted_batches(unrelated, 2)
+    assert scoring.plan_groups([[7, 1, 2, 3], [7, 4, 5, 6], [7, 8, 9, 9]], 1) == []  # nothing shared: plain path
