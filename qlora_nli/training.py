@@ -268,8 +268,20 @@ def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, s
 
 
 def fingerprint(*parts):
-    """Hash of everything that defines a run (params, data): a checkpoint is resumed only under the same hash."""
+    """Hash of everything that defines a run (params, data, code): a checkpoint is resumed only under the same hash."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_code_sha256(stage_file):
+    """Hash of the code that computes a training run: the stage script and the modules it trains with. Part of the
+    checkpoint fingerprint, so that after a code change (a fix, or a refactor) training starts over instead of
+    resuming epochs that other code computed."""
+    from qlora_nli import modeling, scoring
+
+    digest = hashlib.sha256()
+    for path in (stage_file, __file__, modeling.__file__, scoring.__file__):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 class Checkpoints:

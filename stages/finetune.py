@@ -19,7 +19,7 @@ from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
 from qlora_nli.training import (Checkpoints, build_training, fingerprint, live_curves, train_metrics,
-                                train_remaining_epochs)
+                                train_remaining_epochs, training_code_sha256)
 
 log = logging.getLogger("finetune")
 
@@ -51,7 +51,8 @@ def main():
     val_prompts, val_labels = [format_prompt(template, r) for r in val_rows], [r["label"] for r in val_rows]
     checkpoints = Checkpoints("checkpoints", fingerprint(params["model"], params["prompt"], params["lora"], t,
                                                          file_sha256("data/train.jsonl"),
-                                                         file_sha256("data/validation.jsonl")))
+                                                         file_sha256("data/validation.jsonl"),
+                                                         training_code_sha256(__file__)))
 
     log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
     with ResourceMonitor() as monitor:
