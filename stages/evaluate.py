@@ -35,6 +35,7 @@ from qlora_nli.stats import classification_metrics
 log = logging.getLogger("evaluate")
 ADAPTERS = {"baseline": None, "finetuned": "models/adapter"}
 SETS_DIR = Path("data/sets")
+SETS_INDEX = "index.json"  # in metrics/sets/<model>/, beside one <set>.json per extra set
 
 
 def build_jobs(test_rows, val_rows, sets, probes, template, hypothesis_only_template):
@@ -171,6 +172,8 @@ def main(name):
         write_jsonl(staged[evidence] / "validation.jsonl", val)
         write_jsonl(staged[evidence] / "probes.jsonl", scored["probes"])
         staged[sets_metrics].mkdir(parents=True)
+        # Never an empty directory (Git keeps none, and this output is in Git): the number of sets, as a metric too.
+        write_json(staged[sets_metrics] / SETS_INDEX, {"n_sets": len(set_metrics)})
         for set_name, document in set_metrics.items():
             write_jsonl(staged[evidence] / "sets" / f"{set_name}.jsonl", scored[f"set:{set_name}"])
             write_json(staged[sets_metrics] / f"{set_name}.json", document)

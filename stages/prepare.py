@@ -49,6 +49,9 @@ def main():
         for split in SPLITS:
             write_jsonl(staged[f"data/{split}.jsonl"], samples[split])
         staged["data/sets"].mkdir()
+        # Never an empty directory: Git keeps none, and a DVC output must exist in every clone.
+        (staged["data/sets"] / "README.txt").write_text("One JSON-lines file per extra evaluation set of "
+                                                        "params.yaml data.extra_sets, written by prepare.\n")
         for name, rows in extra.items():
             write_jsonl(staged["data/sets"] / f"{name}.jsonl", rows)
         write_json(staged["data/manifest.json"], {

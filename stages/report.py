@@ -36,6 +36,8 @@ def load_inputs():
     art["sets"] = {}
     for model in ("baseline", "finetuned"):
         for path in sorted(Path("metrics/sets", model).glob("*.json")):
+            if path.name == "index.json":  # the number of sets (evaluate.SETS_INDEX), not a set
+                continue
             art["sets"].setdefault(path.stem, {})[model] = artifacts.read_document(path, artifacts.SET_METRICS)
     for name, models in art["sets"].items():
         if len(models) != 2:

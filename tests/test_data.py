@@ -369,8 +369,8 @@ def run_prepare(project, monkeypatch):
 def test_prepare_end_to_end_is_reproducible(tmp_path, monkeypatch):
     project = prepare_project(tmp_path)
     first = run_prepare(project, monkeypatch)
-    assert sorted(first) == ["manifest.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
-    assert (project / "data" / "sets").is_dir()  # no extra sets: an empty directory, still a declared output
+    # no extra sets: data/sets holds only its README (Git keeps no empty directory, and DVC needs the output)
+    assert sorted(first) == ["manifest.json", "sets/README.txt", "test.jsonl", "train.jsonl", "validation.jsonl"]
     assert run_prepare(project, monkeypatch) == first
 
     train = [json.loads(line) for line in first["train.jsonl"].decode().splitlines()]
