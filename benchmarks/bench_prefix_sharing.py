@@ -13,8 +13,8 @@ Two prompt sets built from the first --n-pairs test pairs (params.yaml prompt.te
 Both paths run in this one process with the same torch thread count. On this shared 2-core CPU a whole set takes
 minutes, so each set is scored in slices of --slice-pairs pairs, one score_labels call per slice and path, the paths
 alternating (plain, grouped, then grouped, plain, ...) so that both see the same machine. Each timed call is bracketed
-by /work/scratch/sweep_signal.sh STOP ... CONT (CONT always, in a `finally`, and after MAX_PAUSE_S at the latest), so
-a concurrent experiment sweep is paused while it runs; --no-pause leaves it alone.
+by common.PausedSweep (BENCH_PAUSE_SCRIPT STOP ... CONT, CONT always and after 90 s at the latest), so that other
+jobs sharing the CPU are paused while it runs; --no-pause leaves them alone.
 Measured per path and set:
   pairs/s                     test pairs / summed wall seconds of the slices' score_labels calls (tokenization
                               included)
@@ -24,9 +24,8 @@ Checks (in the JSON): the grouped scores equal the plain ones to atol 1e-4 with 
 slice again (untimed) gives identical grouped scores.
 """
 import argparse
+import contextlib
 import logging
-import os
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,14 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cpu import machine_info  # noqa: E402
+from common import PausedSweep, machine_info  # noqa: E402
 from qlora_nli.io import read_jsonl, write_json  # noqa: E402
 from qlora_nli.params import load_params  # noqa: E402
 from qlora_nli.prompts import format_prompt  # noqa: E402
 
 log = logging.getLogger("bench_prefix_sharing")
-SWEEP_SIGNAL = "/work/scratch/sweep_signal.sh"
-MAX_PAUSE_S = 80  # the sweep may be paused for at most 90 s at a time
 PATHS = {"plain": False, "grouped": True}
 
 
@@ -73,25 +70,14 @@ def original_prompts(template, rows):
 
 
 def timed_run(model, tokenizer, prompts, batch_size, group_prefixes, pause, counter):
-    """score_labels timed with the sweep paused; a timer resumes the sweep after MAX_PAUSE_S even if scoring runs
-    longer (the timing then includes the sweep's load)."""
+    """score_labels timed, other jobs on the CPU paused if asked (common.PausedSweep)."""
     from qlora_nli.scoring import score_labels
 
     counter[0] = 0
-    pause = pause and os.path.exists(SWEEP_SIGNAL)
-    timer = None
-    if pause:
-        subprocess.run([SWEEP_SIGNAL, "STOP"], check=False, capture_output=True)
-        timer = subprocess.Popen(["sh", "-c", f"sleep {MAX_PAUSE_S} && {SWEEP_SIGNAL} CONT"],
-                                 stdout=subprocess.DEVNULL)
-    try:
+    with PausedSweep() if pause else contextlib.nullcontext():
         start = time.perf_counter()
         scores = score_labels(model, tokenizer, prompts, batch_size, group_prefixes=group_prefixes)
         seconds = time.perf_counter() - start
-    finally:
-        if pause:
-            timer.kill()
-            subprocess.run([SWEEP_SIGNAL, "CONT"], check=False, capture_output=True)
     return scores, seconds, counter[0]
 
 

@@ -179,21 +179,24 @@ def matmul_peak(peaks, threads):
     return out
 
 
-SWEEP_SIGNAL = Path("/work/scratch/sweep_signal.sh")  # stops/continues a long experiment sweep sharing the CPU
+# A script run as `script STOP` / `script CONT` around each timed block, to pause other jobs that share the CPU (an
+# experiment sweep, say) so that they do not enter the timings; unset, nothing is paused.
+PAUSE_SCRIPT = os.environ.get("BENCH_PAUSE_SCRIPT")
 MAX_PAUSE_SECONDS = 90
 
 
 class PausedSweep:
-    """`with PausedSweep(script):` stops the processes of a sweep sharing this CPU (`script STOP`) while the block
-    is timed and continues them after (`script CONT`, also on errors). A pause never lasts longer than
-    MAX_PAUSE_SECONDS: a timer continues the sweep then, and `expired` says that the rest of the block was timed
-    beside it. Without the script (another machine) it does nothing."""
+    """`with PausedSweep(script):` stops the jobs sharing this CPU (`script STOP`) while the block is timed and
+    continues them after (`script CONT`, also on errors). A pause never lasts longer than MAX_PAUSE_SECONDS: a timer
+    continues them then, and `expired` says that the rest of the block was timed beside them. Without a script
+    (BENCH_PAUSE_SCRIPT unset) it does nothing."""
 
-    def __init__(self, script=SWEEP_SIGNAL, limit=MAX_PAUSE_SECONDS):
-        self.script, self.limit, self.expired, self.timer = Path(script), limit, False, None
+    def __init__(self, script=PAUSE_SCRIPT, limit=MAX_PAUSE_SECONDS):
+        self.script = Path(script) if script else None
+        self.limit, self.expired, self.timer = limit, False, None
 
     def _signal(self, what):
-        if self.script.exists():
+        if self.script is not None and self.script.exists():
             subprocess.run([str(self.script), what], capture_output=True, timeout=30)
 
     def _expire(self):
