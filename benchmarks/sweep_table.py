@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 NOT_SHOWN = "not looked at"
 
@@ -109,6 +110,43 @@ def markdown(table, varying):
     return "\n".join(lines) + "\n"
 
 
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def svg_curves(table, width=820, height=360):
+    """Validation accuracy per epoch of every experiment as a line chart (SVG text, no plotting library): x = epoch,
+    y = accuracy from 0 to 1, one line and legend entry per experiment, the pick drawn thicker."""
+    left, right, top, bottom = 50, 330, 20, 40
+    epochs = max((len(r["val_accuracy_per_epoch"]) for r in table), default=1)
+
+    def x(epoch):
+        return left + (epoch - 1) / max(epochs - 1, 1) * (width - left - right)
+
+    def y(accuracy):
+        return top + (1 - accuracy) * (height - top - bottom)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
+    for tick in (0, 0.25, 0.5, 0.75, 1):
+        parts.append(f'<line x1="{left}" y1="{y(tick):.1f}" x2="{width - right}" y2="{y(tick):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for epoch in range(1, epochs + 1):
+        parts.append(f'<text x="{x(epoch):.1f}" y="{height - bottom + 16}" text-anchor="middle">{epoch}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" text-anchor="middle">epoch</text>'
+                 f'<text x="14" y="{(top + height - bottom) / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2:.1f})">validation accuracy</text>')
+    for i, row in enumerate(table):
+        colour, stroke = COLOURS[i % len(COLOURS)], 3 if row["pick"] else 1.5
+        points = " ".join(f"{x(e):.1f},{y(a):.1f}" for e, a in enumerate(row["val_accuracy_per_epoch"], 1))
+        label = row["experiment"] + "".join(f" {k.split('.')[-1]}={v}" for k, v in row["params"].items())
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{stroke}" points="{points}"/>'
+                     f'<line x1="{width - right + 10}" y1="{top + 8 + 16 * i}" x2="{width - right + 30}" '
+                     f'y2="{top + 8 + 16 * i}" stroke="{colour}" stroke-width="{stroke}"/>'
+                     f'<text x="{width - right + 34}" y="{top + 12 + 16 * i}">{escape(label)}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="a saved `dvc exp show --json`; default: run it here")
@@ -133,6 +171,7 @@ def main():
         writer.writerow(["experiment", "epoch", "val_accuracy"])
         for row in table:
             writer.writerows([row["experiment"], epoch, a] for epoch, a in enumerate(row["val_accuracy_per_epoch"], 1))
+    (out / "val_accuracy.svg").write_text(svg_curves(table))
     print(text, end="")
 
 

@@ -195,6 +195,26 @@ def test_sweep_table_of_the_queued_experiments(queued, tmp_path):
         points = list(csv.DictReader(f))
     assert [p["epoch"] for p in points if p["experiment"] == "small"] == ["1", "2"]
     assert printed == (tmp_path / "sweep.md").read_text() and "(pick)" in printed
+    assert (tmp_path / "val_accuracy.svg").read_text().count("<polyline") == len(table)
+
+
+def test_sweep_chart_draws_each_experiment_at_its_accuracies():
+    from xml.etree import ElementTree
+
+    from benchmarks.sweep_table import svg_curves
+
+    table = [{"experiment": "a", "params": {"train.learning_rate": 0.001}, "val_accuracy_per_epoch": [0.25, 0.5, 1.0],
+              "pick": True},
+             {"experiment": "b<c", "params": {"train.learning_rate": 0.003}, "val_accuracy_per_epoch": [0.0, 0.75],
+              "pick": False}]
+    svg = ElementTree.fromstring(svg_curves(table, width=500, height=260))  # well-formed, names escaped
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    points = [[tuple(map(float, p.split(","))) for p in line.get("points").split()] for line in lines]
+    # plot area: x from 50 (epoch 1) to 500 - 330 (epoch 3), y from 20 (accuracy 1) to 260 - 40 (accuracy 0)
+    assert points == [[(50, 170), (110, 120), (170, 20)], [(50, 220), (110, 70)]]
+    assert [float(line.get("stroke-width")) for line in lines] == [3, 1.5]  # the pick stands out
+    legend = [t.text for t in svg.findall("{http://www.w3.org/2000/svg}text") if t.text and "learning_rate" in t.text]
+    assert legend == ["a learning_rate=0.001", "b<c learning_rate=0.003"]
 
 
 @pytest.mark.slow
