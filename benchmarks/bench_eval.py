@@ -1,10 +1,12 @@
 """Scoring speed of this checkout's code against a git revision's, same model, data, machine and thread count.
 
-    python benchmarks/bench_eval.py --against REV [--n 100] [--repeats 3] [--threads N]
+    python benchmarks/bench_eval.py --against REV [--pairs test|evaluate] [--n 100] [--repeats 3] [--threads N]
                                     [--out benchmarks/results/eval.json]
 
-Scores the first N pairs of data/test.jsonl by label log-likelihood (scoring.score_labels, evaluate.batch_size) with
-the model of params.yaml model.*: "baseline" (no adapter) and "finetuned" (models/adapter, when present). The
+Scores, by label log-likelihood (scoring.score_labels, evaluate.batch_size), either the first N pairs of
+data/test.jsonl (--pairs test, the default) or every prompt the `evaluate` stage scores (--pairs evaluate: test,
+validation, the probes of evaluate.probes and the extra sets of data/sets/, built by this checkout's
+stages.evaluate.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*: "baseline" (no adapter) and "finetuned" (models/adapter, when present). The
 revision's code comes from a `git worktree add --detach` of REV in a temporary folder (removed afterwards). Each
 side runs in its own subprocess with its tree first on sys.path, in the repository root (same params, data and
 adapter), sides alternating (this, REV, this, REV, ...) for --repeats rounds. A side loads the model with its own
@@ -52,13 +54,15 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", help="git revision whose code is compared with this checkout's (e.g. HEAD~1)")
+    ap.add_argument("--pairs", choices=("test", "evaluate"), default="test",
+                    help="test: the first N test pairs; evaluate: every prompt of the evaluate stage")
     ap.add_argument("--n", type=int, default=100, help="first N pairs of data/test.jsonl (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of this, REV (default 3)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads, both sides (default params train.num_threads; 0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/eval.json", help="JSON results")
     # internal: how the parent starts a child
-    ap.add_argument("--child", choices=("side", "matmul"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("side", "matmul", "prompts"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -139,7 +143,7 @@ def main(args):
         "machine": machine_info(),
         "this": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
         "against": {"rev": args.against, "commit": commit, "short": commit[:8]},
-        "settings": {"n": args.n, "repeats": args.repeats, "threads_requested": threads,
+        "settings": {"pairs": args.pairs, "n": args.n, "repeats": args.repeats, "threads_requested": threads,
                      "batch_size": params["evaluate"]["batch_size"], "model": params["model"], "models": models},
     }
     with tempfile.TemporaryDirectory(prefix="bench_eval.") as workdir:
@@ -148,13 +152,18 @@ def main(args):
         try:
             trees = {"this": str(REPO), "rev": str(rev_tree)}
             peaks = [run_child(__file__, "matmul", {"threads": [threads]}, workdir)]
+            built = run_child(__file__, "prompts", {"pairs": args.pairs, "n": args.n, "params": params}, workdir)
+            if "error" in built:
+                raise SystemExit(f"building the prompts failed: {built['error']}")
+            prompts = built["prompts"]
+            report["settings"]["prompts_per_part"] = built["parts"]
             runs = {side: [] for side in SIDES}
             for round_ in range(args.repeats):
                 for side in SIDES:
                     log.info("round %d/%d: %s side (%s)", round_ + 1, args.repeats, side, trees[side])
-                    spec = {"tree": trees[side], "model": params["model"], "models": models, "n": args.n,
+                    spec = {"tree": trees[side], "model": params["model"], "models": models, "prompts": prompts,
                             "threads": threads, "batch_size": params["evaluate"]["batch_size"],
-                            "template": params["prompt"]["template"], "keep_scores": round_ == 0}
+                            "keep_scores": round_ == 0}
                     result = run_child(__file__, f"side-{side}-{round_}", spec, workdir, role_arg="side")
                     if "error" in result:
                         raise SystemExit(f"the {side} side failed in round {round_ + 1}: {result['error']}")
@@ -169,7 +178,7 @@ def main(args):
     report["useful_eval_flops"] = {"counts": counts, "dims": dims, "total": useful_flops(counts, dims)}
     report["sides"] = {side: {"qlora_nli_from": runs[side][0]["qlora_nli_from"],
                               "loader": runs[side][0]["loader"], "torch_threads": runs[side][0]["torch_threads"],
-                              "summary": summarize(runs[side], counts, dims, peak, args.n)} for side in SIDES}
+                              "summary": summarize(runs[side], counts, dims, peak, len(prompts))} for side in SIDES}
     report["ratios"] = {m: round(report["sides"]["this"]["summary"][m]["pairs_per_second_median"]
                                  / report["sides"]["rev"]["summary"][m]["pairs_per_second_median"], 3)
                         for m in models}
@@ -219,19 +228,36 @@ def _dims(model):
             "lm_head": head.in_features * head.out_features}
 
 
+def child_prompts(spec):
+    """The prompts both sides score, built once by this checkout's code: {"prompts": [...], "parts": {part: n}}."""
+    sys.path.insert(0, str(REPO))  # stages/ is not part of the installed package
+    from qlora_nli.artifacts import data_row_problem, read_rows
+    from qlora_nli.prompts import format_prompt
+    from stages.evaluate import SETS_DIR, build_jobs
+
+    params, test = spec["params"], read_rows("data/test.jsonl", data_row_problem)
+    if spec["pairs"] == "test":
+        if spec["n"] > len(test):
+            raise SystemExit(f"--n {spec['n']}: data/test.jsonl has only {len(test)} pairs")
+        jobs = [("test", None, [format_prompt(params["prompt"]["template"], r) for r in test[: spec["n"]]], None)]
+    else:
+        sets = {path.stem: read_rows(path, data_row_problem) for path in sorted(SETS_DIR.glob("*.jsonl"))}
+        jobs = build_jobs(test, read_rows("data/validation.jsonl", data_row_problem), sets,
+                          params["evaluate"]["probes"], params["prompt"]["template"],
+                          params["evaluate"]["hypothesis_only_template"])
+    return {"prompts": [p for _, _, prompts, _ in jobs for p in prompts],
+            "parts": {group: len(prompts) for group, _, prompts, _ in jobs}}
+
+
 def child_side(spec):
     sys.path.insert(0, spec["tree"])
     import torch
 
     import qlora_nli
     from qlora_nli import modeling
-    from qlora_nli.prompts import format_prompt
     from qlora_nli.scoring import score_labels
 
-    rows = [json.loads(line) for line in (REPO / "data/test.jsonl").read_text().splitlines() if line.strip()]
-    if spec["n"] > len(rows):
-        raise SystemExit(f"--n {spec['n']}: data/test.jsonl has only {len(rows)} pairs")
-    prompts = [format_prompt(spec["template"], r) for r in rows[: spec["n"]]]
+    prompts = spec["prompts"]
     result = {"qlora_nli_from": str(Path(qlora_nli.__file__).parent), "torch_threads": set_threads(spec["threads"]),
               "models": {}, "sweep_pause_expired": False}
     tokenizer = modeling.load_tokenizer(spec["model"]["name"], spec["model"]["trust_remote_code"])
@@ -257,7 +283,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{cli.child or 'parent'}] %(name)s: %(message)s")
     if cli.child:
         spec = json.loads(Path(cli.spec).read_text())
-        result = {"side": child_side, "matmul": child_matmul}[cli.child](spec)
+        result = {"side": child_side, "matmul": child_matmul, "prompts": child_prompts}[cli.child](spec)
         Path(cli.result).write_text(json.dumps(result))
     else:
         sys.exit(main(cli))
