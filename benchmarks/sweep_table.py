@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
+
+from common import dvc_command  # noqa: E402
+
 NOT_SHOWN = "not looked at"
 
 
@@ -35,16 +39,20 @@ def flatten(tree, prefix=""):
 
 
 def experiments(exp_show):
-    """(name, rev, data) of every experiment that trained, and of each baseline commit that holds a trained run."""
+    """(name, rev, data) of every finished experiment that trained, and of each baseline commit that holds a trained
+    run of params no experiment repeats. A queued or running experiment is left out: until it ends, `dvc exp show`
+    gives it the workspace's metrics."""
     for baseline in exp_show:
         if baseline["rev"] == "workspace":
             continue
-        if metric(baseline.get("data"), "metrics/train.json", "epochs"):
-            yield baseline.get("name") or baseline["rev"][:7], baseline["rev"], baseline["data"]
-        for exp in baseline.get("experiments") or []:
-            run = exp["revs"][0]
-            if metric(run.get("data"), "metrics/train.json", "epochs"):
-                yield exp.get("name") or run["rev"][:7], run["rev"], run["data"]
+        finished = [(exp.get("name") or exp["revs"][0]["rev"][:7], exp["revs"][0]["rev"], exp["revs"][0]["data"])
+                    for exp in baseline.get("experiments") or []
+                    if (exp.get("executor") or {}).get("state", "success") == "success"
+                    and metric(exp["revs"][0].get("data"), "metrics/train.json", "epochs")]
+        data = baseline.get("data")
+        if metric(data, "metrics/train.json", "epochs") and all(d["params"] != data["params"] for _, _, d in finished):
+            yield baseline.get("name") or baseline["rev"][:7], baseline["rev"], data
+        yield from finished
 
 
 def metric(data, path, key):
@@ -156,7 +164,7 @@ def main():
     if args.input:
         exp_show = json.loads(Path(args.input).read_text())
     else:
-        shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        shown = subprocess.run([*dvc_command(), "exp", "show", "--json"], capture_output=True, text=True)
         if shown.returncode != 0:
             sys.exit(f"sweep_table: `dvc exp show --json` failed: {shown.stderr.strip()[-300:]}")
         exp_show = json.loads(shown.stdout)

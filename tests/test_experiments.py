@@ -198,6 +198,25 @@ def test_sweep_table_of_the_queued_experiments(queued, tmp_path):
     assert (tmp_path / "val_accuracy.svg").read_text().count("<polyline") == len(table)
 
 
+def test_sweep_table_leaves_out_unfinished_experiments_and_a_baseline_an_experiment_repeats():
+    from benchmarks.sweep_table import experiments
+
+    def data(lr, accuracy):
+        return {"params": {"params.yaml": {"data": {"train": {"learning_rate": lr}}}},
+                "metrics": {"metrics/train.json": {"data": {"epochs": 1, "val_accuracy_per_epoch": [accuracy]}}}}
+
+    def exp(name, rev, lr, state):
+        return {"name": name, "executor": {"state": state} if state else None,
+                "revs": [{"rev": rev, "data": data(lr, 0.5)}]}
+
+    exp_show = [{"rev": "workspace", "data": data(1e-3, 0.1)},
+                {"rev": "base", "name": "main", "data": data(1e-3, 0.6), "experiments": [
+                    exp("same-as-main", "r1", 1e-3, "success"), exp("other", "r2", 3e-4, None),
+                    exp("running", "workspace", 3e-3, "running"), exp("waiting", "r4", 3e-3, "queued")]},
+                {"rev": "older", "name": "v1", "data": data(5e-4, 0.4), "experiments": None}]
+    assert [name for name, _, _ in experiments(exp_show)] == ["same-as-main", "other", "v1"]
+
+
 def test_sweep_chart_draws_each_experiment_at_its_accuracies():
     from xml.etree import ElementTree
 
