@@ -33,7 +33,8 @@ repro: setup
 test: setup
 	$(IN_VENV) $(BIN)/python -m pytest -q tests
 
-# Training (ours vs naive, benchmarks/results/train.json), then scoring speed of this checkout against BENCH_AGAINST
+# Training (ours vs naive: benchmarks/bench_train.py runs train_ours.py and train_naive.py as children,
+# benchmarks/results/train.json), then scoring speed of this checkout against BENCH_AGAINST
 # (benchmarks/results/eval.json)
 BENCH_AGAINST ?= HEAD~1
 bench: setup
