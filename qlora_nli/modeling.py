@@ -245,9 +245,26 @@ def load_base_model(model_params, device):
         for tensor in [*model.parameters(), *model.buffers()]:
             if not hasattr(tensor, "quant_state"):
                 tensor.data = tensor.data.clone()
+        keep_4bit_weights_as_loaded(model)
     model.config.use_cache = False
     model.eval()
     return model
+
+
+def keep_4bit_weights_as_loaded(model):
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights. On a CPU with AVX512-BF16, a 4-bit Linear's first
+    forward in eval mode without gradients repacks its weight for a bfloat16 kernel (block scales rounded to
+    bfloat16, inputs cast to bfloat16) and keeps using that kernel afterwards, in training too; saving or moving the
+    layer quantizes the scales again. Validation between epochs would then change the frozen base and the precision
+    of every later step: results would depend on the CPU model and on whether a run was resumed. Turned off, every
+    CPU computes as any other does: NF4 weights dequantized to the compute dtype, then a plain matmul.
+    Returns how many layers were set."""
+    kept = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
 
 
 def attach_lora(model, lora_params, gradient_checkpointing=False):

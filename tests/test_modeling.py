@@ -105,3 +105,23 @@ def test_more_lora_layers_than_blocks_is_one_line(tiny_model_dir):
         modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 3})
     message = str(e.value)
     assert "lora.layers = 3" in message and "from 1 to 2" in message and "\n" not in message
+
+
+def test_4bit_weights_stay_as_loaded_through_inference_on_any_cpu(tiny_model_dir, monkeypatch):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first inference forward for a bfloat16
+    kernel (block scales rounded to bfloat16) and keeps that kernel in training: validation between epochs would
+    change the frozen base. Such a CPU is simulated, so that this checks the same on every machine."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
+                                     "cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers]
+    assert layers
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    for m, (weight, absmax) in zip(layers, before):
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(m.weight.data, weight) and torch.equal(m.weight.quant_state.absmax, absmax)
