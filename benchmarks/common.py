@@ -94,6 +94,7 @@ def time_dvc_noop():
 
 def machine_info():
     import psutil
+    import torch
 
     cpu_model = None
     try:
@@ -109,6 +110,7 @@ def machine_info():
             versions[package] = None
     return {
         "cpu_model": cpu_model or platform.processor(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's CPU kernels: AVX2, AVX512, ...
         "cpu_count_logical": os.cpu_count(),
         "cpu_count_physical": psutil.cpu_count(logical=False),
         "memory_total_mb": round(psutil.virtual_memory().total / 2**20),

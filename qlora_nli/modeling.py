@@ -47,7 +47,9 @@ def describe_device(device):
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         return f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB"
-    return f"cpu: {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+    # The vector width of torch's CPU kernels (AVX2, AVX512) changes the last digits of results: part of the machine type.
+    return (f"cpu: {os.cpu_count()} logical cores ({torch.backends.cpu.get_cpu_capability()} kernels), "
+            f"{torch.get_num_threads()} torch threads")
 
 
 def _cache_dir():

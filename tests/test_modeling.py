@@ -1,4 +1,5 @@
 """Model loading: the real embedded GGUF file, 4-bit parameter accounting, device and dtype choice."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -125,3 +126,9 @@ def test_4bit_weights_stay_as_loaded_through_inference_on_any_cpu(tiny_model_dir
     for m, (weight, absmax) in zip(layers, before):
         assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
         assert torch.equal(m.weight.data, weight) and torch.equal(m.weight.quant_state.absmax, absmax)
+
+
+def test_cpu_description_names_the_vector_width_of_torchs_kernels(monkeypatch):
+    """The same run on AVX2 and on AVX-512 kernels differs in the last digits: metrics/train.json says which ran."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert modeling.describe_device("cpu").startswith(f"cpu: {os.cpu_count()} logical cores (AVX512 kernels), ")
