@@ -200,11 +200,18 @@ def main(args):
 
 def _load(modeling, model_params, adapter):
     if hasattr(modeling, "load_for_inference"):
-        return modeling.load_for_inference(model_params, "cpu", adapter), "load_for_inference"
-    model = modeling.load_base_model(model_params, "cpu")
-    if adapter is not None:
-        model = modeling.load_adapter(model, adapter)
-    return model.eval(), "load_base_model + load_adapter + eval"
+        model, loader = modeling.load_for_inference(model_params, "cpu", adapter), "load_for_inference"
+    else:
+        model = modeling.load_base_model(model_params, "cpu")
+        if adapter is not None:
+            model = modeling.load_adapter(model, adapter)
+        model, loader = model.eval(), "load_base_model + load_adapter + eval"
+    # Trees from before modeling.keep_4bit_weights_as_loaded let bitsandbytes switch 4-bit layers to a bfloat16 kernel
+    # on AVX512-BF16 CPUs: turned off here too, so that both sides compute what the stages compute, in fp32.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model, loader
 
 
 def _counts(tokenizer, prompts):
