@@ -28,9 +28,9 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
                             f"replace it")
     # float32 on the CPU: the sum is exact before the one rounding to `dtype`, and no GPU is needed.
     unquantized = {**model_params, "load_in_4bit": False, "compute_dtype": "float32"}
-    model, tokenizer = load_model(unquantized, adapter_dir, "cpu")
-    log.info("merging %s into %s (float32) and saving it as %s in %s", adapter_dir, model_params["name"], dtype, out_dir)
-    merged = model.merge_and_unload(safe_merge=True).to(DTYPES[dtype])
+    model, tokenizer = load_model(unquantized, adapter_dir, "cpu")  # on the CPU the adapter comes merged
+    log.info("merged %s into %s (float32); saving it as %s in %s", adapter_dir, model_params["name"], dtype, out_dir)
+    merged = model.to(DTYPES[dtype])
     merged.config.use_cache = True  # load_base_model turns the cache off for scoring; generation wants it back
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(tmp)

@@ -259,14 +259,10 @@ def keep_4bit_weights_as_loaded(model):
     bfloat16, inputs cast to bfloat16) and keeps using that kernel afterwards, in training too; saving or moving the
     layer quantizes the scales again. Validation between epochs would then change the frozen base and the precision
     of every later step: results would depend on the CPU model and on whether a run was resumed. Turned off, every
-    CPU computes as any other does: NF4 weights dequantized to the compute dtype, then a plain matmul.
-    Returns how many layers were set."""
-    kept = 0
+    CPU computes as any other does: NF4 weights dequantized to the compute dtype, then a plain matmul."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            kept += 1
-    return kept
 
 
 def attach_lora(model, lora_params, gradient_checkpointing=False):
@@ -302,40 +298,66 @@ def block_linear_names(model):
                    if isinstance(module, torch.nn.Linear) and module is not head})
 
 
-def load_adapter(model, adapter_dir):
-    """The saved LoRA adapter on `model`; check it first with artifacts.check_adapter_dir (before the base loads)."""
+RETRAIN = "rerun `dvc repro finetune` with the current model.name"
+
+
+def load_adapter(model, adapter_dir, fix=RETRAIN):
+    """The saved LoRA adapter on `model`; check it first with artifacts.check_adapter_dir (before the base loads).
+    An adapter that does not fit raises ModelLoadError ending in `fix`."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged weights, or trained on another base model
         reason = " ".join(str(e).split())[:160]
-        raise ModelLoadError(f"{adapter_dir}: cannot load the adapter onto the base model ({type(e).__name__}: "
-                             f"{reason}); rerun `dvc repro finetune` with the current model.name")
+        raise ModelLoadError(f"{adapter_dir}: does not fit the base model ({type(e).__name__}: {reason}); {fix}")
+    unused = adapter_weights_left_out(model, adapter_dir)
+    if unused:
+        raise ModelLoadError(f"{adapter_dir}: does not fit the base model ({len(unused)} of its weights match no "
+                             f"layer, e.g. {unused[0]}); {fix}")
+    return model
 
 
-def load_for_inference(model_params, device, adapter_dir=None):
+def adapter_weights_left_out(model, adapter_dir):
+    """Saved LoRA weights that found no layer. peft attaches an adapter to every layer whose name matches and
+    skips the rest without an error, so an adapter of another architecture with some equal layer names and shapes
+    would load in part and predict quietly wrong."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():  # an older .bin adapter: nothing to compare by name without unpickling it
+        return []
+    with safe_open(weights, "pt") as f:
+        saved = set(f.keys())
+    return sorted(saved - set(get_peft_model_state_dict(model)))
+
+
+def load_for_inference(model_params, device, adapter_dir=None, adapter_fix=RETRAIN):
     """The frozen base model (plus the adapter in `adapter_dir`, if given) ready to score or generate. On CPU the 4-bit
-    weights are dequantized once: bitsandbytes' CPU path dequantizes every weight on every call, into the very
-    values kept here, so predictions are unchanged and scoring is faster, at the cost of holding the block weights
-    in the compute dtype. On a GPU the weights stay 4-bit (memory is what QLoRA saves there)."""
+    weights are dequantized once (bitsandbytes' CPU path dequantizes every weight on every call, into the very
+    values kept here) and the adapter is merged into them, so a forward pass is the base model's plain matmuls
+    without LoRA's small extra ones, at the cost of holding the block weights in the compute dtype. Merging changes
+    only the rounding of W x + B A x: scores move by about 1e-5 (docs/performance.md). On a GPU the weights stay
+    4-bit (memory is what QLoRA saves there) and the adapter stays separate."""
     model = load_base_model(model_params, device)
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir)
     if device == "cpu":
         dequantize_4bit_layers(model)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir, adapter_fix)
+        if device == "cpu":
+            model = model.merge_and_unload(safe_merge=True)  # safe: a NaN in the sum stops the merge
     model.eval()
     return model
 
 
 def dequantize_4bit_layers(model):
     """Replace every bitsandbytes 4-bit Linear in `model` (also the base layers inside LoRA wrappers) by a plain
-    frozen torch Linear holding its dequantized weight. Returns how many were replaced."""
+    frozen torch Linear holding its dequantized weight."""
     try:
         import bitsandbytes as bnb
     except ImportError:  # no 4-bit layers without bitsandbytes
-        return 0
-    replaced = 0
+        return
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, bnb.nn.Linear4bit):
@@ -348,8 +370,6 @@ def dequantize_4bit_layers(model):
                 plain.bias.data = child.bias.data.to(plain.weight.dtype)
             plain.requires_grad_(False)
             setattr(parent, name, plain)
-            replaced += 1
-    return replaced
 
 
 def count_parameters(model):

@@ -33,38 +33,12 @@ def load_model(model_params, adapter_dir, device):
     """(model, tokenizer): the base as `model_params` say (4-bit or not), with the adapter on top if one is given."""
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
+        adapter_dir = str(adapter_dir)
     tokenizer = modeling.load_tokenizer(model_params["name"])
-    model = modeling.load_base_model(model_params, device)
-    if adapter_dir is not None:
-        mismatch = f"--adapter {adapter_dir}: does not fit the base model '{model_params['name']}'"
-        try:
-            model = modeling.load_adapter(model, str(adapter_dir))
-        except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, or a config of another model type
-            reason = " ".join(str(e).split())[:160]
-            raise ModelLoadError(f"{mismatch} ({reason}); use the model.name it was trained on")
-        unused = _adapter_weights_left_out(model, adapter_dir)
-        if unused:
-            raise ModelLoadError(f"{mismatch} ({len(unused)} of its weights match no layer, e.g. {unused[0]}); "
-                                 f"use the model.name it was trained on")
-    if device == "cpu":
-        modeling.dequantize_4bit_layers(model)  # same predictions, faster (see modeling.load_for_inference)
-    model.eval()
+    model = modeling.load_for_inference(model_params, device, adapter_dir,
+                                        adapter_fix=f"it was not trained on '{model_params['name']}': give that base "
+                                                    f"model with --model or model.name")
     return model, tokenizer
-
-
-def _adapter_weights_left_out(model, adapter_dir):
-    """Saved LoRA weights that found no layer. peft attaches an adapter to every layer whose name matches and
-    skips the rest without an error, so an adapter of another architecture with some equal layer names and shapes
-    would load in part and predict quietly wrong."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():  # an older .bin adapter: nothing to compare by name without unpickling it
-        return []
-    with safe_open(weights, "pt") as f:
-        saved = set(f.keys())
-    return sorted(saved - set(get_peft_model_state_dict(model)))
 
 
 def read_pairs(path, data=None):

@@ -3,6 +3,7 @@
 Training and scoring share one tokenization: prompt tokens (with the tokenizer's special tokens) followed by the
 answer tokens of " <label>", so the model is scored on exactly the sequences it was trained to complete.
 """
+import copy
 import logging
 import re
 
@@ -59,22 +60,26 @@ def shared_prefix_length(sequences):
     return min(min(len(s) for s in sequences) - 1, *(common_prefix_length(sequences[0], s) for s in sequences[1:]))
 
 
-def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None):
+def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None, prefix_cache=None):
     """Hidden states of a batch, the shared prompt prefix computed once. Every prompt starts with the template's
     fixed text: it runs once with batch size 1, its keys/values are repeated over the batch, and only each
     sequence's own tokens (left-padded) run per row. Gradients flow through the repeated prefix, so training
     is exact too. Gradient checkpointing recomputes without a cache, so it gets the plain forward.
     `prefix` (at most the shared_prefix_length) is chosen by the caller, so that positions needing logits stay in
     the per-row part. `embed(i, start, stop)`, if given, supplies the input vectors of positions start..stop-1 of
-    sequence i instead of the token embeddings (training.FrozenBlockStates).
+    sequence i instead of the token embeddings (training.FrozenBlockStates). `prefix_cache`, if given, is the cache
+    of those `prefix` tokens already computed (common_prefix_cache(); it is copied, not changed).
     Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
     if body.is_activation_checkpointing and body.training:
         prefix = 0
     cache = None
     if prefix:
-        first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
-                 {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
-        cache = body(**first, use_cache=True).past_key_values
+        if prefix_cache is None:
+            first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
+                     {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
+            cache = body(**first, use_cache=True).past_key_values
+        else:
+            cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(sequences))
     input_ids, mask, positions = left_pad([s[prefix:] for s in sequences], pad_id, device)
     rows = {"input_ids": input_ids}
@@ -148,14 +153,15 @@ def plan_groups(sequences, prefix):
     return best
 
 
-def forward_grouped(body, sequences, prefix, groups, pad_id, device):
+def forward_grouped(body, sequences, prefix, groups, pad_id, device, prefix_cache=None):
     """forward_body for prompts that share more than the batch's `prefix` (scoring only, without gradients; training
-    keeps forward_body): the batch prefix runs once, then each group's shared prefix once (one row per group,
-    left-padded), its keys/values are copied to the group's members, then every row's own tokens (left-padded). A row
-    in no group sees the batch prefix only: the group columns are masked out for it, so its mask has a hole there.
+    keeps forward_body): the batch prefix runs once (or comes as `prefix_cache`), then each group's shared prefix once
+    (one row per group, left-padded), its keys/values are copied to the group's members, then every row's own tokens
+    (left-padded). A row in no group sees the batch prefix only: the group columns are masked out for it, so its mask
+    has a hole there.
     Returns what forward_body returns: (hidden states of the own part, attention mask over all columns, cache)."""
     heads = [sequences[members[0]][: prefix + length] for members, length in groups]
-    _, head_mask, cache = forward_body(body, heads, prefix, pad_id, device, use_cache=True)
+    _, head_mask, cache = forward_body(body, heads, prefix, pad_id, device, use_cache=True, prefix_cache=prefix_cache)
     source, skip = [0] * len(sequences), [0] * len(sequences)
     for g, (members, length) in enumerate(groups):
         for i in members:
@@ -173,45 +179,71 @@ def forward_grouped(body, sequences, prefix, groups, pad_id, device):
 
 
 @torch.no_grad()
-def _score_batch(model, prompt_ids, answers, pad_id, group_prefixes=True):
-    """Log-likelihood of each answer after each prompt: one forward pass over the prompts (keeping the KV cache;
-    prefixes shared by groups of prompts computed once when that computes fewer tokens), then one short pass over
-    the answers' remaining tokens for all labels at once."""
+def common_prefix_cache(body, prompt_ids, device):
+    """(length, cache) of the prefix every prompt shares (shared_prefix_length: the template's fixed text), run once
+    with batch size 1, so that the batches of a scoring call reuse it; (0, None) when they share nothing."""
+    length = shared_prefix_length(prompt_ids)
+    if not length:
+        return 0, None
+    return length, body(input_ids=torch.tensor([prompt_ids[0][:length]], device=device), use_cache=True).past_key_values
+
+
+@torch.no_grad()
+def _score_batch(model, prompt_ids, answers, pad_id, common=None):
+    """Log-likelihood of each answer after each prompt. One forward pass over the prompts, each followed by the
+    leading tokens of the longest answer (causal attention keeps the prompt's own positions blind to them), gives the
+    first token of every answer and every token of the longest; a second, short pass over the KV cache of the prompts
+    scores the other answers that have more than one token, all at once (none for the embedded model).
+    `common` = common_prefix_cache() of all the prompts scored gives the grouped path: that prefix comes from the
+    cache, and prefixes shared by groups of prompts beyond it are computed once when that computes fewer tokens.
+    Without it, the plain path: the batch's shared prefix is run for this batch alone."""
     device = model.device
     body, head = body_and_head(model)
-    n_labels, batch = len(answers), len(prompt_ids)
-    prefix = shared_prefix_length(prompt_ids)
-    groups = plan_groups(prompt_ids, prefix) if group_prefixes else []
-    if groups:
-        hidden, mask, cache = forward_grouped(body, prompt_ids, prefix, groups, pad_id, device)
+    batch = len(prompt_ids)
+    longest = max(range(len(answers)), key=lambda k: len(answers[k]))
+    ride = answers[longest][:-1]
+    sequences = [p + ride for p in prompt_ids]
+    if common is None:
+        prefix, cache, groups = shared_prefix_length(prompt_ids), None, []
     else:
-        hidden, mask, cache = forward_body(body, prompt_ids, prefix, pad_id, device, use_cache=True)
-    first = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)
-    scores = torch.stack([first[:, a[0]] for a in answers], dim=1)  # (batch, n_labels)
-    longest = max(len(a) for a in answers)
-    if longest == 1:
+        (prefix, cache), groups = common, plan_groups(prompt_ids, common[0])
+    if groups:
+        hidden, mask, cache = forward_grouped(body, sequences, prefix, groups, pad_id, device, prefix_cache=cache)
+    else:
+        hidden, mask, cache = forward_body(body, sequences, prefix, pad_id, device, use_cache=True, prefix_cache=cache)
+    # Left padding puts each prompt's last token at column -1 - len(ride); position t predicts token t + 1.
+    last = hidden[:, -1 - len(ride):].reshape(batch * (1 + len(ride)), -1)  # rows of one 2-D matmul (body_and_head)
+    logprobs = torch.log_softmax(head(last).float(), dim=-1).view(batch, 1 + len(ride), -1)
+    scores = torch.stack([logprobs[:, 0, a[0]] for a in answers], dim=1)  # (batch, n_labels)
+    for t, token in enumerate(answers[longest][1:]):
+        scores[:, longest] += logprobs[:, 1 + t, token]
+    others = [k for k, a in enumerate(answers) if len(a) > 1 and k != longest]
+    if not others:
         return scores.cpu()
-    # Row order after repeat_interleave: example 0 label 0, example 0 label 1, ..., example 1 label 0, ...
-    cache.batch_repeat_interleave(n_labels)
-    rest = torch.full((batch * n_labels, longest - 1), pad_id, dtype=torch.long)
+    # Row order after repeat_interleave: example 0 answer others[0], example 0 answer others[1], ..., example 1 ...
+    n, width = len(others), max(len(answers[k]) for k in others) - 1
+    cache.batch_repeat_interleave(n)
+    if ride:
+        mask[:, -len(ride):] = 0  # the other answers follow the prompt, not the longest answer's tokens
+    rest = torch.full((batch * n, width), pad_id, dtype=torch.long)
     rest_mask = torch.zeros_like(rest)
-    for k, a in enumerate(answers):
-        rest[k::n_labels, : len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
-        rest_mask[k::n_labels, : len(a) - 1] = 1
+    for j, k in enumerate(others):
+        rest[j::n, : len(answers[k]) - 1] = torch.tensor(answers[k][:-1], dtype=torch.long)
+        rest_mask[j::n, : len(answers[k]) - 1] = 1
     rest, rest_mask = rest.to(device), rest_mask.to(device)
-    prompt_lengths = mask.sum(-1).repeat_interleave(n_labels)
-    rest_positions = prompt_lengths[:, None] + torch.arange(longest - 1, device=device)[None, :]
+    prompt_lengths = mask.sum(-1).repeat_interleave(n)
     out = body(
         input_ids=rest,
-        attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0), rest_mask], dim=1),
-        position_ids=rest_positions,
+        attention_mask=torch.cat([mask.repeat_interleave(n, 0), rest_mask], dim=1),
+        position_ids=prompt_lengths[:, None] + torch.arange(width, device=device)[None, :],
         past_key_values=cache,
         use_cache=True,
     )
-    logprobs = torch.log_softmax(head(out.last_hidden_state).float(), dim=-1).view(batch, n_labels, longest - 1, -1)
-    for k, a in enumerate(answers):
-        for j, token in enumerate(a[1:]):
-            scores[:, k] += logprobs[:, k, j, token]
+    logprobs = torch.log_softmax(head(out.last_hidden_state.reshape(batch * n * width, -1)).float(), dim=-1)
+    logprobs = logprobs.view(batch, n, width, -1)
+    for j, k in enumerate(others):
+        for t, token in enumerate(answers[k][1:]):
+            scores[:, k] += logprobs[:, j, t, token]
     return scores.cpu()
 
 
@@ -245,14 +277,19 @@ def prefix_sharing_batches(prompt_ids, batch_size):
 
 def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE, group_prefixes=True):
     """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. Each rank scores its share of the
-    batches and every rank gets all the scores. `group_prefixes=False` gives the plain path (length-sorted batches,
-    only the prefix common to a whole batch computed once), the reference the grouped path must equal."""
+    batches and every rank gets all the scores. The prefix all prompts share runs once for the whole call, and
+    related prompts share more (prefix_sharing_batches, plan_groups). `group_prefixes=False` gives the plain path
+    (length-sorted batches, the prefix common to a batch computed once per batch), the reference the grouped path
+    must equal."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     answers = encode_answers(tokenizer)
     make_batches = prefix_sharing_batches if group_prefixes else length_sorted_batches
+    common = None
+    if group_prefixes and prompts:
+        common = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
     mine = {}
     for idx in tqdm(ranks.share(make_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
-        scores = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id, group_prefixes)
+        scores = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id, common)
         mine.update(zip(idx, scores))
     every = gather_by_index(ranks, mine)
     return torch.stack([every[i] for i in range(len(prompts))]) if prompts else torch.empty(0, len(answers))

@@ -18,9 +18,9 @@ def _prompts(n):
 
 
 @torch.no_grad()
-def brute_force_scores(model, tokenizer, prompts):
+def brute_force_scores(model, tokenizer, prompts, answers=None):
     """One unpadded sequence per (prompt, label), log-probabilities summed by hand from full logits."""
-    answers = encode_answers(tokenizer)
+    answers = answers or encode_answers(tokenizer)
     scores = torch.zeros(len(prompts), len(LABELS))
     for i, p in enumerate(encode_prompts(tokenizer, prompts)):
         for k, a in enumerate(answers):
@@ -38,6 +38,21 @@ def test_scores_match_brute_force(tiny_model_dir, load_in_4bit):
     fast = score_labels(model, tokenizer, prompts, batch_size=3)
     slow = brute_force_scores(model, tokenizer, prompts)
     assert torch.allclose(fast, slow, atol=1e-3), (fast - slow).abs().max()
+
+
+@pytest.mark.parametrize("answers", [[[5], [6], [7]], [[5, 6, 7], [8], [9]], [[5], [6, 7], [8, 9, 10]],
+                                     [[5, 6], [5, 7], [8, 9]]], ids=["one token", "one longer", "two longer", "shared"])
+@pytest.mark.parametrize("group_prefixes", [True, False])
+def test_answers_of_any_token_counts_score_as_one_sequence_each(tiny_model_dir, answers, group_prefixes,
+                                                                 monkeypatch):
+    """The longest answer's tokens ride along in the prompts' pass, any other answer of several tokens gets the
+    second pass over the prompts' cache only: each must score as if it were its own unpadded sequence."""
+    model, tokenizer = _model(tiny_model_dir, False)
+    monkeypatch.setattr(scoring, "encode_answers", lambda tokenizer: answers)
+    prompts = _prompts(7) + [_prompts(1)[0] + " and true is true"]  # related prompts form groups
+    fast = score_labels(model, tokenizer, prompts, batch_size=3, group_prefixes=group_prefixes)
+    slow = brute_force_scores(model, tokenizer, prompts, answers)
+    assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
 
 
 def test_answer_loss_is_mean_answer_token_nll(tiny_model_dir):
