@@ -78,6 +78,21 @@ def test_adapter_is_not_a_no_op(project):
     assert differ.abs().max() > 0.1
 
 
+def test_cpu_inference_merges_the_adapter_into_the_dequantized_weights(project):
+    """What evaluate and nli-predict load on the CPU: plain Linear layers only (no LoRA layer, no 4-bit one), scoring
+    as the 4-bit base with the adapter attached does, up to the rounding of W x + B A x."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    merged = modeling.load_for_inference(_model_params(project.model, True), "cpu", str(project.adapter))
+    assert not any(isinstance(m, (LoraLayer, bnb.nn.Linear4bit)) for m in merged.modules())
+    adapted, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)
+    prompts = _prompts(project.pairs)
+    fast, reference = score_labels(merged, tokenizer, prompts, BATCH), score_labels(adapted, tokenizer, prompts, BATCH)
+    assert torch.allclose(fast, reference, atol=1e-4), (fast - reference).abs().max()
+    assert torch.equal(fast.argmax(1), reference.argmax(1))
+
+
 def test_predict_probabilities_are_softmax_of_score_labels(project, capsys):
     out = run_predict(capsys, project, "--input", project.root / "pairs.jsonl", "--adapter", project.adapter)
     model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)  # as params.yaml says

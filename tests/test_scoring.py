@@ -55,6 +55,25 @@ def test_answers_of_any_token_counts_score_as_one_sequence_each(tiny_model_dir, 
     assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
 
 
+def test_the_prefix_all_prompts_share_runs_once_per_call(tiny_model_dir):
+    """The prefix pass is the only call of the body without an attention mask (one row, nothing padded): once per
+    score_labels call on the grouped path, once per batch on the plain one."""
+    model, tokenizer = _model(tiny_model_dir, False)
+    body, _ = scoring.body_and_head(model)
+    prompts = _prompts(9)  # 3 batches of 3
+    assert scoring.shared_prefix_length(encode_prompts(tokenizer, prompts)) > 0
+    unmasked = []
+    hook = body.register_forward_pre_hook(lambda module, args, kwargs: unmasked.append("attention_mask" not in kwargs),
+                                          with_kwargs=True)
+    try:
+        score_labels(model, tokenizer, prompts, batch_size=3)
+        grouped, unmasked[:] = sum(unmasked), []
+        score_labels(model, tokenizer, prompts, batch_size=3, group_prefixes=False)
+    finally:
+        hook.remove()
+    assert (grouped, sum(unmasked)) == (1, 3)
+
+
 def test_answer_loss_is_mean_answer_token_nll(tiny_model_dir):
     model, tokenizer = _model(tiny_model_dir, False)
     prompts, labels = _prompts(5), [0, 1, 2, 0, 2]
