@@ -30,7 +30,8 @@ def check_adapter_dir(adapter_dir):
 
 
 def load_model(model_params, adapter_dir, device):
-    """(model, tokenizer): the base as `model_params` say (4-bit or not), with the adapter on top if one is given."""
+    """(model, tokenizer): the base as `model_params` say (4-bit or not), with the adapter if one is given (on the
+    CPU merged into the dequantized weights: modeling.load_for_inference)."""
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
         adapter_dir = str(adapter_dir)
