@@ -6,6 +6,7 @@ answer tokens of " <label>", so the model is scored on exactly the sequences it 
 import copy
 import logging
 import re
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -60,26 +61,22 @@ def shared_prefix_length(sequences):
     return min(min(len(s) for s in sequences) - 1, *(common_prefix_length(sequences[0], s) for s in sequences[1:]))
 
 
-def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None, prefix_cache=None):
+def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None):
     """Hidden states of a batch, the shared prompt prefix computed once. Every prompt starts with the template's
     fixed text: it runs once with batch size 1, its keys/values are repeated over the batch, and only each
     sequence's own tokens (left-padded) run per row. Gradients flow through the repeated prefix, so training
     is exact too. Gradient checkpointing recomputes without a cache, so it gets the plain forward.
     `prefix` (at most the shared_prefix_length) is chosen by the caller, so that positions needing logits stay in
     the per-row part. `embed(i, start, stop)`, if given, supplies the input vectors of positions start..stop-1 of
-    sequence i instead of the token embeddings (training.FrozenBlockStates). `prefix_cache`, if given, is the cache
-    of those `prefix` tokens already computed (common_prefix_cache(); it is copied, not changed).
+    sequence i instead of the token embeddings (training.FrozenBlockStates).
     Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
     if body.is_activation_checkpointing and body.training:
         prefix = 0
     cache = None
     if prefix:
-        if prefix_cache is None:
-            first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
-                     {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
-            cache = body(**first, use_cache=True).past_key_values
-        else:
-            cache = copy.deepcopy(prefix_cache)
+        first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
+                 {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
+        cache = body(**first, use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(sequences))
     input_ids, mask, positions = left_pad([s[prefix:] for s in sequences], pad_id, device)
     rows = {"input_ids": input_ids}
@@ -116,72 +113,10 @@ def mean_answer_nll(scores, labels, answers):
     return -sum(scores[i, k].item() for i, k in enumerate(labels)) / sum(len(answers[k]) for k in labels)
 
 
-def plan_groups(sequences, prefix):
-    """Groups of rows that share more than the batch's common `prefix`, as (member rows, length of the prefix they
-    share beyond `prefix`), chosen to minimise the tokens the batch computes: each group's shared prefix once (one row
-    per group, padded to the longest), then every row's remaining tokens (padded to the longest). Padding counts
-    because it is computed too. Returns [] when computing every row's tokens beyond `prefix` (forward_body) costs no
-    more, e.g. when no prompts are related.
-
-    For a width w of the rows' own part, a row longer than prefix + w must get its first tokens from a group; a group
-    of rows that are neighbours in lexicographic order shares their common prefix, so filling groups greedily in that
-    order gives the fewest group rows. The group prefix is kept as short as its members allow: the group pass is
-    padded to its longest group prefix, while the own part is padded to w anyway."""
-    rows = sorted(range(len(sequences)), key=lambda i: sequences[i])
-    shared = [[common_prefix_length(sequences[i], sequences[j]) for j in range(len(sequences))]
-              for i in range(len(sequences))]
-    widest = max(len(s) for s in sequences) - prefix
-    best_cost, best = len(rows) * widest, []
-    for width in range(1, widest):
-        groups = []  # [members, group prefix length, shortest member length]
-        for i in rows:
-            need = len(sequences[i]) - prefix - width
-            if need <= 0:
-                continue
-            if groups:
-                members, length, shortest = groups[-1]
-                shortest = min(shortest, len(sequences[i]))
-                length = max(length, need)
-                # every member keeps at least one token of its own, the last one, whose hidden state is scored
-                if min(shared[members[0]][i], shortest - 1) - prefix >= length:
-                    groups[-1] = [members + [i], length, shortest]
-                    continue
-            groups.append([[i], need, len(sequences[i])])
-        cost = len(groups) * (widest - width) + len(rows) * width
-        if cost < best_cost:
-            best_cost, best = cost, [(members, length) for members, length, _ in groups]
-    return best
-
-
-def forward_grouped(body, sequences, prefix, groups, pad_id, device, prefix_cache=None):
-    """forward_body for prompts that share more than the batch's `prefix` (scoring only, without gradients; training
-    keeps forward_body): the batch prefix runs once (or comes as `prefix_cache`), then each group's shared prefix once
-    (one row per group, left-padded), its keys/values are copied to the group's members, then every row's own tokens
-    (left-padded). A row in no group sees the batch prefix only: the group columns are masked out for it, so its mask
-    has a hole there.
-    Returns what forward_body returns: (hidden states of the own part, attention mask over all columns, cache)."""
-    heads = [sequences[members[0]][: prefix + length] for members, length in groups]
-    _, head_mask, cache = forward_body(body, heads, prefix, pad_id, device, use_cache=True, prefix_cache=prefix_cache)
-    source, skip = [0] * len(sequences), [0] * len(sequences)
-    for g, (members, length) in enumerate(groups):
-        for i in members:
-            source[i], skip[i] = g, length
-    alone = [i for i in range(len(sequences)) if not skip[i]]
-    head_mask = head_mask[source]  # advanced indexing copies
-    head_mask[alone, prefix:] = 0
-    cache.batch_select_indices(torch.tensor(source, device=device))
-    input_ids, own_mask, positions = left_pad([s[prefix + k:] for s, k in zip(sequences, skip)], pad_id, device)
-    mask = torch.cat([head_mask, own_mask], dim=1)
-    positions = positions + prefix + torch.tensor(skip, device=device)[:, None]
-    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-               use_cache=True)
-    return out.last_hidden_state, mask, out.past_key_values
-
-
 @torch.no_grad()
 def common_prefix_cache(body, prompt_ids, device):
     """(length, cache) of the prefix every prompt shares (shared_prefix_length: the template's fixed text), run once
-    with batch size 1, so that the batches of a scoring call reuse it; (0, None) when they share nothing."""
+    with batch size 1, so that the passes of a scoring call reuse it; (0, None) when they share nothing."""
     length = shared_prefix_length(prompt_ids)
     if not length:
         return 0, None
@@ -189,28 +124,20 @@ def common_prefix_cache(body, prompt_ids, device):
 
 
 @torch.no_grad()
-def _score_batch(model, prompt_ids, answers, pad_id, common=None):
-    """Log-likelihood of each answer after each prompt. One forward pass over the prompts, each followed by the
-    leading tokens of the longest answer (causal attention keeps the prompt's own positions blind to them), gives the
-    first token of every answer and every token of the longest; a second, short pass over the KV cache of the prompts
-    scores the other answers that have more than one token, all at once (none for the embedded model).
-    `common` = common_prefix_cache() of all the prompts scored gives the grouped path: that prefix comes from the
-    cache, and prefixes shared by groups of prompts beyond it are computed once when that computes fewer tokens.
-    Without it, the plain path: the batch's shared prefix is run for this batch alone."""
+def _score_batch(model, prompt_ids, answers, pad_id):
+    """Log-likelihood of each answer after each prompt (the plain path of score_labels, the reference the token trees
+    must equal). The batch's shared prefix runs once, then one pass over the prompts, each followed by the leading
+    tokens of the longest answer (causal attention keeps the prompt's own positions blind to them), gives the first
+    token of every answer and every token of the longest; a second, short pass over the KV cache of the prompts
+    scores the other answers that have more than one token, all at once."""
     device = model.device
     body, head = body_and_head(model)
     batch = len(prompt_ids)
     longest = max(range(len(answers)), key=lambda k: len(answers[k]))
     ride = answers[longest][:-1]
     sequences = [p + ride for p in prompt_ids]
-    if common is None:
-        prefix, cache, groups = shared_prefix_length(prompt_ids), None, []
-    else:
-        (prefix, cache), groups = common, plan_groups(prompt_ids, common[0])
-    if groups:
-        hidden, mask, cache = forward_grouped(body, sequences, prefix, groups, pad_id, device, prefix_cache=cache)
-    else:
-        hidden, mask, cache = forward_body(body, sequences, prefix, pad_id, device, use_cache=True, prefix_cache=cache)
+    hidden, mask, cache = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device,
+                                       use_cache=True)
     # Left padding puts each prompt's last token at column -1 - len(ride); position t predicts token t + 1.
     last = hidden[:, -1 - len(ride):].reshape(batch * (1 + len(ride)), -1)  # rows of one 2-D matmul (body_and_head)
     logprobs = torch.log_softmax(head(last).float(), dim=-1).view(batch, 1 + len(ride), -1)
@@ -255,44 +182,171 @@ def length_sorted_batches(prompt_ids, batch_size):
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def prefix_sharing_batches(prompt_ids, batch_size):
-    """length_sorted_batches with related prompts kept together, so that a batch can compute their shared prefix
-    once (plan_groups): prompts are clustered with their neighbours in lexicographic order when the two share at
-    least half of the shorter one's tokens beyond the prefix common to all prompts (e.g. the variants of one
-    premise/hypothesis pair), and clusters go longest first. Without such prompts every cluster is one prompt and the
-    batches are length_sorted_batches'. Built from all prompts, so ranks split these very batches."""
-    common = shared_prefix_length(prompt_ids)
-    lexical = sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i])
-    clusters = []
-    for before, i in zip([None] + lexical, lexical):
-        a, b = prompt_ids[i], before is not None and prompt_ids[before]
-        if b and 2 * (common_prefix_length(a, b) - common) >= min(len(a), len(b)) - common:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    clusters.sort(key=lambda c: (-max(len(prompt_ids[i]) for i in c), min(c)))
-    order = [i for c in clusters for i in c]
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+class TokenTree:
+    """Related prompts (after the prefix common to all prompts of a call) merged into one tree of tokens: a token
+    that several prompts share at the same place is one node, computed once. Each prompt also gets nodes for the
+    leading tokens of every answer of several tokens, so one forward pass over the tree gives every answer token's
+    log-probability. `reads[i][k]`: the (node, token) pairs whose log-probabilities sum to prompt i's score for answer
+    k. Nodes are numbered in the order they are made, so a node's parent always comes before it."""
+
+    def __init__(self):
+        self.tokens, self.parents, self.depths, self.reads, self._children = [], [], [], {}, {}
+
+    def _node(self, parent, token):
+        key = (parent, token)
+        if key not in self._children:
+            self._children[key] = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.depths.append(self.depths[parent] + 1 if parent >= 0 else 0)
+        return self._children[key]
+
+    def add(self, index, own_tokens, answers):
+        end = -1
+        for token in own_tokens:
+            end = self._node(end, token)
+        self.reads[index] = []
+        for answer in answers:
+            at, steps = end, []
+            for j, token in enumerate(answer):
+                steps.append((at, token))
+                if j < len(answer) - 1:
+                    at = self._node(at, token)
+            self.reads[index].append(steps)
+
+    def ancestry(self):
+        """(nodes, nodes) bool: node i may attend to node j, j being i or one of its ancestors."""
+        allowed = torch.eye(len(self.tokens), dtype=torch.bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                allowed[i] |= allowed[parent]
+        return allowed
+
+
+def prompt_trees(prompt_ids, prefix, answers, max_nodes):
+    """The prompts as TokenTrees of related prompts: neighbours in lexicographic token order share a tree when they
+    share at least half of the shorter one's tokens beyond `prefix` (e.g. the variants of one premise/hypothesis
+    pair), while the tree stays within `max_nodes`; unrelated prompts get a tree each."""
+    leading = sum(len(a) - 1 for a in answers)
+    trees, before = [], None
+    for i in sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i]):
+        own = prompt_ids[i][prefix:]
+        if before is not None:
+            shared = common_prefix_length(own, before)
+            # sorted order: a new prompt's tokens beyond its common prefix with the one before are new nodes
+            if 2 * shared >= min(len(own), len(before)) and \
+                    len(trees[-1].tokens) + len(own) - shared + leading <= max_nodes:
+                trees[-1].add(i, own, answers)
+                before = own
+                continue
+        trees.append(TokenTree())
+        trees[-1].add(i, own, answers)
+        before = own
+    return trees
+
+
+def pack_passes(sizes, budget, min_width):
+    """Trees of `sizes` nodes packed into passes of rows: a pass is as wide as its largest tree (at least
+    `min_width`, so that a row holds several small trees) and has budget // width rows; each row is filled with the
+    largest trees that still fit, so little is padding. Returns [[tree indices of a row, ...] per pass]."""
+    queues = {}
+    for t in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):
+        queues.setdefault(sizes[t], deque()).append(t)
+    lengths = sorted(queues, reverse=True)
+
+    def largest_fitting(room):
+        return next((queues[n].popleft() for n in lengths if n <= room and queues[n]), None)
+
+    passes, left = [], len(sizes)
+    while left:
+        width = max(next(n for n in lengths if queues[n]), min_width)
+        rows = []
+        for _ in range(max(1, budget // width)):
+            row, room = [], width
+            while (t := largest_fitting(room)) is not None:
+                row.append(t)
+                room -= sizes[t]
+            if not row:
+                break
+            rows.append(row)
+            left -= len(row)
+        passes.append(rows)
+    return passes
+
+
+@torch.no_grad()
+def _score_trees(model, rows, prefix, prefix_cache, pad_id):
+    """{prompt index: (n_labels,) log-likelihoods} of the prompts in `rows` (lists of TokenTrees laid side by side),
+    in one forward pass. Each node attends to the call's common prefix (`prefix_cache`, copied) and to its own
+    ancestors only, and sits at the position it has in its prompt, so it computes what it would in an unpadded
+    sequence of its own. Padding attends only to itself."""
+    device = model.device
+    body, head = body_and_head(model)
+    width = max(sum(len(tree.tokens) for tree in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+    reads = []  # (prompt index, answer, row, column, token)
+    for r, row in enumerate(rows):
+        start = 0
+        for tree in row:
+            stop = start + len(tree.tokens)
+            input_ids[r, start:stop] = torch.tensor(tree.tokens)
+            positions[r, start:stop] = prefix + torch.tensor(tree.depths)
+            allowed[r, start:stop, start:stop] = tree.ancestry()
+            reads += [(i, k, r, start + node, token) for i, per_answer in tree.reads.items()
+                      for k, steps in enumerate(per_answer) for node, token in steps]
+            start = stop
+    mask = torch.cat([torch.ones(len(rows), width, prefix, dtype=torch.bool), allowed], dim=2)[:, None]
+    cache = None
+    if prefix:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(rows))
+    hidden = body(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  past_key_values=cache, use_cache=cache is not None).last_hidden_state
+    spots = sorted({(r, c) for _, _, r, c, _ in reads})
+    spot = {rc: j for j, rc in enumerate(spots)}
+    rc = torch.tensor(spots, device=device)
+    logprobs = torch.log_softmax(head(hidden[rc[:, 0], rc[:, 1]]).float(), dim=-1)  # rows of one 2-D matmul
+    prompts = sorted({i for i, *_ in reads})
+    n_labels = max(k for _, k, *_ in reads) + 1
+    slot = {i: j for j, i in enumerate(prompts)}
+    picked = logprobs[[spot[(r, c)] for _, _, r, c, _ in reads], [token for *_, token in reads]]
+    scores = torch.zeros(len(prompts) * n_labels, device=device).index_add_(
+        0, torch.tensor([slot[i] * n_labels + k for i, k, *_ in reads], device=device), picked)
+    return dict(zip(prompts, scores.view(len(prompts), n_labels).cpu()))
 
 
 def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE, group_prefixes=True):
-    """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. Each rank scores its share of the
-    batches and every rank gets all the scores. The prefix all prompts share runs once for the whole call, and
-    related prompts share more (prefix_sharing_batches, plan_groups). `group_prefixes=False` gives the plain path
-    (length-sorted batches, the prefix common to a batch computed once per batch), the reference the grouped path
-    must equal."""
+    """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. The prefix all prompts share runs
+    once for the whole call; related prompts share their common tokens too (prompt_trees), and the trees are packed
+    into passes of about `batch_size` average prompts' tokens (pack_passes), each pass one forward of the body. Each
+    rank scores its share of the passes, planned from all prompts (so a pair is computed alike whatever the number of
+    ranks), and every rank gets all the scores. `group_prefixes=False` gives the plain path (length-sorted batches of
+    `batch_size` prompts, the prefix common to a batch run once per batch), the reference the trees must equal."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     answers = encode_answers(tokenizer)
-    make_batches = prefix_sharing_batches if group_prefixes else length_sorted_batches
-    common = None
-    if group_prefixes and prompts:
-        common = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
+    if not prompts:
+        return torch.empty(0, len(answers))
+    if group_prefixes:
+        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
+        leading = sum(len(a) - 1 for a in answers)  # answer tokens that get a node of their own after each prompt
+        mean_nodes = -(-sum(len(p) - prefix for p in prompt_ids) // len(prompt_ids)) + leading
+        budget = batch_size * mean_nodes
+        trees = prompt_trees(prompt_ids, prefix, answers, budget)
+        # a row at least 3 average prompts wide: small trees share rows, and attention over a row stays cheap
+        passes = pack_passes([len(tree.tokens) for tree in trees], budget, 3 * mean_nodes)
+        score = lambda rows: _score_trees(model, [[trees[t] for t in row] for row in rows], prefix, cache,
+                                          tokenizer.pad_token_id)
+    else:
+        passes = length_sorted_batches(prompt_ids, batch_size)
+        score = lambda idx: dict(zip(idx, _score_batch(model, [prompt_ids[i] for i in idx], answers,
+                                                       tokenizer.pad_token_id)))
     mine = {}
-    for idx in tqdm(ranks.share(make_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
-        scores = _score_batch(model, [prompt_ids[i] for i in idx], answers, tokenizer.pad_token_id, common)
-        mine.update(zip(idx, scores))
+    for work in tqdm(ranks.share(passes), desc=desc, unit="pass", leave=False):
+        mine.update(score(work))
     every = gather_by_index(ranks, mine)
-    return torch.stack([every[i] for i in range(len(prompts))]) if prompts else torch.empty(0, len(answers))
+    return torch.stack([every[i] for i in range(len(prompts))])
 
 
 def parse_label(text):

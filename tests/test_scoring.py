@@ -142,14 +142,18 @@ def _related_prompts():
 
 
 @pytest.mark.parametrize("batch_size", [3, 4, 16])
-def test_grouped_prefixes_give_the_per_prompt_scores(tiny_model_dir, batch_size, monkeypatch):
+def test_token_trees_give_the_per_prompt_scores(tiny_model_dir, batch_size, monkeypatch):
+    """Related prompts share tree nodes and several trees share a row: a node that saw anything but its own ancestors
+    (another prompt's tokens, another tree, padding) would change the scores."""
     model, tokenizer = _model(tiny_model_dir, False)
     prompts = _related_prompts()
-    planned = []
-    plan = scoring.plan_groups
-    monkeypatch.setattr(scoring, "plan_groups", lambda *a: planned.append(plan(*a)) or planned[-1])  # groups formed
+    planned, packed = [], []  # what the call made
+    plan, pack = scoring.prompt_trees, scoring.pack_passes
+    monkeypatch.setattr(scoring, "prompt_trees", lambda *a: planned.append(plan(*a)) or planned[-1])
+    monkeypatch.setattr(scoring, "pack_passes", lambda *a: packed.append(pack(*a)) or packed[-1])
     grouped = score_labels(model, tokenizer, prompts, batch_size)
-    assert any(len(members) >= min(batch_size, 4) - 1 for groups in planned for members, _ in groups), planned
+    assert max(len(tree.reads) for tree in planned[0]) >= 4, "the variants of a pair should share a tree"
+    assert any(len(row) >= 2 for rows in packed[0] for row in rows), "rows should hold several trees"
     single = score_labels(model, tokenizer, prompts, batch_size=1, group_prefixes=False)
     assert torch.allclose(grouped, single, atol=1e-4), (grouped - single).abs().max()
     assert torch.equal(grouped.argmax(1), single.argmax(1))
@@ -157,13 +161,31 @@ def test_grouped_prefixes_give_the_per_prompt_scores(tiny_model_dir, batch_size,
     assert torch.equal(grouped, score_labels(model, tokenizer, prompts, batch_size)), "not reproducible"
 
 
-def test_prefix_sharing_batches_keep_related_prompts_together_and_fall_back_to_length_order(tiny_model_dir):
+def test_prompt_trees_merge_shared_tokens_and_keep_unrelated_prompts_apart(tiny_model_dir):
     tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
-    prompt_ids = encode_prompts(tokenizer, _related_prompts())
-    order = [i for batch in scoring.prefix_sharing_batches(prompt_ids, 4) for i in batch]
-    assert sorted(order) == list(range(len(prompt_ids)))
-    places = sorted(order.index(i) for i in range(5))  # the five variants of one pair, side by side
-    assert places == list(range(places[0], places[0] + 5))
-    unrelated = [[k] * n for k, n in enumerate((5, 9, 2, 7, 7, 3, 1))]
-    assert scoring.prefix_sharing_batches(unrelated, 2) == scoring.length_sorted_batches(unrelated, 2)
-    assert scoring.plan_groups([[7, 1, 2, 3], [7, 4, 5, 6], [7, 8, 9, 9]], 1) == []  # nothing shared: plain path
+    prompt_ids = encode_prompts(tokenizer, _related_prompts()[:9])  # those of the template: it is the common prefix
+    prefix = scoring.shared_prefix_length(prompt_ids)
+    answers = [[5], [6, 7], [8, 9, 10]]  # 3 leading answer tokens get nodes after each prompt
+    trees = scoring.prompt_trees(prompt_ids, prefix, answers, max_nodes=10_000)
+    assert sorted(i for tree in trees for i in tree.reads) == list(range(len(prompt_ids)))
+    variants = next(tree for tree in trees if 0 in tree.reads)
+    assert set(variants.reads) == {0, 1, 2, 3, 4}  # the four variants of the first pair and its duplicate
+    own = {tuple(prompt_ids[i][prefix:]) for i in variants.reads}
+    distinct_prefixes = {p[:n] for p in own for n in range(1, len(p) + 1)}
+    assert len(variants.tokens) == len(distinct_prefixes) + 3 * len(own)  # each shared token once
+    assert all(p < i for i, p in enumerate(variants.parents))
+    assert variants.reads[0] == variants.reads[4]  # the duplicate reads the very same nodes
+    assert sorted(sorted(tree.reads) for tree in trees) == [[0, 1, 2, 3, 4], [5, 6], [7], [8]]  # unrelated: apart
+    capped = scoring.prompt_trees(prompt_ids, prefix, answers, max_nodes=len(variants.tokens) - 1)
+    assert max(len(tree.tokens) for tree in capped) <= len(variants.tokens) - 1 < len(variants.tokens)
+    assert sorted(i for tree in capped for i in tree.reads) == list(range(len(prompt_ids)))
+
+
+def test_pack_passes_fills_rows_with_the_largest_trees_that_fit():
+    assert scoring.pack_passes([10, 4, 3, 3, 2], budget=20, min_width=6) == [[[0], [1, 2, 3]], [[4]]]
+    sizes = [7, 30, 1, 12, 12, 5, 9, 2, 2, 25, 3]
+    passes = scoring.pack_passes(sizes, budget=40, min_width=8)
+    assert sorted(t for rows in passes for row in rows for t in row) == list(range(len(sizes)))
+    for rows in passes:
+        width = max(max(sizes[t] for row in rows for t in row), 8)
+        assert len(rows) <= max(1, 40 // width) and all(sum(sizes[t] for t in row) <= width for row in rows)
