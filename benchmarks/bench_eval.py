@@ -3,11 +3,11 @@
     python benchmarks/bench_eval.py --against REV [--pairs test|evaluate] [--n 100] [--repeats 3] [--threads N]
                                     [--out benchmarks/results/eval.json]
 
-Scores, by label log-likelihood (scoring.score_labels, evaluate.batch_size), either the first N pairs of
-data/test.jsonl (--pairs test, the default) or every prompt the `evaluate` stage scores (--pairs evaluate: test,
-validation, the probes of evaluate.probes and the extra sets of data/sets/, built by this checkout's
-stages.evaluate.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*: "baseline" (no adapter) and "finetuned" (models/adapter, when present). The
-revision's code comes from a `git worktree add --detach` of REV in a temporary folder (removed afterwards). Each
+Scores, by label log-likelihood (scoring.score_labels, each side at its own params.yaml evaluate.batch_size), either
+the first N pairs of data/test.jsonl (--pairs test, the default) or every prompt the `evaluate` stage scores (--pairs
+evaluate: test, validation, the probes of evaluate.probes and the extra sets of data/sets/, built by this checkout's
+stages.evaluate.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*:
+"baseline" (no adapter) and "finetuned" (models/adapter, when present). The revision's code comes from a `git worktree add --detach` of REV in a temporary folder (removed afterwards). Each
 side runs in its own subprocess with its tree first on sys.path, in the repository root (same params, data and
 adapter), sides alternating (this, REV, this, REV, ...) for --repeats rounds. A side loads the model with its own
 tree's `modeling.load_for_inference(model, "cpu", adapter)` if it has one, else `load_base_model` (+ `load_adapter`)
@@ -144,13 +144,17 @@ def main(args):
         "this": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
         "against": {"rev": args.against, "commit": commit, "short": commit[:8]},
         "settings": {"pairs": args.pairs, "n": args.n, "repeats": args.repeats, "threads_requested": threads,
-                     "batch_size": params["evaluate"]["batch_size"], "model": params["model"], "models": models},
+                     "model": params["model"], "models": models},
     }
     with tempfile.TemporaryDirectory(prefix="bench_eval.") as workdir:
         rev_tree = Path(workdir) / "rev"
         git("worktree", "add", "--detach", str(rev_tree), commit)
         try:
             trees = {"this": str(REPO), "rev": str(rev_tree)}
+            # each side at its own evaluate.batch_size: the default is part of what a revision's scoring is
+            batch_sizes = {side: yaml.safe_load((Path(tree) / "params.yaml").read_text())["evaluate"]["batch_size"]
+                           for side, tree in trees.items()}
+            report["settings"]["batch_size"] = batch_sizes
             peaks = [run_child(__file__, "matmul", {"threads": [threads]}, workdir)]
             built = run_child(__file__, "prompts", {"pairs": args.pairs, "n": args.n, "params": params}, workdir)
             if "error" in built:
@@ -162,7 +166,7 @@ def main(args):
                 for side in SIDES:
                     log.info("round %d/%d: %s side (%s)", round_ + 1, args.repeats, side, trees[side])
                     spec = {"tree": trees[side], "model": params["model"], "models": models, "prompts": prompts,
-                            "threads": threads, "batch_size": params["evaluate"]["batch_size"],
+                            "threads": threads, "batch_size": batch_sizes[side],
                             "keep_scores": round_ == 0}
                     result = run_child(__file__, f"side-{side}-{round_}", spec, workdir, role_arg="side")
                     if "error" in result:
