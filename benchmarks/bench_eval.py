@@ -7,11 +7,12 @@ Scores, by label log-likelihood (scoring.score_labels, each side at its own para
 the first N pairs of data/test.jsonl (--pairs test, the default) or every prompt the `evaluate` stage scores (--pairs
 evaluate: test, validation, the probes of evaluate.probes and the extra sets of data/sets/, built by this checkout's
 stages.evaluate.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*:
-"baseline" (no adapter) and "finetuned" (models/adapter, when present). The revision's code comes from a `git worktree add --detach` of REV in a temporary folder (removed afterwards). Each
-side runs in its own subprocess with its tree first on sys.path, in the repository root (same params, data and
-adapter), sides alternating (this, REV, this, REV, ...) for --repeats rounds. A side loads the model with its own
-tree's `modeling.load_for_inference(model, "cpu", adapter)` if it has one, else `load_base_model` (+ `load_adapter`)
-+ `.eval()` (older revisions). Model loading is not timed; the prompts' tokenization is (it is part of scoring).
+"baseline" (no adapter) and "finetuned" (models/adapter, when present). The revision's code comes from a `git worktree
+add --detach` of REV in a temporary folder (removed afterwards). Each side runs in its own subprocess with its tree
+first on sys.path, in the repository root (same params, data and adapter), sides alternating (this, REV, this, REV,
+...) for --repeats rounds. A side loads the model with its own tree's `modeling.load_for_inference(model, "cpu",
+adapter)` if it has one, else `load_base_model` (+ `load_adapter`) + `.eval()` (older revisions). Model loading is not
+timed; the prompts' tokenization is (it is part of scoring).
 
 Measured per side and model: pairs/s (median over the rounds; best beside it), the ratio this / REV, and useful
 evaluation FLOP/s as % of the fp32 matmul peak (best of the peaks measured before and after, same threads):
