@@ -1,6 +1,7 @@
-"""Label scoring of related prompts: each group's shared prefix computed once (the default path of
-scoring.score_labels) against the plain path (`group_prefixes=False`: length-sorted batches, only the prefix common to
-a whole batch computed once), on the embedded model (params.yaml model.*, evaluate.batch_size).
+"""Label scoring of related prompts: token trees, every token that related prompts share computed once (the default
+path of scoring.score_labels, "grouped" in the output) against the plain path (`group_prefixes=False`: length-sorted
+batches, only the prefix common to a whole batch computed once), on the embedded model (params.yaml model.*,
+evaluate.batch_size).
 
     python benchmarks/bench_prefix_sharing.py [--data data/test.jsonl] [--n-pairs 100] [--slice-pairs 10]
                                               [--gap 5] [--threads N] [--no-pause]
@@ -9,7 +10,7 @@ a whole batch computed once), on the embedded model (params.yaml model.*, evalua
 Two prompt sets built from the first --n-pairs test pairs (params.yaml prompt.template):
   variants   per pair the original prompt, a tautology ("H and true is true"), a negation ("H and false is not
              true"), the premise as its own hypothesis, plus the plain original again: 5 prompts per pair
-  originals  the plain originals only: unrelated prompts, where the grouped path must fall back to the plain one
+  originals  the plain originals only: unrelated prompts, each a tree of its own
 Both paths run in this one process with the same torch thread count. On this shared 2-core CPU a whole set takes
 minutes, so each set is scored in slices of --slice-pairs pairs, one score_labels call per slice and path, the paths
 alternating (plain, grouped, then grouped, plain, ...) so that both see the same machine. Each timed call is bracketed
@@ -18,8 +19,8 @@ jobs sharing the CPU are paused while it runs; --no-pause leaves them alone.
 Measured per path and set:
   pairs/s                     test pairs / summed wall seconds of the slices' score_labels calls (tokenization
                               included)
-  tokens computed per pair    token positions the transformer body ran (padding included, prefix passes, group
-                              passes, own parts and the answers' pass), counted by a pre-hook on the body
+  tokens computed per pair    token positions the transformer body ran (padding and prefix passes included; the
+                              plain path's answers' pass too), counted by a pre-hook on the body
 Checks (in the JSON): the grouped scores equal the plain ones to atol 1e-4 with identical argmax, and scoring the last
 slice again (untimed) gives identical grouped scores.
 """
