@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from qlora_nli.errors import DataError
 from tiny import make_tiny_model, write_nli_dir
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a new shell: no virtual environment on PATH
-QUEUE_TIMEOUT_S = 1500  # celery workers start slowly, and two experiments share the cores with everything else
+QUEUE_TIMEOUT_S = 600  # celery workers start slowly, and two experiments share the cores with everything else
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
 
@@ -77,8 +78,14 @@ def shell(root, script, extra_env=None):
     # PYTHONPATH keeps the project's copied package in place of the installed (editable) one, as in tests/pipeline.py
     environment.update(PATH=SYSTEM_PATH, PYTHONPATH=str(root), TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1",
                        **(extra_env or {}))
-    return subprocess.run(["bash", "-c", script], cwd=root, env=environment, capture_output=True, text=True,
-                          timeout=QUEUE_TIMEOUT_S)
+    # Files, not pipes: the queue workers `dvc queue start` leaves running hold its stdout and stderr open until they
+    # shut down, which can be long after the experiments end; a pipe would keep this call waiting for them.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        done = subprocess.run(["bash", "-c", script], cwd=root, env=environment, stdout=out, stderr=err, text=True,
+                              timeout=QUEUE_TIMEOUT_S)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(done.args, done.returncode, out.read(), err.read())
 
 
 def queue_statuses(root):
@@ -95,7 +102,8 @@ def wait_for_queue(root, names):
         if all(statuses.get(name) in ("Success", "Failed") for name in names):
             return statuses
         time.sleep(5)
-    raise AssertionError(f"queue not done after {QUEUE_TIMEOUT_S} s: {queue_statuses(root)}")
+    logs = {name: dvc(root, "queue", "logs", name, check=False).stdout[-2000:] for name in names}
+    raise AssertionError(f"queue not done after {QUEUE_TIMEOUT_S} s: {dvc(root, 'queue', 'status').stdout}\n{logs}")
 
 
 def lock_outs(root):
