@@ -1,9 +1,11 @@
 """Many experiments: the documented commands in a new shell, the DVC queue with parallel workers, the sweep table,
 remote storage and `dvc exp push/pull`, and outputs that hash the same on every run (docs/experiments.md)."""
+import contextlib
 import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from tiny import make_tiny_model, write_nli_dir
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a new shell: no virtual environment on PATH
 QUEUE_TIMEOUT_S = 600  # celery workers start slowly, and two experiments share the cores with everything else
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+WORKERS = Path(".dvc/tmp/exps/celery")  # dvc-task's files of each queue worker: <worker>.json (pid, returncode), .out
 
 
 # --- a relative NLI_DATA_MIRROR (fast) ----------------------------------------------------------------------------
@@ -95,6 +98,19 @@ def queue_statuses(root):
     return {row[1]: row[-1] for row in rows if len(row) >= 4}
 
 
+def running_workers(root):
+    """Process ids of the queue workers still running (a worker's returncode is written when it ends)."""
+    workers = [json.loads(info.read_text()) for info in (Path(root) / WORKERS).glob("dvc-exp-worker-*.json")]
+    return [w["pid"] for w in workers if w["returncode"] is None and "queue-worker" in command_line(w["pid"])]
+
+
+def command_line(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_for_queue(root, names):
     deadline = time.monotonic() + QUEUE_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -103,6 +119,7 @@ def wait_for_queue(root, names):
             return statuses
         time.sleep(5)
     logs = {name: dvc(root, "queue", "logs", name, check=False).stdout[-2000:] for name in names}
+    logs.update({out.name: out.read_text()[-2000:] for out in (Path(root) / WORKERS).glob("*.out")})
     raise AssertionError(f"queue not done after {QUEUE_TIMEOUT_S} s: {dvc(root, 'queue', 'status').stdout}\n{logs}")
 
 
@@ -142,8 +159,11 @@ def project(tmp_path_factory):
     # nothing may keep running after the tests: running experiments and the queue workers stop here
     dvc(root, "queue", "stop", "--kill", check=False)
     deadline = time.monotonic() + 120
-    while "0 active" not in dvc(root, "queue", "status", check=False).stdout and time.monotonic() < deadline:
+    while running_workers(root) and time.monotonic() < deadline:
         time.sleep(3)
+    for pid in running_workers(root):  # one that missed its shutdown message, with what it runs (its process group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 @pytest.mark.slow
