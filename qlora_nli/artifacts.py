@@ -4,6 +4,7 @@ Every problem (missing, truncated, malformed, a value of the wrong type) is an A
 names the file (and line), what is wrong, and the `dvc repro <stage>` that writes the file again. Raw data has the
 same treatment in data.py; these are the files between stages.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -239,3 +240,9 @@ def check_adapter_dir(path):
         raise ArtifactError(f"{path}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}), the adapter is "
                             f"incomplete; {_rerun(path)}")
     return path
+
+
+def adapter_sha256(adapter_dir):
+    """sha256 of the adapter's weights file: what a model card names to say which adapter it describes."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS[0]
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None

@@ -5,16 +5,22 @@ overrides them, and end with a one-line message and exit status 1 on a bad file,
 """
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 import torch
 
+from qlora_nli import lm_eval_tasks
 from qlora_nli.errors import DataError, RunError, run_stage
-from qlora_nli.export import DTYPES, export_merged
+from qlora_nli.export import DTYPES, MERGE_INTO, export_merged
 from qlora_nli.io import write_jsonl
 from qlora_nli.modeling import pick_device
 from qlora_nli.params import check_params, load_params
 from qlora_nli.predict import check_adapter_dir, load_model, predict_rows, read_pairs
+
+log = logging.getLogger("nli-export")
+DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
 
 
 def _params_options(parser):
@@ -60,7 +66,16 @@ def predict_main(args):
 
 def export_main(args):
     params = _params(args)
-    export_merged(params["model"], args.adapter, args.out, args.dtype, args.overwrite)
+    card = args.card
+    if card == DEFAULT_CARD and not Path(card).is_file():
+        log.warning("no model card in the export: %s does not exist (`dvc repro report` writes it)", card)
+        card = None
+    sets = lm_eval_tasks.pipeline_sets(args.data) if args.lm_eval else {}
+    if args.lm_eval and not sets["test"].is_file():
+        log.warning("no lm-eval tasks in the export: %s does not exist (`dvc repro prepare` writes it)", sets["test"])
+        sets = {}
+    export_merged(params["model"], args.adapter, args.out, args.dtype, args.overwrite, args.merge_into, card,
+                  args.gguf, sets, params["prompt"]["template"])
     print(args.out)
 
 
@@ -87,11 +102,25 @@ def predict_parser():
 
 def export_parser():
     parser = argparse.ArgumentParser(
-        prog="nli-export", description="Merge a LoRA adapter into its base (loaded without 4-bit quantization) and "
-        "save a standalone Hugging Face model directory that loads without peft.")
+        prog="nli-export", description="Merge a LoRA adapter into the weights it was trained against (the "
+        "dequantized 4-bit base, for QLoRA) and save a standalone Hugging Face model directory that loads without "
+        "peft and predicts what `evaluate` measured; with its model card, lm-eval tasks and optionally GGUF.")
     parser.add_argument("--adapter", metavar="DIR", required=True, help="LoRA adapter directory (models/adapter)")
     parser.add_argument("--out", metavar="DIR", required=True, help="directory to write the merged model to")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
+    parser.add_argument("--merge-into", choices=list(MERGE_INTO), default="trained",
+                        help="trained (default): the weights the adapter was trained against, so the export predicts "
+                        "what evaluate measured; original: the base's unquantized weights (scores lower, "
+                        "docs/predict.md)")
+    parser.add_argument("--gguf", action="store_true", help="also write the merged model as GGUF (gguf/model.gguf) "
+                        "for llama.cpp, Ollama and llm (Llama-architecture models)")
+    parser.add_argument("--card", metavar="FILE", default=DEFAULT_CARD,
+                        help="model card to copy in as README.md (default: the one the report stage wrote)")
+    parser.add_argument("--no-card", dest="card", action="store_const", const=None, help="write no model card")
+    parser.add_argument("--data", metavar="DIR", default="data",
+                        help="the pipeline's data directory, read by the lm-eval tasks written beside the export")
+    parser.add_argument("--lm-eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="write lm-eval task files for the test pairs and each extra set (lm_eval/)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _params_options(parser)
     return parser

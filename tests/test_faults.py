@@ -26,7 +26,7 @@ STAGES = [  # (script, argument, outputs written through qlora_nli.io), in pipel
                                "plots/finetuned/confusion.csv"]),
     ("failure_cases", None, ["reports/failure_cases.json", "reports/failure_cases.md", "metrics/comparison.json",
                              "plots/accuracy.json"]),
-    ("report", None, ["reports/report.md"]),
+    ("report", None, ["reports/report.md", "reports/model_card.md", "reports/figures"]),
 ]
 ALL_OUTPUTS = [o for _, _, outputs in STAGES for o in outputs] + ["models/adapter"]
 
