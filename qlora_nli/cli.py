@@ -13,7 +13,7 @@ import torch
 
 from qlora_nli import lm_eval_tasks
 from qlora_nli.errors import DataError, RunError, run_stage
-from qlora_nli.export import DTYPES, MERGE_INTO, export_merged
+from qlora_nli.export import DTYPES, MERGE_INTO, check_out_dir, export_merged
 from qlora_nli.io import write_jsonl
 from qlora_nli.modeling import pick_device
 from qlora_nli.params import check_params, load_params
@@ -66,6 +66,8 @@ def predict_main(args):
 
 def export_main(args):
     params = _params(args)
+    check_out_dir(args.out, args.overwrite)  # before the warnings below: a bad option is the one line printed
+    check_adapter_dir(args.adapter, or_else="")
     card = args.card
     if card == DEFAULT_CARD and not Path(card).is_file():
         log.warning("no model card in the export: %s does not exist (`dvc repro report` writes it)", card)

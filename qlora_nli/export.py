@@ -40,7 +40,7 @@ def merged_model(model_params, adapter_dir, merge_into="trained"):
     layers, no quantization config), into the weights `merge_into` names."""
     if merge_into not in MERGE_INTO:
         raise ArtifactError(f"--merge-into {merge_into}: allowed: {', '.join(MERGE_INTO)}")
-    check_adapter_dir(adapter_dir)
+    check_adapter_dir(adapter_dir, or_else="")  # an export needs an adapter
     load_in_4bit = model_params["load_in_4bit"] and merge_into == "trained"
     params = {**model_params, "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}
     # On the CPU load_for_inference dequantizes the 4-bit layers (the very values bitsandbytes computes with) and
@@ -59,10 +59,7 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
     JSONL path}) formatted with `template`. All of it appears at once, or nothing does."""
     from qlora_nli import gguf_export, lm_eval_tasks
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ArtifactError(f"--out {out_dir}: already exists; choose a new directory, or pass --overwrite to "
-                            f"replace it")
+    out_dir = check_out_dir(out_dir, overwrite)
     card_text = read_card(card, adapter_dir) if card is not None else None
     if gguf:
         # before the merge, which takes a while
@@ -89,6 +86,14 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
         if task_sets:
             source["lm_eval"] = lm_eval_tasks.write_tasks(tmp / lm_eval_tasks.FOLDER, task_sets, template)
         (tmp / "EXPORT.json").write_text(json.dumps(source, indent=2) + "\n")
+    return out_dir
+
+
+def check_out_dir(out_dir, overwrite):
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ArtifactError(f"--out {out_dir}: already exists; choose a new directory, or pass --overwrite to "
+                            f"replace it")
     return out_dir
 
 

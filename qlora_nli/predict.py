@@ -17,12 +17,13 @@ from qlora_nli.scoring import score_labels
 PAIR_KEYS = ("premise", "hypothesis")
 
 
-def check_adapter_dir(adapter_dir):
-    """A LoRA adapter directory as `finetune` saves it (adapter_config.json next to the weights)."""
+def check_adapter_dir(adapter_dir, or_else=", or leave --adapter out to use the base model"):
+    """A LoRA adapter directory as `finetune` saves it (adapter_config.json next to the weights); `or_else` ends
+    the fix of a missing one."""
     path = Path(adapter_dir)
     if not path.is_dir():
         raise ModelLoadError(f"--adapter {adapter_dir}: no such directory; train one with `dvc repro finetune` "
-                             f"(it writes models/adapter), or leave --adapter out to use the base model")
+                             f"(it writes models/adapter){or_else}")
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"--adapter {adapter_dir}: no adapter_config.json in it; give the directory that "
                              f"`finetune` wrote (models/adapter)")

@@ -17,33 +17,10 @@ from qlora_nli import cli, modeling
 from qlora_nli.export import export_merged
 from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
 from qlora_nli.scoring import score_labels
-from tiny import made_up_pairs, make_tiny_model
+from tiny import base_plus_adapter, made_up_pairs, make_adapter, make_tiny_model
+from tiny import model_params as _model_params
 
 BATCH = 3
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": "all"}
-
-
-def make_adapter(model_dir, out_dir, seed=0):
-    """A LoRA adapter that changes the model: peft starts B at zero (a no-op), so B gets random values."""
-    base = modeling.load_base_model(_model_params(model_dir, load_in_4bit=False), "cpu")
-    model = modeling.attach_lora(base, LORA)
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=generator) * 0.1
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-def _model_params(model_dir, load_in_4bit):
-    return {"name": str(model_dir), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
-
-
-def base_plus_adapter(model_dir, adapter_dir, load_in_4bit):
-    model = modeling.load_base_model(_model_params(model_dir, load_in_4bit), "cpu")
-    return modeling.load_adapter(model, str(adapter_dir)), modeling.load_tokenizer(str(model_dir))
-
-
 def _prompts(pairs):
     return [format_prompt(TEMPLATE, r) for r in pairs]
 
@@ -202,7 +179,9 @@ print(json.dumps({"dtype": str(model.dtype), "scores": scores.tolist()}))
 """
 
 
-def test_export_loads_without_peft_and_predicts_like_base_plus_adapter(tiny_model_dir, tmp_path):
+def test_export_loads_without_peft_and_predicts_like_evaluate(tiny_model_dir, tmp_path):
+    """The default export is the model `evaluate` measures: the adapter on the 4-bit NF4 base (kept 4-bit here, as on
+    a GPU, and unmerged), scored after plain transformers loads the export in a fresh interpreter."""
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     out = export_merged(_model_params(tiny_model_dir, load_in_4bit=True), adapter, tmp_path / "merged", "float32")
     prompts = _prompts(made_up_pairs(9, 12))
@@ -213,12 +192,32 @@ def test_export_loads_without_peft_and_predicts_like_base_plus_adapter(tiny_mode
     assert exported["dtype"] == "torch.float32"
     merged = torch.tensor(exported["scores"])
 
-    model, tokenizer = base_plus_adapter(tiny_model_dir, adapter, load_in_4bit=False)
+    model, tokenizer = base_plus_adapter(tiny_model_dir, adapter, load_in_4bit=True)
     reference = score_labels(model, tokenizer, prompts, BATCH)
-    # Same float32 numbers in another order: x @ (W + s B A)^T against x @ W^T + s (x @ A^T) @ B^T; the differences
-    # are float32 rounding, far below the label log-likelihoods' gaps.
+    # Same float32 numbers in another order: x @ (Wq + s B A)^T against x @ Wq^T + s (x @ A^T) @ B^T, with Wq the
+    # dequantized NF4 weight; the differences are float32 rounding, far below the label log-likelihoods' gaps.
     assert torch.allclose(merged, reference, atol=1e-4), (merged - reference).abs().max()
     assert merged.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    assert json.loads((out / "EXPORT.json").read_text())["merge_into"] == "trained"
+
+
+def test_export_into_the_original_weights_is_another_model(project, tmp_path):
+    """--merge-into original adds the adapter to the unquantized base: it equals base (not quantized) + adapter and
+    differs from what evaluate measured by far more than rounding (the reason it is not the default)."""
+    from transformers import AutoModelForCausalLM
+
+    params = _model_params(project.model, load_in_4bit=True)
+    out = export_merged(params, project.adapter, tmp_path / "original", "float32", merge_into="original")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompts = _prompts(made_up_pairs(9, 12))
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=False)
+    got, unquantized = score_labels(merged, tokenizer, prompts, BATCH), score_labels(model, tokenizer, prompts, BATCH)
+    assert torch.allclose(got, unquantized, atol=1e-4), (got - unquantized).abs().max()
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)
+    trained = score_labels(model, tokenizer, prompts, BATCH)
+    assert (got - trained).abs().max() > 1e-2
+    assert "not the weights the adapter was trained against" in json.loads((out / "EXPORT.json").read_text())[
+        "merged_into"]
 
 
 # Rounding every weight to float16 (relative step 2**-11) or bfloat16 (2**-8, 8x coarser) moves the label
@@ -234,13 +233,92 @@ def test_export_in_half_precision(project, tmp_path, dtype, atol):
     assert AutoModelForCausalLM.from_pretrained(out).dtype == getattr(torch, dtype)
     assert json.loads((out / "EXPORT.json").read_text())["dtype"] == dtype
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=False)
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)
     prompts = _prompts(made_up_pairs(9, 12))
     got, reference = score_labels(merged, tokenizer, prompts, BATCH), score_labels(model, tokenizer, prompts, BATCH)
     assert torch.allclose(got, reference, atol=atol), (got - reference).abs().max()
     top2 = reference.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * atol  # a label can only flip where the reference's margin is smaller
     assert clear.any() and (got.argmax(-1) == reference.argmax(-1))[clear].all()
+
+
+def test_gguf_export_read_back_by_transformers_predicts_like_evaluate(project, tmp_path):
+    """The GGUF file, read by transformers' own GGUF loader (model and tokenizer from the file alone), scores like
+    the 4-bit base + adapter: same tokens, same labels, F32 tensors so only float32 rounding differs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_merged(_model_params(project.model, load_in_4bit=True), project.adapter, tmp_path / "g", "float32",
+                        gguf=True)
+    folder, name = (out / "gguf/model.gguf").parent, "model.gguf"
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)
+    prompts = _prompts(made_up_pairs(12, 13))
+    assert [gguf_tokenizer(p).input_ids for p in prompts] == [tokenizer(p).input_ids for p in prompts]
+    assert gguf_tokenizer.eos_token == tokenizer.eos_token and gguf_tokenizer.pad_token == tokenizer.pad_token
+    got, reference = score_labels(gguf_model, gguf_tokenizer, prompts, BATCH), score_labels(model, tokenizer, prompts,
+                                                                                              BATCH)
+    assert torch.allclose(got, reference, atol=1e-4), (got - reference).abs().max()
+    assert got.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    assert json.loads((out / "EXPORT.json").read_text())["gguf"]["tensor_types"] == {"F32": 21}  # 2 blocks x 9 + 3
+
+
+def test_gguf_half_precision_keeps_norms_in_f32(project, tmp_path):
+    import gguf
+
+    out = export_merged(_model_params(project.model, load_in_4bit=True), project.adapter, tmp_path / "g", "float16",
+                        gguf=True)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "gguf/model.gguf").tensors}
+    assert {n for n, k in types.items() if k == "F32"} == {"blk.0.attn_norm.weight", "blk.0.ffn_norm.weight",
+                                                           "blk.1.attn_norm.weight", "blk.1.ffn_norm.weight",
+                                                           "output_norm.weight"}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["token_embd.weight"] == "F16"
+
+
+def test_gguf_export_of_another_architecture_is_one_line_before_merging(tmp_path):
+    from qlora_nli.errors import ArtifactError
+
+    phi = make_tiny_model("phi", tmp_path / "phi")
+    adapter = make_adapter(phi, tmp_path / "adapter")
+    with pytest.raises(ArtifactError, match=r"--gguf: the base model is 'phi'.*convert_hf_to_gguf") as e:
+        export_merged(_model_params(phi, load_in_4bit=True), adapter, tmp_path / "out", "float32", gguf=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_export_carries_the_model_card_of_its_adapter_only(project, tmp_path):
+    import hashlib
+
+    from qlora_nli.errors import ArtifactError
+
+    sha = hashlib.sha256((project.adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    card = tmp_path / "card.md"
+    card.write_text(f"---\nlibrary_name: peft\nadapter_sha256: {sha}\n---\n# made-up card\n")
+    out = export_merged(_model_params(project.model, load_in_4bit=True), project.adapter, tmp_path / "e", card=card)
+    assert (out / "README.md").read_text() == card.read_text()
+    card.write_text(f"---\nadapter_sha256: {'0' * 64}\n---\n")
+    with pytest.raises(ArtifactError, match="describes another adapter"):
+        export_merged(_model_params(project.model, load_in_4bit=True), project.adapter, tmp_path / "e2", card=card)
+    assert not (tmp_path / "e2").exists()
+
+
+def test_lm_eval_task_renders_our_prompt(tmp_path):
+    """The Jinja template lm-eval renders gives format_prompt's text, braces and all, for the default template and a
+    template with literal braces; the task names our three answers after a space."""
+    import jinja2
+
+    from qlora_nli import lm_eval_tasks
+
+    row = {"premise": "  A dog {runs}. ", "hypothesis": "A dog moves.\n"}
+    for template in (TEMPLATE, "{{literal}} P: {premise} | H: {hypothesis} {{x}}"):
+        rendered = jinja2.Template(lm_eval_tasks.jinja_template(template)).render(**row)
+        assert rendered == format_prompt(template, row)
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"premise": "a", "hypothesis": "b", "label": 0}\n')
+    names = lm_eval_tasks.write_tasks(tmp_path / "tasks", {"test": data}, TEMPLATE)
+    spec = yaml.safe_load((tmp_path / "tasks/qlora_nli_test.yaml").read_text())
+    assert names == ["qlora_nli_test"] and spec["doc_to_choice"] == ["entailment", "neutral", "contradiction"]
+    assert spec["target_delimiter"] == " " and spec["output_type"] == "multiple_choice"
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str(data.resolve())
 
 
 def test_console_scripts_resolve_to_the_cli():

@@ -68,3 +68,34 @@ def make_tiny_model(arch, path, seed=0, **overrides):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": "all"}
+
+
+def make_adapter(model_dir, out_dir, seed=0):
+    """A LoRA adapter that changes the model: peft starts B at zero (a no-op), so B gets random values."""
+    import torch
+
+    from qlora_nli import modeling
+
+    base = modeling.load_base_model(model_params(model_dir, load_in_4bit=False), "cpu")
+    model = modeling.attach_lora(base, LORA)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def model_params(model_dir, load_in_4bit):
+    return {"name": str(model_dir), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
+
+
+def base_plus_adapter(model_dir, adapter_dir, load_in_4bit):
+    """(base + adapter, unmerged, tokenizer): 4-bit layers stay 4-bit, as on a GPU."""
+    from qlora_nli import modeling
+
+    model = modeling.load_base_model(model_params(model_dir, load_in_4bit), "cpu")
+    return modeling.load_adapter(model, str(adapter_dir)), modeling.load_tokenizer(str(model_dir))
