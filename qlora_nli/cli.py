@@ -67,8 +67,9 @@ def predict_main(args):
 def export_main(args):
     params = _params(args)
     check_out_dir(args.out, args.overwrite)  # before the warnings below: a bad option is the one line printed
-    check_adapter_dir(args.adapter, or_else="")
-    card = args.card
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter, or_else=", or leave --adapter out to export the base model")
+    card = args.card if args.adapter is not None else None  # the card describes the adapter
     if card == DEFAULT_CARD and not Path(card).is_file():
         log.warning("no model card in the export: %s does not exist (`dvc repro report` writes it)", card)
         card = None
@@ -107,7 +108,8 @@ def export_parser():
         prog="nli-export", description="Merge a LoRA adapter into the weights it was trained against (the "
         "dequantized 4-bit base, for QLoRA) and save a standalone Hugging Face model directory that loads without "
         "peft and predicts what `evaluate` measured; with its model card, lm-eval tasks and optionally GGUF.")
-    parser.add_argument("--adapter", metavar="DIR", required=True, help="LoRA adapter directory (models/adapter)")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory (models/adapter); without it the "
+                        "base model is exported as evaluate@baseline scores it (dequantized from 4-bit)")
     parser.add_argument("--out", metavar="DIR", required=True, help="directory to write the merged model to")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--merge-into", choices=list(MERGE_INTO), default="trained",

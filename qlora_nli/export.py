@@ -37,15 +37,19 @@ CARD = "README.md"  # the model card's name in an export (the Hugging Face Hub s
 
 def merged_model(model_params, adapter_dir, merge_into="trained"):
     """(model, tokenizer): base + adapter merged in float32 on the CPU, as a plain transformers model (no 4-bit
-    layers, no quantization config), into the weights `merge_into` names."""
+    layers, no quantization config), into the weights `merge_into` names. Without an adapter: the base alone, as
+    `evaluate@baseline` scores it (dequantized from 4-bit when `model.load_in_4bit`)."""
     if merge_into not in MERGE_INTO:
         raise ArtifactError(f"--merge-into {merge_into}: allowed: {', '.join(MERGE_INTO)}")
-    check_adapter_dir(adapter_dir, or_else="")  # an export needs an adapter
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir, or_else=", or leave --adapter out to export the base model as evaluate@baseline "
+                                               "scores it")
+        adapter_dir = str(adapter_dir)
     load_in_4bit = model_params["load_in_4bit"] and merge_into == "trained"
     params = {**model_params, "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}
     # On the CPU load_for_inference dequantizes the 4-bit layers (the very values bitsandbytes computes with) and
     # merges the adapter into them.
-    model = modeling.load_for_inference(params, "cpu", str(adapter_dir),
+    model = modeling.load_for_inference(params, "cpu", adapter_dir,
                                         adapter_fix=f"it was not trained on '{model_params['name']}': give that base "
                                                     f"model with --model or model.name")
     tokenizer = modeling.load_tokenizer(model_params["name"], model_params.get("trust_remote_code", False))
@@ -60,7 +64,7 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
     from qlora_nli import gguf_export, lm_eval_tasks
 
     out_dir = check_out_dir(out_dir, overwrite)
-    card_text = read_card(card, adapter_dir) if card is not None else None
+    card_text = read_card(card, adapter_dir) if card is not None and adapter_dir is not None else None
     if gguf:
         # before the merge, which takes a while
         gguf_export.check_exportable(modeling.load_config(model_params["name"], model_params.get("trust_remote_code",
@@ -76,7 +80,8 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"base": model_params["name"], "base_path": modeling.resolve_model_path(model_params["name"]),
-                  "adapter": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir), "dtype": dtype,
+                  "adapter": None if adapter_dir is None else str(adapter_dir),
+                  "adapter_sha256": None if adapter_dir is None else adapter_sha256(adapter_dir), "dtype": dtype,
                   "merge_into": merge_into, "merged_into": merged_into}
         if card_text is not None:
             (tmp / CARD).write_text(card_text)

@@ -42,7 +42,8 @@ def test_lm_eval_reproduces_our_scores_and_accuracy(tmp_path):
 
     model, tokenizer = base_plus_adapter(model_dir, adapter, load_in_4bit=True)  # what evaluate scores
     ours = score_labels(model, tokenizer, [format_prompt(TEMPLATE, r) for r in pairs], 4)
-    theirs = torch.tensor([[choice[0] for choice in s["filtered_resps"]] for s in
+    # the samples file writes each (log-likelihood, is_greedy) as strings
+    theirs = torch.tensor([[float(choice[0]) for choice in s["filtered_resps"]] for s in
                            sorted(samples, key=lambda s: s["doc_id"])])
     # Both sum float32 log-probabilities of the same answer tokens after the same prompt tokens; the batching and
     # padding differ, so the sums agree to float32 rounding, far below the label scores' gaps.

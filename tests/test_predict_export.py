@@ -122,8 +122,9 @@ ERRORS = {
     "missing key": (["predict", "--input", "in.jsonl"], '{"premise": "a", "hypothesis": "b"}\n{"premise": "a"}\n',
                     "in.jsonl line 2: missing key 'hypothesis'"),
     "not an object": (["predict", "--input", "in.jsonl"], '["a", "b"]\n', "in.jsonl line 1: expected an object"),
-    "export without adapter": (["export", "--adapter", "no-such-dir", "--out", "merged"], None,
-                               "--adapter no-such-dir: no such directory"),
+    "export of a missing adapter": (["export", "--adapter", "no-such-dir", "--out", "merged"], None,
+                                    "--adapter no-such-dir: no such directory; train one with `dvc repro finetune` (it "
+                                    "writes models/adapter), or leave --adapter out to export the base model"),
     "export over a directory": (["export", "--adapter", "no-such-dir", "--out", "."], None, "--out .: already exists"),
 }
 
@@ -145,7 +146,7 @@ def test_errors_are_one_line(project, tmp_path, monkeypatch, case):
     assert isinstance(message, str) and "\n" not in message and expected in message, message
 
 
-@pytest.mark.parametrize("case", ["bad JSON line", "export without adapter"])
+@pytest.mark.parametrize("case", ["bad JSON line", "export of a missing adapter"])
 def test_error_exits_with_status_1_and_one_stderr_line(project, tmp_path, case):
     """The same as a process: only the message on stderr (no traceback, no log line), and exit status 1."""
     args, jsonl, expected = ERRORS[case]
@@ -261,6 +262,19 @@ def test_gguf_export_read_back_by_transformers_predicts_like_evaluate(project, t
     assert torch.allclose(got, reference, atol=1e-4), (got - reference).abs().max()
     assert got.argmax(-1).tolist() == reference.argmax(-1).tolist()
     assert json.loads((out / "EXPORT.json").read_text())["gguf"]["tensor_types"] == {"F32": 21}  # 2 blocks x 9 + 3
+
+
+def test_export_without_adapter_is_the_base_evaluate_scores(project, tmp_path):
+    """No --adapter: the base as evaluate@baseline scores it (NF4, dequantized), for the harness's baseline."""
+    from transformers import AutoModelForCausalLM
+
+    out = export_merged(_model_params(project.model, load_in_4bit=True), None, tmp_path / "base", "float32")
+    got = score_labels(AutoModelForCausalLM.from_pretrained(out).eval(), modeling.load_tokenizer(str(out)),
+                       _prompts(made_up_pairs(6, 14)), BATCH)
+    base = modeling.load_base_model(_model_params(project.model, load_in_4bit=True), "cpu")  # 4-bit layers kept
+    reference = score_labels(base, modeling.load_tokenizer(str(project.model)), _prompts(made_up_pairs(6, 14)), BATCH)
+    assert torch.allclose(got, reference, atol=1e-4), (got - reference).abs().max()
+    assert json.loads((out / "EXPORT.json").read_text())["adapter"] is None and not (out / "README.md").exists()
 
 
 def test_gguf_half_precision_keeps_norms_in_f32(project, tmp_path):
