@@ -245,6 +245,27 @@ def test_sweep_table_leaves_out_unfinished_experiments_and_a_baseline_an_experim
     assert [name for name, _, _ in experiments(exp_show)] == ["same-as-main", "other", "v1"]
 
 
+def test_sweep_table_writes_files_only_where_out_says(tmp_path):
+    """The committed sweep's files (benchmarks/results/sweep/) are rewritten only when asked: by default the table is
+    printed and nothing is written, not even relative to the directory the script runs in."""
+    def trained(name, rev, accuracy):
+        return {"name": name, "revs": [{"rev": rev, "data": {
+            "params": {"params.yaml": {"data": {"train": {"learning_rate": accuracy / 1000}}}},
+            "metrics": {"metrics/train.json": {"data": {"epochs": 1, "val_accuracy_per_epoch": [accuracy]}}}}}]}
+
+    exp_show = [{"rev": "base", "name": "main", "data": {"params": {}, "metrics": {}},
+                 "experiments": [trained("low", "r1", 0.25), trained("high", "r2", 0.5)]}]
+    (tmp_path / "exp_show.json").write_text(json.dumps(exp_show))
+    script = [sys.executable, str(REPO / "benchmarks" / "sweep_table.py"), "--input", "exp_show.json"]
+    printed = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "| **high** (pick) | 0.0005 | 0.50 |" in printed and "| low | 0.00025 | 0.25 |" in printed
+    assert [p.name for p in tmp_path.rglob("*")] == ["exp_show.json"]
+    subprocess.run([*script, "--out", "out"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sweep.json", "sweep.md", "val_accuracy.csv",
+                                                                     "val_accuracy.svg"]
+    assert (tmp_path / "out" / "sweep.md").read_text() == printed
+
+
 def test_sweep_chart_draws_each_experiment_at_its_accuracies():
     from xml.etree import ElementTree
 
