@@ -398,6 +398,8 @@ def test_readme_experiments_and_sharing_commands_as_printed(queued, tmp_path):
 
     shown = queued.next("dvc exp show").stdout
     rows = [name for line in shown.splitlines() for name in re.findall(r"\[([\w-]+)\]", line) if name in accuracy]
+    # Only validation accuracies that differ tell a descending sort from an ascending one; the tiny random models
+    # can tie (both 0.5 on 6 pairs, 2026-12-01), and then only the presence of both rows is checked.
     assert rows == best_first or accuracy[best_first[0]] == accuracy[best_first[-1]], f"{accuracy}\n{shown}"
     assert [accuracy[name] for name in rows] == sorted(accuracy.values(), reverse=True), shown  # best first
     clean(first)
