@@ -41,6 +41,8 @@ bench: setup
 	$(IN_VENV) $(BIN)/python benchmarks/bench_train.py
 	$(IN_VENV) $(BIN)/python benchmarks/bench_eval.py --against $(BENCH_AGAINST)
 
-# The queued experiments' results as a Markdown table and plot-ready JSON (docs/experiments.md)
+# The queued experiments' results as a Markdown table (docs/experiments.md), printed; SWEEP_OUT=DIR also writes the
+# table, JSON, CSV and chart there (SWEEP_OUT=benchmarks/results/sweep: the committed sweep's files)
+SWEEP_OUT ?=
 sweep-table: setup
-	$(IN_VENV) $(BIN)/python benchmarks/sweep_table.py
+	$(IN_VENV) $(BIN)/python benchmarks/sweep_table.py $(if $(SWEEP_OUT),--out $(SWEEP_OUT))

@@ -1,16 +1,17 @@
 """The results of a sweep of DVC experiments as one table: what each experiment changed, validation accuracy per
 epoch, the test accuracy of the pick, training time.
 
-    python benchmarks/sweep_table.py [--input exp_show.json] [--out benchmarks/results/sweep] [--all-test]
+    python benchmarks/sweep_table.py [--input exp_show.json] [--out DIR] [--all-test]
 
 Reads `dvc exp show --json` (run in the current repository unless --input names a saved copy) and, per experiment,
 metrics/train.json from its Git commit (`dvc exp show` leaves out lists such as the per-epoch accuracies). The pick
 is the experiment with the highest final-epoch validation accuracy (ties: lower final validation loss, then the
 order of `dvc exp show`); models/adapter is the final epoch's adapter, so that is the accuracy that belongs to it.
 Test accuracy is shown for the pick only, so that the table cannot steer the choice; --all-test shows it for every
-experiment (for an analysis after the choice). Writes OUT/sweep.md (the Markdown table), OUT/sweep.json (one object
-per experiment) and OUT/val_accuracy.csv (experiment, epoch, val_accuracy: one row per point, ready to plot), and
-prints the Markdown.
+experiment (for an analysis after the choice). Prints the Markdown table; with --out DIR it also writes
+DIR/sweep.md (the same table), DIR/sweep.json (one object per experiment), DIR/val_accuracy.csv (experiment, epoch,
+val_accuracy: one row per point, ready to plot) and DIR/val_accuracy.svg (the chart). The committed sweep's files are
+rewritten only when asked: --out benchmarks/results/sweep (make sweep-table SWEEP_OUT=benchmarks/results/sweep).
 """
 import argparse
 import csv
@@ -155,10 +156,23 @@ def svg_curves(table, width=820, height=360):
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 
+def write_files(out, table, text):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(text)
+    (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+    with open(out / "val_accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["experiment", "epoch", "val_accuracy"])
+        for row in table:
+            writer.writerows([row["experiment"], epoch, a] for epoch, a in enumerate(row["val_accuracy_per_epoch"], 1))
+    (out / "val_accuracy.svg").write_text(svg_curves(table))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="a saved `dvc exp show --json`; default: run it here")
-    parser.add_argument("--out", default="benchmarks/results/sweep", help="directory for sweep.{md,json} and the CSV")
+    parser.add_argument("--out", help="also write sweep.{md,json}, val_accuracy.{csv,svg} into this directory "
+                                      "(benchmarks/results/sweep holds the committed sweep's); default: print only")
     parser.add_argument("--all-test", action="store_true", help="test accuracy of every experiment, not only the pick")
     args = parser.parse_args()
     if args.input:
@@ -169,17 +183,9 @@ def main():
             sys.exit(f"sweep_table: `dvc exp show --json` failed: {shown.stderr.strip()[-300:]}")
         exp_show = json.loads(shown.stdout)
     table, varying = rows(exp_show, args.all_test)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(table, varying)
-    (out / "sweep.md").write_text(text)
-    (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
-    with open(out / "val_accuracy.csv", "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["experiment", "epoch", "val_accuracy"])
-        for row in table:
-            writer.writerows([row["experiment"], epoch, a] for epoch, a in enumerate(row["val_accuracy_per_epoch"], 1))
-    (out / "val_accuracy.svg").write_text(svg_curves(table))
+    if args.out:
+        write_files(Path(args.out), table, text)
     print(text, end="")
 
 

@@ -66,6 +66,17 @@ def torchrun_arguments(value):
     return arguments
 
 
+def _processes_per_node(arguments):
+    """torchrun's --nproc-per-node among `arguments` as a number; 0 where it is a word torchrun resolves itself
+    (auto, gpu, cpu, xpu)."""
+    for i, argument in enumerate(arguments):
+        name, _, value = argument.partition("=")
+        if name in ("--nproc-per-node", "--nproc_per_node"):
+            value = value or (arguments[i + 1] if i + 1 < len(arguments) else "")
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def _this_program():
     """How this process was started, for torchrun to start each rank the same way: `-m stages.finetune ...` for a
     module (dvc.yaml's form, see there why), else the script path and its arguments."""
@@ -81,6 +92,10 @@ def start(device):
     if "LOCAL_RANK" not in os.environ:
         arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
         if arguments:
+            if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
+                # What torchrun itself does then, without the banner it prints about it: each rank starts with
+                # one OpenMP thread, and set_cpu_threads gives it its share of the cores (or train.num_threads).
+                os.environ["OMP_NUM_THREADS"] = "1"
             command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
             log.info("%s: %s", SWITCH, shlex.join(command))
             sys.stdout.flush()

@@ -38,6 +38,38 @@ def test_the_switch_maps_to_torchrun_arguments():
             torchrun_arguments(bad)
 
 
+@pytest.mark.parametrize("switch, preset, expected", [
+    ("2", None, "1"),  # torchrun would set 1 itself and print a banner saying so
+    ("2", "3", "3"),  # the user's value stays
+    ("--nnodes 2 --nproc-per-node 1 --rdzv-endpoint head:29500", None, None),  # torchrun leaves it unset for 1
+    ("--nnodes 2 --nproc_per_node 4 --rdzv-endpoint head:29500", None, "1"),
+    ("--nproc-per-node=auto", None, None),  # a count torchrun resolves: left to torchrun
+])
+def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch, switch, preset, expected):
+    """torchrun prints a banner per stage when OMP_NUM_THREADS is unset and it starts more than one process per
+    node (torch/distributed/run.py), then sets 1; `start` sets that value before re-executing."""
+    import os
+
+    from qlora_nli import distributed
+
+    started = {}
+
+    def execv(path, command):
+        started.update(command=command, omp=os.environ.get("OMP_NUM_THREADS"))
+        raise SystemExit  # instead of becoming torchrun
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset below")  # recorded, so that the test leaves it as it found it
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    if preset is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("QLORA_NLI_TORCHRUN", switch)
+    with pytest.raises(SystemExit):
+        distributed.start("cpu")
+    assert started["command"][1:3] == ["-m", "torch.distributed.run"] and started["omp"] == expected
+
+
 def test_ranks_share_every_batch_exactly_once():
     batches = length_sorted_batches([[0] * n for n in (5, 9, 2, 7, 7, 3, 1)], batch_size=2)
     shares = [Ranks(rank=r, world_size=3).share(batches) for r in range(3)]

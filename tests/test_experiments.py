@@ -2,8 +2,10 @@
 remote storage and `dvc exp push/pull`, and outputs that hash the same on every run (docs/experiments.md)."""
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -142,16 +144,58 @@ def metric(data, path):
     return data["metrics"][path]["data"]
 
 
+def make_venv_to_activate(root):
+    """What `make setup` leaves for `. .venv/bin/activate`: this interpreter's environment (ignored by Git)."""
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "activate").symlink_to(Path(sys.prefix) / "bin" / "activate")
+
+
+# --- the README's Experiments section, as printed --------------------------------------------------------------------
+
+README_SECTION = "## Experiments"
+PER_SHELL = (". .venv/bin/activate", "export ")  # the section's once-per-shell lines: the prelude of every step
+TINY_GRID = "-S 'data.n_train=12,18'"  # two experiments in place of the README's grid
+
+
+def readme_commands():
+    """The command lines of the README's Experiments section, in order, without their comments."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"\n{README_SECTION}\n"):]
+    section = section[:section.index("\n## ", len(README_SECTION) + 2)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def tiny(command, substitutions):
+    """A README command for the tiny project: the grid replaced by TINY_GRID, placeholders and real-model paths by
+    the test's."""
+    if command.startswith("dvc exp run --queue"):
+        command = re.sub(r"(-S '[^']*'\s*)+", TINY_GRID + " ", command).strip()
+    for printed, value in substitutions.items():
+        command = command.replace(printed, value)
+    return command
+
+
+def clean(root):
+    status = run(["git", "status", "--porcelain"], root).stdout
+    assert status == "", f"{root}: the working tree is not clean:\n{status}"
+
+
+def tree_hash(directory):
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.relative_to(directory).as_posix().encode() + p.read_bytes()
+                                   for p in files)).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A committed tiny project whose data comes through a relative NLI_DATA_MIRROR, with a `.venv` to activate
-    (its activate script puts this interpreter's environment first on PATH) and a local-directory DVC remote."""
+    (its activate script puts this interpreter's environment first on PATH); no DVC remote, as in a fresh clone."""
     base = tmp_path_factory.mktemp("experiments")
     write_nli_dir(base / "mirror" / "tiny-nli")
     root = make_project(base / "project", overrides={"data.source": "made-up/tiny-nli", "train.num_threads": 0})
-    (root / ".venv" / "bin").mkdir(parents=True)
-    (root / ".venv" / "bin" / "activate").symlink_to(Path(sys.prefix) / "bin" / "activate")
-    dvc(root, "remote", "add", "-d", "storage", str(base / "storage"))
+    make_venv_to_activate(root)
     run([sys.executable, "-m", "dvc", "repro"], root, extra_env={"NLI_DATA_MIRROR": "../mirror"})
     run(["git", "add", "-A"], root)
     run([*GIT, "commit", "-qm", "committed run"], root)
@@ -176,44 +220,84 @@ def test_documented_commands_work_as_typed_after_activation(project):
     run(["git", "reset", "-q", "--hard"], project)  # back to the committed run for the tests below
 
 
+class Readme:
+    """The README's Experiments commands run one by one in the tiny project, each in a new shell that first runs the
+    section's once-per-shell lines; `cwd` moves to the other clone at the README's `git clone ... && cd ...`."""
+
+    def __init__(self, root):
+        self.commands = readme_commands()
+        self.prelude = [c for c in self.commands if c.startswith(PER_SHELL)]
+        self.steps = [c for c in self.commands if not c.startswith(PER_SHELL)]
+        self.substitutions = {"../shared/data": "../mirror",
+                              "benchmarks/sweep_table.py": str(REPO / "benchmarks" / "sweep_table.py")}
+        self.cwd = root
+        self.done = 0
+        self.names = []  # the queued experiments, once the queue ran
+
+    def next(self, starts_with):
+        """Run the next README step, which must start with `starts_with` (so a changed README fails here, by name)."""
+        command = self.steps[self.done]
+        assert command.startswith(starts_with), f"README step {self.done + 1} is {command!r}, not {starts_with}..."
+        self.done += 1
+        command = tiny(command, self.substitutions)
+        clone = re.fullmatch(r"git clone (\S+) (\S+) && cd \2", command)
+        if clone:  # `cd` does not outlive the step's shell: the following steps run in the clone
+            run(["git", "clone", "-q", clone[1], clone[2]], self.cwd.parent)
+            self.cwd = self.cwd.parent / clone[2]
+            make_venv_to_activate(self.cwd)  # the README's `make setup` there
+            return None
+        typed = shell(self.cwd, "\n".join([*(tiny(c, self.substitutions) for c in self.prelude), command]),
+                      extra_env={"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"})
+        assert typed.returncode == 0, f"{command}:\n{typed.stdout[-2000:]}\n{typed.stderr[-3000:]}"
+        return typed
+
+
 @pytest.fixture(scope="module")
 def queued(project):
-    """Two experiments with different training sets, queued and run by two parallel workers, as docs/experiments.md
-    prints it: the relative mirror is resolved in each temporary copy, and each worker's torch runs one thread."""
-    typed = shell(project, ". .venv/bin/activate\n"
-                           "export NLI_DATA_MIRROR=../mirror\n"
-                           "dvc exp run --queue -n small -S data.n_train=12\n"
-                           "dvc exp run --queue -n large -S data.n_train=18\n"
-                           "OMP_NUM_THREADS=1 dvc queue start -j 2\n")
-    assert typed.returncode == 0, typed.stderr[-3000:]
-    statuses = wait_for_queue(project, ["small", "large"])
+    """The README's queue commands as printed, with two experiments of different training sets in place of its grid,
+    run by two parallel workers: the relative mirror is resolved in each temporary copy, and each worker's torch
+    runs one thread. The working tree stays clean throughout."""
+    readme = Readme(project)
+    readme.next("dvc exp run --queue")
+    clean(project)
+    readme.next("OMP_NUM_THREADS=1 dvc queue start -j 2")
+    readme.next("dvc queue status")  # "until every experiment shows Success": polled here
+    readme.names = sorted(queue_statuses(project))
+    statuses = wait_for_queue(project, readme.names)
     logs = {name: dvc(project, "queue", "logs", name, check=False).stdout[-3000:] for name in statuses}
-    assert statuses == {"small": "Success", "large": "Success"}, f"{statuses}\n{logs}"
-    return project
+    assert len(statuses) == 2 and set(statuses.values()) == {"Success"}, f"{statuses}\n{logs}"
+    clean(project)
+    return readme
+
+
+def by_train_size(root):
+    """{data.n_train: (name, rev, data)} of the queued experiments."""
+    return {metric(data, "metrics/train.json")["train_examples"]: (name, rev, data)
+            for name, (rev, data) in experiment_data(root).items()}
 
 
 @pytest.mark.slow
 def test_queue_runs_two_experiments_in_parallel(queued):
-    found = experiment_data(queued)
-    assert {"small", "large"} <= set(found)
-    small, large = found["small"][1], found["large"][1]
-    assert metric(small, "metrics/train.json")["train_examples"] == 12
-    assert metric(large, "metrics/train.json")["train_examples"] == 18
+    found = by_train_size(queued.cwd)
+    assert set(found) >= {12, 18}  # the README's grid, with the tiny values
+    small, large = found[12][2], found[18][2]
     assert metric(small, "dvclive/metrics.json") != metric(large, "dvclive/metrics.json")  # they trained differently
-    for name in ("small", "large"):
-        rev, data = found[name]
+    for _, rev, data in (found[12], found[18]):
         assert metric(data, "metrics/train.json")["device"].endswith(" 1 torch threads")  # OMP_NUM_THREADS=1 reached it
-        manifest = json.loads(run(["git", "show", f"{rev}:data/manifest.json"], queued).stdout)
+        manifest = json.loads(run(["git", "show", f"{rev}:data/manifest.json"], queued.cwd).stdout)
         assert manifest["read_from"] == "mirror:$NLI_DATA_MIRROR/tiny-nli"
         assert "accuracy" in metric(data, "metrics/finetuned.json")
 
 
 @pytest.mark.slow
 def test_sweep_table_of_the_queued_experiments(queued, tmp_path):
-    printed = run([sys.executable, str(REPO / "benchmarks" / "sweep_table.py"), "--out", str(tmp_path)], queued).stdout
+    root = queued.cwd
+    small, large = by_train_size(root)[12][0], by_train_size(root)[18][0]
+    printed = run([sys.executable, str(REPO / "benchmarks" / "sweep_table.py"), "--out", str(tmp_path)], root).stdout
     table = {row["experiment"]: row for row in json.loads((tmp_path / "sweep.json").read_text())}
-    assert {"small", "large"} <= set(table) and "data.n_train" in table["small"]["params"]
-    assert (table["small"]["params"]["data.n_train"], table["large"]["params"]["data.n_train"]) == (12, 18)
+    assert {small, large} <= set(table) and "data.n_train" in table[small]["params"]
+    assert (table[small]["params"]["data.n_train"], table[large]["params"]["data.n_train"]) == (12, 18)
     picks = [row for row in table.values() if row["pick"]]
     assert len(picks) == 1 and picks[0]["final_val_accuracy"] == max(r["final_val_accuracy"] for r in table.values())
     assert isinstance(picks[0]["test_accuracy"], float)
@@ -221,7 +305,7 @@ def test_sweep_table_of_the_queued_experiments(queued, tmp_path):
     assert all(len(row["val_accuracy_per_epoch"]) == 2 and row["train_seconds"] > 0 for row in table.values())
     with open(tmp_path / "val_accuracy.csv") as f:
         points = list(csv.DictReader(f))
-    assert [p["epoch"] for p in points if p["experiment"] == "small"] == ["1", "2"]
+    assert [p["epoch"] for p in points if p["experiment"] == small] == ["1", "2"]
     assert printed == (tmp_path / "sweep.md").read_text() and "(pick)" in printed
     assert (tmp_path / "val_accuracy.svg").read_text().count("<polyline") == len(table)
 
@@ -245,6 +329,38 @@ def test_sweep_table_leaves_out_unfinished_experiments_and_a_baseline_an_experim
     assert [name for name, _, _ in experiments(exp_show)] == ["same-as-main", "other", "v1"]
 
 
+def test_what_documented_commands_write_is_ignored_by_git(tmp_path):
+    """README: `nli-export --out exported/` and `dvc plots diff` (dvc_plots/), before a `git add -A` of a promotion."""
+    run(["git", "init", "-q"], tmp_path)
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    written = ["exported/model.safetensors", "dvc_plots/index.html"]
+    for path in written:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    assert run(["git", "status", "--porcelain", "--untracked-files=all"], tmp_path).stdout == "?? .gitignore\n"
+
+
+def test_sweep_table_writes_files_only_where_out_says(tmp_path):
+    """The committed sweep's files (benchmarks/results/sweep/) are rewritten only when asked: by default the table is
+    printed and nothing is written, not even relative to the directory the script runs in."""
+    def trained(name, rev, accuracy):
+        return {"name": name, "revs": [{"rev": rev, "data": {
+            "params": {"params.yaml": {"data": {"train": {"learning_rate": accuracy / 1000}}}},
+            "metrics": {"metrics/train.json": {"data": {"epochs": 1, "val_accuracy_per_epoch": [accuracy]}}}}}]}
+
+    exp_show = [{"rev": "base", "name": "main", "data": {"params": {}, "metrics": {}},
+                 "experiments": [trained("low", "r1", 0.25), trained("high", "r2", 0.5)]}]
+    (tmp_path / "exp_show.json").write_text(json.dumps(exp_show))
+    script = [sys.executable, str(REPO / "benchmarks" / "sweep_table.py"), "--input", "exp_show.json"]
+    printed = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "| **high** (pick) | 0.0005 | 0.50 |" in printed and "| low | 0.00025 | 0.25 |" in printed
+    assert [p.name for p in tmp_path.rglob("*")] == ["exp_show.json"]
+    subprocess.run([*script, "--out", "out"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sweep.json", "sweep.md", "val_accuracy.csv",
+                                                                     "val_accuracy.svg"]
+    assert (tmp_path / "out" / "sweep.md").read_text() == printed
+
+
 def test_sweep_chart_draws_each_experiment_at_its_accuracies():
     from xml.etree import ElementTree
 
@@ -265,19 +381,63 @@ def test_sweep_chart_draws_each_experiment_at_its_accuracies():
 
 
 @pytest.mark.slow
-def test_experiment_travels_by_exp_push_and_pull(queued, tmp_path):
-    remote = tmp_path / "remote.git"
-    run(["git", "init", "-q", "--bare", str(remote)], tmp_path)
-    run(["git", "remote", "add", "origin", str(remote)], queued)
-    run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], queued)
-    dvc(queued, "exp", "push", "origin", "small")  # the Git refs of the experiment, and its outputs to storage
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", "-b", "main", str(remote), str(clone)], tmp_path)
-    dvc(clone, "exp", "pull", "origin", "small")
-    assert "small" in experiment_data(clone)
-    dvc(clone, "exp", "apply", "small")
-    assert lock_outs(clone) == lock_outs_of_rev(queued, experiment_data(queued)["small"][0])
-    assert "up to date" in dvc(clone, "status").stdout  # every output is there, as the experiment left it
+def test_readme_experiments_and_sharing_commands_as_printed(queued, tmp_path):
+    """After the queue (fixture `queued`): the README's comparison, sharing through a local-directory DVC remote and
+    a bare Git remote to a second clone, and promotion, each command as printed. The remote is added after the
+    experiments were made, the order that used to send no outputs."""
+    first = queued.cwd
+    branch = run(["git", "branch", "--show-current"], first).stdout.strip()
+    run(["git", "init", "-q", "--bare", f"--initial-branch={branch}", str(tmp_path / "origin.git")], tmp_path)
+    run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], first)  # the clone's origin, as usual
+    run(["git", "push", "-q", "origin", branch], first)
+    queued.substitutions.update({"s3://my-bucket/qlora-nli": str(tmp_path / "storage"),
+                                 "<repo>": str(tmp_path / "origin.git")})
+    accuracy = {name: metric(data, "dvclive/metrics.json")["epoch"]["val_accuracy"]
+                for name, (_, data) in experiment_data(first).items() if name in queued.names}
+    best_first = sorted(accuracy, key=accuracy.get, reverse=True)
+
+    shown = queued.next("dvc exp show").stdout
+    rows = [name for line in shown.splitlines() for name in re.findall(r"\[([\w-]+)\]", line) if name in accuracy]
+    # Only validation accuracies that differ tell a descending sort from an ascending one; the tiny random models
+    # can tie (both 0.5 on 6 pairs, 2026-12-01), and then only the presence of both rows is checked.
+    assert rows == best_first or accuracy[best_first[0]] == accuracy[best_first[-1]], f"{accuracy}\n{shown}"
+    assert [accuracy[name] for name in rows] == sorted(accuracy.values(), reverse=True), shown  # best first
+    clean(first)
+    queued.substitutions.update({"<exp1>": best_first[0], "<exp2>": best_first[1], "<exp>": best_first[0]})
+    queued.next("dvc plots diff")
+    assert (first / "dvc_plots" / "index.html").is_file()
+    clean(first)
+    printed = queued.next("python benchmarks/sweep_table.py").stdout
+    assert all(name in printed for name in best_first) and "(pick)" in printed, printed
+    clean(first)  # nothing written into the repository
+
+    queued.next("dvc remote add --local -d storage")
+    clean(first)
+    queued.next("dvc push")
+    clean(first)
+    pushed = queued.next("dvc exp push -r storage origin")
+    assert "uploaded" in pushed.stdout, pushed.stdout  # the experiment's outputs went to the DVC remote
+    clean(first)
+
+    queued.next("git clone")
+    second = queued.cwd
+    assert second != first
+    queued.next("dvc remote add --local -d storage")
+    clean(second)
+    queued.next("dvc exp pull -r storage origin")
+    clean(second)
+    applied = queued.next("dvc exp apply")
+    assert "Data and pipelines are up to date." in applied.stdout, applied.stdout
+    assert "storage" in dvc(second, "remote", "list").stdout  # the clone's remote survived the apply
+    experiment_rev = experiment_data(first)[best_first[0]][0]
+    assert lock_outs(second) == lock_outs_of_rev(first, experiment_rev)
+
+    queued.cwd = first  # promotion, in the first clone
+    queued.next("dvc exp apply")
+    clean(first)  # committed
+    assert queued.done == len(queued.steps)  # every README step ran
+    assert tree_hash(second / "models" / "adapter") == tree_hash(first / "models" / "adapter")
+    assert lock_outs(first)["models/adapter"] == lock_outs(second)["models/adapter"]
 
 
 def lock_outs_of_rev(root, rev):
@@ -287,9 +447,11 @@ def lock_outs_of_rev(root, rev):
 
 @pytest.mark.slow
 def test_remote_storage_gives_a_clean_clone_everything(project, tmp_path):
+    dvc(project, "remote", "add", "--local", "-f", "-d", "storage", str(tmp_path / "storage"))
     dvc(project, "push")
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    dvc(clone, "remote", "add", "--local", "-d", "storage", str(tmp_path / "storage"))
     dvc(clone, "pull")
     outs = lock_outs(clone)
     assert {"models/adapter", "checkpoints", "predictions/finetuned.jsonl", "data/train.jsonl"} <= set(outs)

@@ -132,3 +132,42 @@ def test_cpu_description_names_the_vector_width_of_torchs_kernels(monkeypatch):
     """The same run on AVX2 and on AVX-512 kernels differs in the last digits: metrics/train.json says which ran."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert modeling.describe_device("cpu").startswith(f"cpu: {os.cpu_count()} logical cores (AVX512 kernels), ")
+
+
+# What loading printed that asks for nothing (qlora_nli/__init__.py says why each is harmless); the bitsandbytes one
+# only on a CPU with AVX512-BF16, so the script below also logs it the way bitsandbytes does.
+HARMLESS = ["Failed to load CPU gemm_4bit_forward from kernels-community", "`is_gradient_checkpointing` is deprecated",
+            "Could not find a config file in embedded:smollm2-135m-instruct"]
+LOAD_SAVE_RELOAD = """
+import logging, sys
+from qlora_nli import modeling
+logging.basicConfig(level=logging.INFO)  # as a stage does (errors.run_stage)
+params = {"name": "embedded:smollm2-135m-instruct", "load_in_4bit": True, "compute_dtype": "auto"}
+model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
+                             {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 1})
+modeling.save_adapter(model, sys.argv[1])
+modeling.load_for_inference(params, "cpu", sys.argv[1])  # reads the alias back from the saved adapter
+bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1", "offline")
+bnb.warning("another bitsandbytes warning")
+"""
+
+
+def test_loading_the_tiny_model_prints_none_of_the_known_harmless_warnings(tmp_path):
+    """A fresh interpreter, as a stage is: load in 4-bit, attach LoRA, save, reload the saved adapter."""
+    import subprocess
+    import sys
+
+    from tiny import make_tiny_model
+
+    make_tiny_model("llama", tmp_path / "cache" / "qlora-nli" / "models" / "smollm2-135m-instruct")
+    # Python's default warning filters, as a user's shell has them: FutureWarning and UserWarning show
+    environment = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+                   "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", LOAD_SAVE_RELOAD, str(tmp_path / "adapter")], env=environment,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [message for message in HARMLESS if message in done.stderr] == [], done.stderr[-3000:]
+    assert "another bitsandbytes warning" in done.stderr  # only that message of its logger is dropped
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # and no other warning came up instead
