@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from qlora_nli import threads
 from qlora_nli.errors import DataError, RunError, run_stage
 from qlora_nli.export import DTYPES, export_merged
 from qlora_nli.io import write_jsonl
@@ -46,6 +47,7 @@ def predict_main(args):
     else:
         rows = read_pairs("<stdin>", sys.stdin.buffer.read())
 
+    threads.configure(params["train"]["num_threads"])
     model, tokenizer = load_model(params["model"], args.adapter, pick_device(params["model"]["device"]))
     batch_size = params["evaluate"]["batch_size"]
     try:
