@@ -179,12 +179,12 @@ def test_documented_commands_work_as_typed_after_activation(project):
 @pytest.fixture(scope="module")
 def queued(project):
     """Two experiments with different training sets, queued and run by two parallel workers, as docs/experiments.md
-    prints it: the relative mirror is resolved in each temporary copy, and each worker's torch runs one thread."""
+    prints it: the relative mirror is resolved in each temporary copy, and each worker chooses its own threads."""
     typed = shell(project, ". .venv/bin/activate\n"
                            "export NLI_DATA_MIRROR=../mirror\n"
                            "dvc exp run --queue -n small -S data.n_train=12\n"
                            "dvc exp run --queue -n large -S data.n_train=18\n"
-                           "OMP_NUM_THREADS=1 dvc queue start -j 2\n")
+                           "dvc queue start -j 2\n")
     assert typed.returncode == 0, typed.stderr[-3000:]
     statuses = wait_for_queue(project, ["small", "large"])
     logs = {name: dvc(project, "queue", "logs", name, check=False).stdout[-3000:] for name in statuses}
@@ -202,7 +202,7 @@ def test_queue_runs_two_experiments_in_parallel(queued):
     assert metric(small, "dvclive/metrics.json") != metric(large, "dvclive/metrics.json")  # they trained differently
     for name in ("small", "large"):
         rev, data = found[name]
-        assert metric(data, "metrics/train.json")["device"].endswith(" 1 torch threads")  # OMP_NUM_THREADS=1 reached it
+        assert "torch threads at start (auto: " in metric(data, "metrics/train.json")["device"]  # no prefix needed
         manifest = json.loads(run(["git", "show", f"{rev}:data/manifest.json"], queued).stdout)
         assert manifest["read_from"] == "mirror:$NLI_DATA_MIRROR/tiny-nli"
         assert "accuracy" in metric(data, "metrics/finetuned.json")
