@@ -9,13 +9,9 @@ WAIT = "OpenMP default waiting (spin, then sleep)"
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_threads(monkeypatch):
-    before = torch.get_num_threads()
+def no_thread_variables(monkeypatch):  # conftest.py restores torch's threads after each test
     for name in threads.WAIT_VARIABLES + ("OMP_NUM_THREADS",):
         monkeypatch.delenv(name, raising=False)
-    yield
-    threads.reset()
-    torch.set_num_threads(before)
 
 
 class Machine:
