@@ -4,7 +4,7 @@ processes come and go.
 Why it matters: torch's OpenMP runtime (libgomp on Linux) ends every parallel region at a barrier where the
 finished threads spin (GOMP_SPINCOUNT, 300,000 spins by default) before they sleep. With a thread per core and one
 other busy process on the machine, one of our threads is always preempted, every region waits for it while the
-others spin, and training runs at a tenth of its speed (docs/performance.md). The waiting policy
+others spin, and training runs at a quarter of its speed or less (docs/performance.md). The waiting policy
 (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is read once, when libgomp loads at `import torch`, and passive waiting costs
 speed on an idle machine; the lever left while running is the thread count. torch.set_num_threads applies to the
 parallel regions the calling thread starts next, so `adapt` runs between passes in the compute loops (training
