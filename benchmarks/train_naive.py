@@ -66,6 +66,25 @@ def child_naive(spec):
             self.batches.append([(f["n_real"], f["n_answer"]) for f in features])
             return self.inner([{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in features])
 
+    class StepClock(TrainerCallback):
+        """Seconds of each optimizer step; with spec["train_seconds_limit"] (bench_contention), training stops after
+        the step that passes it (at least two steps)."""
+
+        def __init__(self, limit):
+            self.limit, self.seconds = limit, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begun = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(now - self.step_start)
+            if self.limit and len(self.seconds) >= 2 and now - self.begun > self.limit:
+                control.should_training_stop = True
+
     class LossLog(TrainerCallback):
         def __init__(self):
             self.losses = []
@@ -78,7 +97,7 @@ def child_naive(spec):
     with ResourceMonitor() as monitor, tempfile.TemporaryDirectory(prefix="bench_naive.") as output_dir:
         model, result["model_dims"] = _load_model(params)  # same 4-bit base, LoRA config and seed as ours
         result["rss_mb_after_load"] = rss_peak_mb()
-        collator, loss_log = CountingCollator(), LossLog()
+        collator, loss_log, clock = CountingCollator(), LossLog(), StepClock(spec.get("train_seconds_limit"))
         args = TrainingArguments(
             output_dir=output_dir,
             per_device_train_batch_size=t["batch_size"],
@@ -102,7 +121,7 @@ def child_naive(spec):
             disable_tqdm=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          callbacks=[loss_log])
+                          callbacks=[loss_log, clock])
         result["optimizer"] = getattr(args.optim, "value", str(args.optim))
         log.info("naive: training %d epoch(s) with transformers.Trainer, fixed length %d", t["epochs"], fixed_length)
         start = time.perf_counter()
@@ -110,11 +129,13 @@ def child_naive(spec):
         train_seconds = time.perf_counter() - start
         result["rss_mb_peak_after_train"] = rss_peak_mb()
         result["torch_threads_after_train"] = torch.get_num_threads()  # Trainer/accelerate must not change it
+        result["step_seconds"] = [round(s, 3) for s in clock.seconds]
 
         # Batches that were trained on (with --max-batches the dataloader may have collated one more).
         trained = collator.batches[: trainer.state.global_step * accumulation] if spec["max_batches"] \
             else collator.batches
         examples = [e for batch in trained for e in batch]
+        result["step_examples"] = [len(batch) for batch in trained]
         counts = {
             "examples": len(examples),
             "real_tokens": sum(n for n, _ in examples),

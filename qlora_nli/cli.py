@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import lm_eval_tasks
+from qlora_nli import lm_eval_tasks, threads
 from qlora_nli.errors import DataError, RunError, run_stage
 from qlora_nli.export import DTYPES, MERGE_INTO, check_out_dir, export_merged
 from qlora_nli.io import write_jsonl
@@ -52,6 +52,7 @@ def predict_main(args):
     else:
         rows = read_pairs("<stdin>", sys.stdin.buffer.read())
 
+    threads.configure(params["train"]["num_threads"])
     model, tokenizer = load_model(params["model"], args.adapter, pick_device(params["model"]["device"]))
     batch_size = params["evaluate"]["batch_size"]
     try:

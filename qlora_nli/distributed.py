@@ -117,15 +117,6 @@ def start(device):
     return ranks
 
 
-def set_cpu_threads(requested, ranks):
-    """torch threads per process: `requested` if set; else, with several ranks on one machine, its cores split
-    between them (torchrun otherwise leaves each rank one thread); else torch's default (all cores)."""
-    if requested:
-        torch.set_num_threads(requested)
-    elif ranks.local_world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
-
-
 def sum_gradients(parameters, loss):
     """Sum the gradients of `parameters` and the float `loss` over all ranks, in one all_reduce; returns the summed
     loss. A rank that ran no micro-batch of the step contributes zeros; a gradient that is None on every rank stays

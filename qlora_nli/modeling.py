@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_nli import threads
 from qlora_nli.errors import ModelLoadError, ParamsError
 from qlora_nli.params import check_target_modules
 
@@ -50,7 +51,7 @@ def describe_device(device):
         return f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB"
     # The vector width of torch's CPU kernels (AVX2, AVX512) changes the last digits of results: part of the machine type.
     return (f"cpu: {os.cpu_count()} logical cores ({torch.backends.cpu.get_cpu_capability()} kernels), "
-            f"{torch.get_num_threads()} torch threads")
+            f"{threads.describe()}")
 
 
 def _cache_dir():

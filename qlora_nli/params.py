@@ -180,7 +180,7 @@ SCHEMA = {
         "warmup_ratio": FRACTION,
         "max_grad_norm": POSITIVE_NUMBER,
         "gradient_checkpointing": (_boolean, None, "true or false"),
-        "num_threads": (_integer, lambda v: v >= 0, "an integer >= 0 (0 = all cores)"),
+        "num_threads": (_integer, lambda v: v >= 0, "an integer >= 0 (0 = auto: the free cores)"),
     },
     "report": {
         "n_examples": (_integer, lambda v: v >= 0, "an integer >= 0"),

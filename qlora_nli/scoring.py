@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qlora_nli import threads
 from qlora_nli.distributed import SINGLE, gather_by_index
 from qlora_nli.prompts import LABELS, answer_text
 
@@ -344,6 +345,7 @@ def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SI
                                                        tokenizer.pad_token_id)))
     mine = {}
     for work in tqdm(ranks.share(passes), desc=desc, unit="pass", leave=False):
+        threads.adapt()
         mine.update(score(work))
     every = gather_by_index(ranks, mine)
     return torch.stack([every[i] for i in range(len(prompts))])
@@ -364,6 +366,7 @@ def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc
     prompt_ids = encode_prompts(tokenizer, prompts)
     mine = {}
     for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
+        threads.adapt()
         input_ids, mask, _ = left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
         out = model.generate(
             input_ids=input_ids,

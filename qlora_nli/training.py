@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qlora_nli import distributed, modeling
+from qlora_nli import distributed, modeling, threads
 from qlora_nli.distributed import SINGLE, sum_gradients
 from qlora_nli.errors import CheckpointError, RunError
 from qlora_nli.io import atomic_path, tree_size_bytes
@@ -203,6 +203,7 @@ class FrozenBlockStates:
             with torch.no_grad(), autocast_for(device.type, dtype), running_only(self.body, self.blocks[:self.start]):
                 for start in tqdm(range(0, len(order), batch_size), desc="frozen blocks", unit="batch", leave=False):
                     chunk = order[start : start + batch_size]
+                    threads.adapt()
                     captured.clear()
                     forward_body(self.body, [sequences[i] for i in chunk], self.common, pad_id, device)
                     rows = captured[-1]  # a forward of the prefix (if any), then one of the rows
@@ -248,6 +249,7 @@ def train_one_epoch(model, batches, prompt_ids, answer_ids, pad_id, optimizer, s
         batch_loss = 0.0
         mine = ranks.share(batch)  # a rank may get none (a last batch smaller than world_size): it adds zeros
         for part in micro_batches(mine, lengths, prefix, train_params["micro_batch_tokens"]) if mine else []:
+            threads.adapt()
             with autocast_for(device, dtype), frozen.adapted_blocks_only() if frozen else nullcontext():
                 loss = answer_loss(model, [prompt_ids[i] for i in part], [answer_ids[i] for i in part], pad_id,
                                    embed=frozen.embed(part) if frozen else None)

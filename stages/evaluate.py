@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import distributed, modeling
+from qlora_nli import distributed, modeling, threads
 from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
 from qlora_nli.calibration import calibration_summary
 from qlora_nli.errors import ParamsError, RunError, run_stage
@@ -109,7 +109,7 @@ def main(name):
     p = params["evaluate"]
     device = modeling.pick_device(params["model"]["device"])
     ranks = distributed.start(device)
-    distributed.set_cpu_threads(params["train"]["num_threads"], ranks)
+    threads.configure(params["train"]["num_threads"], ranks.local_world_size)
     test_rows = read_rows("data/test.jsonl", data_row_problem)
     val_rows = read_rows("data/validation.jsonl", data_row_problem)
     sets = {path.stem: read_rows(path, data_row_problem) for path in sorted(SETS_DIR.glob("*.jsonl"))}

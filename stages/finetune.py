@@ -10,7 +10,7 @@ import logging
 import torch
 from dvclive import Live
 
-from qlora_nli import distributed, modeling
+from qlora_nli import distributed, modeling, threads
 from qlora_nli.errors import run_stage
 from qlora_nli.artifacts import data_row_problem, read_rows
 from qlora_nli.io import atomic_path, file_sha256, write_json
@@ -37,7 +37,7 @@ def main():
     t = params["train"]
     device = modeling.pick_device(params["model"]["device"])
     ranks = distributed.start(device)
-    distributed.set_cpu_threads(t["num_threads"], ranks)
+    threads.configure(t["num_threads"], ranks.local_world_size)
     dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
     train_rows = read_rows("data/train.jsonl", data_row_problem)
     val_rows = read_rows("data/validation.jsonl", data_row_problem)

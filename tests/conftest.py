@@ -9,3 +9,17 @@ from tiny import make_tiny_model
 def tiny_model_dir(request, tmp_path_factory):
     """A tiny random model of each architecture the pipeline targets: Llama (SmolLM2) and Phi (Phi-2)."""
     return make_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_as_they_were():
+    """A test that runs an entry point in this process (cli.predict) sets torch's threads and leaves a choice that
+    `threads.adapt` would follow in later tests: both are undone after each test."""
+    import torch
+
+    from qlora_nli import threads
+
+    before = torch.get_num_threads()
+    yield
+    threads.reset()
+    torch.set_num_threads(before)

@@ -256,12 +256,12 @@ class Readme:
 @pytest.fixture(scope="module")
 def queued(project):
     """The README's queue commands as printed, with two experiments of different training sets in place of its grid,
-    run by two parallel workers: the relative mirror is resolved in each temporary copy, and each worker's torch
-    runs one thread. The working tree stays clean throughout."""
+    run by two parallel workers: the relative mirror is resolved in each temporary copy, and each worker
+    chooses its own threads. The working tree stays clean throughout."""
     readme = Readme(project)
     readme.next("dvc exp run --queue")
     clean(project)
-    readme.next("OMP_NUM_THREADS=1 dvc queue start -j 2")
+    readme.next("dvc queue start -j 2")
     readme.next("dvc queue status")  # "until every experiment shows Success": polled here
     readme.names = sorted(queue_statuses(project))
     statuses = wait_for_queue(project, readme.names)
@@ -284,7 +284,7 @@ def test_queue_runs_two_experiments_in_parallel(queued):
     small, large = found[12][2], found[18][2]
     assert metric(small, "dvclive/metrics.json") != metric(large, "dvclive/metrics.json")  # they trained differently
     for _, rev, data in (found[12], found[18]):
-        assert metric(data, "metrics/train.json")["device"].endswith(" 1 torch threads")  # OMP_NUM_THREADS=1 reached it
+        assert "torch threads at start (auto: " in metric(data, "metrics/train.json")["device"]  # no prefix needed
         manifest = json.loads(run(["git", "show", f"{rev}:data/manifest.json"], queued.cwd).stdout)
         assert manifest["read_from"] == "mirror:$NLI_DATA_MIRROR/tiny-nli"
         assert "accuracy" in metric(data, "metrics/finetuned.json")

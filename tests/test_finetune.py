@@ -61,6 +61,8 @@ def test_parameter_counts_are_dense_counts(uninterrupted):
     assert p["numel_as_stored"] < p["total"]
     assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["total"], abs=1e-3)
     assert train["adapter_bytes"] > 0 and train["optimizer"] == "adamw" and train["compute_dtype"] == "float32"
+    # the thread choice of train.num_threads: 1 (tests/pipeline.py), recorded in the device line
+    assert train["device"].endswith(", 1 torch threads (train.num_threads; OpenMP default waiting (spin, then sleep))")
 
 
 def test_unknown_target_module_is_one_line(tmp_path):
