@@ -272,18 +272,6 @@ def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def training_code_sha256(stage_file):
-    """Hash of the code that computes a training run: the stage script and the modules it trains with. Part of the
-    checkpoint fingerprint, so that after a code change (a fix, or a refactor) training starts over instead of
-    resuming epochs that other code computed."""
-    from qlora_nli import modeling, scoring
-
-    digest = hashlib.sha256()
-    for path in (stage_file, __file__, modeling.__file__, scoring.__file__):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
 class Checkpoints:
     """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch) and `state.pt` (optimizer, scheduler,
     RNG states, history). Each is written to a temporary directory and renamed, so a kill or Ctrl-C leaves only

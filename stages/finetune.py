@@ -13,13 +13,14 @@ from dvclive import Live
 from qlora_nli import distributed, modeling
 from qlora_nli.errors import run_stage
 from qlora_nli.artifacts import data_row_problem, read_rows
+from qlora_nli.code import code_sha256
 from qlora_nli.io import atomic_path, file_sha256, write_json
 from qlora_nli.params import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
 from qlora_nli.training import (Checkpoints, build_training, fingerprint, live_curves, train_metrics,
-                                train_remaining_epochs, training_code_sha256)
+                                train_remaining_epochs)
 
 log = logging.getLogger("finetune")
 
@@ -52,7 +53,7 @@ def main():
     checkpoints = Checkpoints("checkpoints", fingerprint(params["model"], params["prompt"], params["lora"], t,
                                                          file_sha256("data/train.jsonl"),
                                                          file_sha256("data/validation.jsonl"),
-                                                         training_code_sha256(__file__)))
+                                                         code_sha256(__file__)))
 
     log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
     with ResourceMonitor() as monitor:

@@ -54,6 +54,24 @@ def test_changed_params_start_fresh(uninterrupted, tmp_path):
     assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] is None
 
 
+@pytest.mark.parametrize("module", ["qlora_nli/prompts.py", "qlora_nli/distributed.py"])
+def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
+    """A module the stage imports only indirectly, or that the old four-file fingerprint left out: a changed comment
+    makes the next run train from epoch 1 instead of resuming epochs the old code trained."""
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
+    run(["python", "stages/prepare.py"], root)
+    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    with open(root / module, "a") as f:
+        f.write("# a comment changes the bytes, not what runs\n")
+    result = run(["python", "stages/finetune.py"], root)
+    assert "resuming" not in result.stderr and "starting fresh" in result.stderr
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["resumed_from_epoch"] is None and train["epochs"] == 2
+    assert all(s is not None for s in train["time"]["per_epoch_seconds"])  # both epochs trained by this run
+
+
 def test_parameter_counts_are_dense_counts(uninterrupted):
     train = json.loads((uninterrupted / "metrics/train.json").read_text())
     p = train["parameters"]
