@@ -181,6 +181,7 @@ SCHEMA = {
         "max_grad_norm": POSITIVE_NUMBER,
         "gradient_checkpointing": (_boolean, None, "true or false"),
         "num_threads": (_integer, lambda v: v >= 0, "an integer >= 0 (0 = auto: the free cores)"),
+        "resume": (_boolean, None, "true or false"),
     },
     "report": {
         "n_examples": (_integer, lambda v: v >= 0, "an integer >= 0"),

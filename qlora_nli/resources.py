@@ -97,8 +97,13 @@ class ResourceMonitor:
         return False
 
     def summary(self, outputs=()):
+        """What was used so far: after the `with` block, or inside it (a sample is taken now)."""
         from qlora_nli.io import tree_size_bytes
 
+        running = self._thread.is_alive()
+        if running:
+            self._sample()
+        wall_seconds = time.perf_counter() - self.start if running else self.wall_seconds
         # ru_maxrss (KiB on Linux) catches peaks that fall between two samples
         peak_rss = max(max(self.rss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         cpu_peak, cpu_mean = _stats(self.cpu)
@@ -109,7 +114,7 @@ class ResourceMonitor:
             import torch
             torch_peak = _mb(torch.cuda.max_memory_allocated())
         return {
-            "wall_seconds": round(self.wall_seconds, 1),
+            "wall_seconds": round(wall_seconds, 1),
             "samples": len(self.rss),
             "process_rss_peak_mb": _mb(peak_rss),
             "process_rss_mean_mb": _mb(sum(self.rss) / len(self.rss)),

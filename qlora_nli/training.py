@@ -274,36 +274,29 @@ def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def training_code_sha256(stage_file):
-    """Hash of the code that computes a training run: the stage script and the modules it trains with. Part of the
-    checkpoint fingerprint, so that after a code change (a fix, or a refactor) training starts over instead of
-    resuming epochs that other code computed."""
-    from qlora_nli import modeling, scoring
-
-    digest = hashlib.sha256()
-    for path in (stage_file, __file__, modeling.__file__, scoring.__file__):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
 class Checkpoints:
-    """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch) and `state.pt` (optimizer, scheduler,
-    RNG states, history). Each is written to a temporary directory and renamed, so a kill or Ctrl-C leaves only
-    complete checkpoints.
+    """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch), `state.pt` (optimizer, scheduler,
+    RNG states, history) and `record.json` (`run_record`: the seconds each epoch took and what the run used, kept apart
+    so that `state.pt` has the same bytes on every run of the same params, data and code). Each is written to a
+    temporary directory and renamed, so a kill or Ctrl-C leaves only complete checkpoints.
 
     Nothing read back can run code: a checkpoint may come from a DVC remote or be dropped into the folder. `run.json`
     is JSON, the adapter is safetensors, and `state.pt` holds only tensors and plain Python values (NumPy's RNG state
     is stored as a tensor and ints), so it loads with `torch.load(weights_only=True)`; anything else is refused.
-    Owner: the finetune process of this workspace (rank 0 when there are several): it alone writes and deletes here."""
+    Owner: the finetune process of this workspace (rank 0 when there are several): it alone writes and deletes here.
+    With `resume=False` (params train.resume) `latest` deletes every checkpoint and finds none: training starts over."""
 
-    def __init__(self, root, run_fingerprint):
+    def __init__(self, root, run_fingerprint, resume=True):
         self.root = Path(root)
         self.run_fingerprint = run_fingerprint
+        self.resume = resume
 
-    def save(self, epoch, model, optimizer, scheduler, scaler, history):
+    def save(self, epoch, model, optimizer, scheduler, scaler, history, record=None):
         with atomic_path(self.root / f"epoch-{epoch}") as tmp:
             save_adapter(model, tmp)
             (tmp / "run.json").write_text(json.dumps({"fingerprint": self.run_fingerprint, "epoch": epoch}) + "\n")
+            if record is not None:
+                (tmp / "record.json").write_text(json.dumps(record, sort_keys=True) + "\n")
             torch.save({
                 "fingerprint": self.run_fingerprint,
                 "epoch": epoch,
@@ -331,6 +324,10 @@ class Checkpoints:
         found = sorted(self.root.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])) if self.root.exists() else []
         if not found:
             return None
+        if not self.resume:
+            log.info("train.resume is false: deleting %s, training starts from epoch 1", self.root)
+            shutil.rmtree(self.root)
+            return None
         if self._run_of(found[-1]) != self.run_fingerprint:  # decided before unpickling anything
             log.info("checkpoints in %s belong to other params or data (or an older format): starting fresh", self.root)
             shutil.rmtree(self.root)
@@ -351,6 +348,8 @@ class Checkpoints:
         return state["epoch"], found[-1], state
 
     def restore(self, checkpoint, model, optimizer, scheduler, scaler):
+        """Load `checkpoint` (from `latest`) into the model, optimizer, scheduler, scaler and the RNGs; returns its
+        (history, record), the record None if the checkpoint has none."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -364,7 +363,13 @@ class Checkpoints:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["history"]
+        try:
+            record = json.loads((directory / "record.json").read_text())
+        except (OSError, ValueError):
+            record = None  # written without one, or unreadable: metrics/train.json then times only this run's epochs
+        if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
+            record = None
+        return state["history"], record
 
 
 def _numpy_rng_to_plain(state):
@@ -401,6 +406,7 @@ class TrainingSetup:
     n_parameters: dict
     history: dict = field(default_factory=lambda: {"epochs": [], "steps": []})
     resumed: tuple = None  # (epoch, directory, state) of the checkpoint resumed from, else None
+    record: dict = None  # `run_record` of the run that wrote the resumed checkpoint, else None
     frozen: object = None  # FrozenBlockStates, or None when every epoch runs all blocks
 
 
@@ -426,7 +432,7 @@ def build_training(params, device, dtype, prompt_ids, answer_ids, pad_id, checkp
         distributed.check_same_on_every_rank(ranks, setup.resumed[0] if setup.resumed else None,
                                              "the epoch to resume after")
         if setup.resumed is not None:
-            setup.history = checkpoints.restore(setup.resumed, model, optimizer, scheduler, scaler)
+            setup.history, setup.record = checkpoints.restore(setup.resumed, model, optimizer, scheduler, scaler)
             log.info("resuming after epoch %d from %s", setup.resumed[0], setup.resumed[1])
 
     why_not = FrozenBlockStates.usable(model, t)
@@ -482,24 +488,51 @@ def live_curves(live, history):
     return on_step
 
 
+RECORD_KEYS = {"epoch_seconds", "device", "world_size", "backend", "resources"}
+
+
+def run_record(device, ranks, epoch_seconds, monitor):
+    """What a checkpoint keeps of the training so far, for the metrics/train.json of a later run that resumes it:
+    the measured seconds of each epoch (`epoch_seconds`, {epoch: seconds}, whichever run trained it), and where the
+    run ran and what it used up to now."""
+    return {"epoch_seconds": {str(e): s for e, s in sorted(epoch_seconds.items())},
+            "device": modeling.describe_device(device), "world_size": ranks.world_size, "backend": ranks.backend,
+            "resources": monitor.summary(outputs=["models/adapter", "checkpoints"])}
+
+
+def carried_epoch_seconds(record):
+    """{epoch: seconds} of a `run_record` (None: {}); entries that are not an epoch number and seconds are left out."""
+    seconds = (record or {}).get("epoch_seconds")
+    return {int(e): s for e, s in seconds.items() if str(e).isdigit() and isinstance(s, (int, float))
+            and not isinstance(s, bool)} if isinstance(seconds, dict) else {}
+
+
 def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor):
-    """metrics/train.json's content. `seconds`: {epoch: seconds} of the epochs this process trained; an epoch
-    trained by an interrupted earlier run has None as its time and counts in no throughput."""
+    """metrics/train.json's content. `seconds`: {epoch: seconds} of the epochs this process trained. Epochs an earlier
+    run trained keep the seconds recorded in the resumed checkpoint (None if it recorded none). A run that trains no
+    epoch (it resumed a finished training) reports the device, processes and resources recorded by the run that
+    trained the last epoch, and says so with `carried_over: true`."""
     epochs = setup.history["epochs"]
-    per_epoch = [round(seconds[e["epoch"]], 3) if e["epoch"] in seconds else None for e in epochs]
+    known = {**carried_epoch_seconds(setup.record), **seconds}
+    per_epoch = [round(known[e["epoch"]], 3) if e["epoch"] in known else None for e in epochs]
     measured = [s for s in per_epoch if s is not None]
     base, adapted = setup.base_parameters, setup.n_parameters
+    carried = not seconds and setup.record is not None
+    run = setup.record if carried else {
+        "device": modeling.describe_device(device), "world_size": ranks.world_size, "backend": ranks.backend,
+        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"])}
     return {
         "model": params["model"]["name"],
-        "device": modeling.describe_device(device),
+        "device": run["device"],
         "compute_dtype": str(dtype).replace("torch.", ""),
         "load_in_4bit": params["model"]["load_in_4bit"],
         "optimizer": setup.optimizer_name,
-        "world_size": ranks.world_size,
-        "backend": ranks.backend,
+        "world_size": run["world_size"],
+        "backend": run["backend"],
         "epochs": len(epochs),
         "train_examples": len(prompt_ids),
         "resumed_from_epoch": setup.resumed[0] if setup.resumed else None,
+        "carried_over": carried,
         "time": {"total_seconds": round(sum(measured), 1), "per_epoch_seconds": per_epoch},
         "train_loss_per_epoch": [e["train_loss"] for e in epochs],
         "val_loss_per_epoch": [e["val_loss"] for e in epochs],
@@ -511,10 +544,10 @@ def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answ
             "numel_as_stored": base["numel_as_stored"],
         },
         "adapter_bytes": tree_size_bytes("models/adapter"),
-        "throughput": {  # over the epochs this process trained
+        "throughput": {  # over the epochs with a measured time
             "examples_per_second": round(len(prompt_ids) * len(measured) / sum(measured), 2) if measured else None,
             "tokens_per_second": round(sum(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)) * len(measured)
                                        / sum(measured), 1) if measured else None,
         },
-        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"]),
+        "resources": run["resources"],
     }

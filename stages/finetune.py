@@ -13,13 +13,14 @@ from dvclive import Live
 from qlora_nli import distributed, modeling, threads
 from qlora_nli.errors import run_stage
 from qlora_nli.artifacts import data_row_problem, read_rows
+from qlora_nli.code import code_sha256
 from qlora_nli.io import atomic_path, file_sha256, write_json
 from qlora_nli.params import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
-from qlora_nli.training import (Checkpoints, build_training, fingerprint, live_curves, train_metrics,
-                                train_remaining_epochs, training_code_sha256)
+from qlora_nli.training import (Checkpoints, build_training, carried_epoch_seconds, fingerprint, live_curves,
+                                run_record, train_metrics, train_remaining_epochs)
 
 log = logging.getLogger("finetune")
 
@@ -49,21 +50,24 @@ def main():
     prompt_ids = encode_prompts(tokenizer, [format_prompt(template, r) for r in train_rows])
     answer_ids = [answers[r["label"]] for r in train_rows]
     val_prompts, val_labels = [format_prompt(template, r) for r in val_rows], [r["label"] for r in val_rows]
-    checkpoints = Checkpoints("checkpoints", fingerprint(params["model"], params["prompt"], params["lora"], t,
+    # train.resume decides whether to continue, not what training computes: not part of the fingerprint
+    computed_by = {k: v for k, v in t.items() if k != "resume"}
+    checkpoints = Checkpoints("checkpoints", fingerprint(params["model"], params["prompt"], params["lora"], computed_by,
                                                          file_sha256("data/train.jsonl"),
                                                          file_sha256("data/validation.jsonl"),
-                                                         training_code_sha256(__file__)))
+                                                         code_sha256(__file__)), resume=t["resume"])
 
     log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
     with ResourceMonitor() as monitor:
         setup = build_training(params, device, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
                                checkpoints, ranks)
         history = setup.history
+        epoch_seconds = carried_epoch_seconds(setup.record)  # every epoch's time, whichever run trained it
         with distributed.on_main(ranks, Live, "dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
             def after_epoch(epoch, train_loss, seconds):
                 val_loss, val_accuracy = validate(setup.model, tokenizer, val_prompts, val_labels, answers,
                                                   t["batch_size"], ranks)
-                # The checkpoint's history holds no time: same params and data, same bytes (and DVC hash).
+                # The history holds no time (record.json does): same params, data and code, same state.pt bytes.
                 record = {"epoch": epoch, "step": len(history["steps"]), "train_loss": round(train_loss, 6),
                           "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 4)}
                 history["epochs"].append(record)
@@ -71,8 +75,10 @@ def main():
                     live.log_metric(f"epoch/{key}", record[key])
                 log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, %.0f s",
                          epoch, train_loss, val_loss, val_accuracy, seconds)
+                epoch_seconds[epoch] = seconds
                 if ranks.is_main:
-                    checkpoints.save(epoch, setup.model, setup.optimizer, setup.scheduler, setup.scaler, history)
+                    checkpoints.save(epoch, setup.model, setup.optimizer, setup.scheduler, setup.scaler, history,
+                                     run_record(device, ranks, epoch_seconds, monitor))
 
             seconds = train_remaining_epochs(setup, t, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
                                              live_curves(live, history), after_epoch, ranks)

@@ -125,7 +125,7 @@ def accuracy_section(base, tuned, comparison):
 
 def time_section(train):
     t = train["time"]
-    per_epoch = t["per_epoch_seconds"]  # None for epochs an interrupted earlier run trained (time not kept)
+    per_epoch = t["per_epoch_seconds"]  # None for an epoch whose checkpoint recorded no time
     measured = [s for s in per_epoch if s is not None]
 
     def at(key, i):

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from qlora_nli import markdown as md
-from qlora_nli.features import error_rates_by_slice
 from qlora_nli.prompts import LABELS
 from qlora_nli.stats import classification_metrics, paired_accuracy_difference
 
@@ -188,9 +187,13 @@ def test_failure_cases_categories(workdir):
     assert case["explanation"] and result["selection_rule"]
     assert result["confusion_pairs"]["finetuned"] == {"entailment -> contradiction": 1, "contradiction -> neutral": 1,
                                                       "neutral -> entailment": 1}
-    rows = [{"premise": p[1], "hypothesis": p[2], "label": p[3], "baseline_correct": p[4] == p[3],
-             "finetuned_correct": p[6] == p[3]} for p in PAIRS]
-    assert result["slices"] == error_rates_by_slice(rows)
+    # counted by hand from PAIRS: (n, baseline errors, fine-tuned errors)
+    table = {(r["slice"], r["value"]): (r["n"], r["baseline_errors"], r["finetuned_errors"]) for r in result["slices"]}
+    assert table[("all", "all")] == (12, 5, 3)
+    assert table[("gold label", "entailment")] == (5, 1, 1)      # ids 2, 6, 7, 10, 12: baseline misses 2, tuned 6
+    assert table[("gold label", "neutral")] == (3, 2, 1)         # ids 3, 5, 9: baseline misses 3 and 5, tuned 5
+    assert table[("gold label", "contradiction")] == (4, 2, 1)   # ids 1, 4, 8, 11: baseline misses 1 and 4, tuned 4
+    assert result["slices"][0]["baseline_error"] == round(5 / 12, 4)
 
 
 def test_comparison_metrics_and_plot(workdir):
@@ -201,9 +204,15 @@ def test_comparison_metrics_and_plot(workdir):
     assert comparison["n"] == 12
     assert comparison["baseline_accuracy"] == read(workdir / "metrics/baseline.json")["accuracy"] == round(7 / 12, 4)
     assert comparison["finetuned_accuracy"] == read(workdir / "metrics/finetuned.json")["accuracy"] == round(9 / 12, 4)
-    paired = paired_accuracy_difference(base, tuned)
-    assert {k: comparison[k] for k in paired} == paired
-    assert (comparison["corrected"], comparison["regressed"]) == (3, 1)
+    # by hand from PAIRS: both right 7-12, corrected 1-3, regressed 6, both wrong 4 and 5
+    assert (comparison["both_right"], comparison["corrected"], comparison["regressed"], comparison["both_wrong"]) \
+        == (6, 3, 1, 2)
+    assert comparison["difference"] == round(9 / 12 - 7 / 12, 4)
+    assert comparison["mcnemar_p"] == 0.625  # exact: 2 * (C(4,0) + C(4,1)) / 2**4
+    lo, hi = comparison["difference_ci95"]
+    assert -1 <= lo < comparison["difference"] < hi <= 1
+    # the interval is paired_accuracy_difference's (its own values are checked against the literature in test_stats)
+    assert comparison["difference_ci95"] == paired_accuracy_difference(base, tuned)["difference_ci95"]
     assert read(workdir / "plots/accuracy.json") == [{"model": "baseline", "accuracy": round(7 / 12, 4)},
                                                      {"model": "finetuned", "accuracy": 0.75}]
 

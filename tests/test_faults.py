@@ -150,9 +150,11 @@ def test_dvc_repro_resumes_persisted_checkpoints_after_a_kill(tmp_path):
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["resumed_from_epoch"] == 1 and train["epochs"] == 2
-    per_epoch = train["time"]["per_epoch_seconds"]  # the killed run's epoch time is not kept in the checkpoint
-    assert per_epoch[0] is None and per_epoch[1] > 0 and train["time"]["total_seconds"] == round(per_epoch[1], 1)
-    assert "resumed epochs not timed" in (root / "reports/report.md").read_text()
+    per_epoch = train["time"]["per_epoch_seconds"]  # the killed run's epoch time, from the checkpoint's record
+    recorded = json.loads((root / "checkpoints/epoch-1/record.json").read_text())["epoch_seconds"]["1"]
+    assert per_epoch[0] == round(recorded, 3) and per_epoch[1] > 0
+    assert train["time"]["total_seconds"] == round(per_epoch[0] + per_epoch[1], 1)
+    assert "resumed epochs not timed" not in (root / "reports/report.md").read_text()
     assert "up to date" in dvc(root, "status").stdout
 
 

@@ -44,6 +44,23 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     assert steps == (uninterrupted / "dvclive/plots/metrics/train/step_loss.tsv").read_text()
 
 
+def test_resume_with_lora_dropout_matches_uninterrupted_run(tmp_path):
+    """With lora.dropout > 0 every step draws dropout masks from the torch RNG: the resumed run continues the saved
+    RNG state, so its adapter has the uninterrupted run's bytes (without the restore the masks differ)."""
+    overrides = {"train.epochs": 2, "lora.dropout": 0.1}
+    full = make_project(tmp_path / "full", overrides=overrides)
+    root = make_project(tmp_path / "killed", overrides=overrides)
+    for project in (full, root):
+        run(["python", "stages/prepare.py"], project)
+    run(["python", "stages/finetune.py"], full)
+    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(["python", "stages/finetune.py"], root)
+    assert "resuming after epoch 1" in resumed.stderr
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (root / adapter).read_bytes() == (full / adapter).read_bytes()
+
+
 def test_changed_params_start_fresh(uninterrupted, tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "stages/prepare.py"], root)
@@ -52,6 +69,24 @@ def test_changed_params_start_fresh(uninterrupted, tmp_path):
     result = run(["python", "stages/finetune.py"], root)
     assert "resuming" not in result.stderr and "starting fresh" in result.stderr
     assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] is None
+
+
+@pytest.mark.parametrize("module", ["qlora_nli/prompts.py", "qlora_nli/distributed.py"])
+def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
+    """A module the stage imports only indirectly, or that the old four-file fingerprint left out: a changed comment
+    makes the next run train from epoch 1 instead of resuming epochs the old code trained."""
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
+    run(["python", "stages/prepare.py"], root)
+    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    with open(root / module, "a") as f:
+        f.write("# a comment changes the bytes, not what runs\n")
+    result = run(["python", "stages/finetune.py"], root)
+    assert "resuming" not in result.stderr and "starting fresh" in result.stderr
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["resumed_from_epoch"] is None and train["epochs"] == 2
+    assert all(s is not None for s in train["time"]["per_epoch_seconds"])  # both epochs trained by this run
 
 
 def test_parameter_counts_are_dense_counts(uninterrupted):

@@ -53,6 +53,7 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("train", "seed", 0, 0),
     ("train", "seed", 2**32 - 1, 2**32 - 1),  # NumPy's seed range is 0..2**32-1
     ("train", "num_threads", 0, 0),
+    ("train", "resume", False, False),
     ("report", "n_examples", 0, 0),
     ("model", "trust_remote_code", True, True),
     ("prompt", "template", "{hypothesis} | {premise}", "{hypothesis} | {premise}"),
@@ -88,6 +89,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("train", "max_grad_norm", 0.0, "train.max_grad_norm = 0.0 is out of range"),
     ("train", "gradient_checkpointing", "no", "train.gradient_checkpointing = 'no' has the wrong type"),
     ("train", "num_threads", -1, "train.num_threads = -1 is out of range"),
+    ("train", "resume", "no", "train.resume = 'no' has the wrong type"),
     ("train", "seed", None, "train.seed = None has the wrong type"),
     ("train", "seed", -3, "train.seed = -3 is out of range; allowed: an integer from 0 to 4294967295"),
     ("train", "seed", 2**32, "train.seed = 4294967296 is out of range"),

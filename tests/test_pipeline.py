@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from pipeline import dvc, make_project, set_param, stages_run
+from test_evaluate_outputs import _reference_temperature
 from tiny import write_nli_dir
 
 pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
@@ -27,6 +28,10 @@ def project(tmp_path_factory):
     return root, first.stdout
 
 
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _metrics(root, name):
     return {k: v for k, v in json.loads((root / "metrics" / f"{name}.json").read_text()).items() if k not in MACHINE_SPECIFIC}
 
@@ -44,7 +49,10 @@ def test_repro_runs_every_stage_and_writes_artifacts(project):
     assert 0 < train["parameters"]["trainable"] < train["parameters"]["total"]
     assert train["resources"]["gpu_unavailable_reason"]  # CPU run: a reason, not zeros
     baseline = json.loads((root / "metrics/baseline.json").read_text())
-    assert baseline["n"] == 9 and 0 <= baseline["accuracy"] <= 1
+    rows = _jsonl(root / "predictions/baseline.jsonl")
+    assert all(r["pred"] == max(range(3), key=r["scores"].__getitem__) and r["correct"] == (r["pred"] == r["label"])
+               for r in rows)
+    assert baseline["n"] == len(rows) == 9 and baseline["accuracy"] == round(sum(r["correct"] for r in rows) / 9, 4)
     assert not (root / "models/adapter/model.safetensors").exists()  # adapter only, never base weights
     assert "up to date" in dvc(root, "status").stdout
 
@@ -55,7 +63,9 @@ def test_extra_set_probes_and_calibration_reach_metrics_and_report(project):
     for model in ("baseline", "finetuned"):
         metrics = json.loads((root / f"metrics/{model}.json").read_text())
         ood = json.loads((root / f"metrics/sets/{model}/ood.json").read_text())
-        assert ood["set"] == "ood" and ood["n"] == 5 and 0 <= ood["accuracy"] <= 1
+        ood_rows = _jsonl(root / f"evidence/{model}/sets/ood.jsonl")
+        assert ood["set"] == "ood" and ood["n"] == len(ood_rows) == 5
+        assert ood["accuracy"] == round(sum(r["pred"] == r["label"] for r in ood_rows) / 5, 4)
         assert f"{100 * ood['accuracy']:.2f}%" in report
         probes = metrics["probes"]
         assert list(probes) == ["hypothesis_only", "swap_contradiction", "premise_as_hypothesis", "tautology",
@@ -64,7 +74,10 @@ def test_extra_set_probes_and_calibration_reach_metrics_and_report(project):
         scored = [json.loads(line) for line in (root / f"evidence/{model}/probes.jsonl").read_text().splitlines()]
         assert sum(r["probe"] == "swap_contradiction" for r in scored) == probes["swap_contradiction"]["n"]
         assert f"{100 * metrics['calibration']['ece']:.2f}%" in report
-        assert 0 < metrics["calibration"]["temperature"] and metrics["calibration"]["n_val"] == 6
+        validation = _jsonl(root / f"evidence/{model}/validation.jsonl")
+        assert metrics["calibration"]["n_val"] == len(validation) == 6
+        # fitted on the validation scores (stored to 5 decimals), by a grid search written in the test
+        assert metrics["calibration"]["temperature"] == pytest.approx(_reference_temperature(validation), rel=1e-2)
         assert (root / f"plots/{model}/reliability.csv").read_text().startswith("confidence,accuracy,n\n")
     shown = dvc(root, "metrics", "show").stdout
     assert "metrics/sets/finetuned/ood.json" in shown and "metrics/sets/baseline/ood.json" in shown
@@ -92,8 +105,10 @@ def test_generate_method_is_comparable(project):
     ran = stages_run(dvc(root, "repro").stdout)
     assert {"evaluate@baseline", "evaluate@finetuned"} <= ran and "finetune" not in ran
     metrics = _metrics(root, "finetuned")
-    assert metrics["method"] == "generate" and 0 <= metrics["invalid_rate"] <= 1
-    rows = [json.loads(line) for line in (root / "predictions/finetuned.jsonl").read_text().splitlines()]
+    rows = _jsonl(root / "predictions/finetuned.jsonl")
+    assert metrics["method"] == "generate"
+    assert metrics["invalid_rate"] == round(sum(r["pred"] is None for r in rows) / len(rows), 4)
+    assert metrics["accuracy"] == round(sum(r["pred"] == r["label"] for r in rows) / len(rows), 4)
     assert all(isinstance(r["generation"], str) for r in rows)
     set_param(root, "evaluate.method", "score")
     dvc(root, "repro")

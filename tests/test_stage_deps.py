@@ -1,11 +1,12 @@
 """dvc.yaml declares exactly what each stage's code uses: the package modules it imports (transitively) and the
 params groups (or single keys) it reads, so that a change to either reruns the stage and nothing else does."""
-import ast
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+
+from qlora_nli.code import import_closure
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -21,26 +22,6 @@ def _stage_defs():
         yield name, script, body.get("deps", []), body.get("params", [])
 
 
-def _imported_modules(path, seen=None):
-    """Files of qlora_nli/ that `path` imports, directly or through each other."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(Path(path).read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "qlora_nli":
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] != "qlora_nli" or len(parts) < 2:
-                continue
-            module = f"qlora_nli/{parts[1]}.py"
-            if (REPO / module).is_file() and module not in seen:
-                seen.add(module)
-                _imported_modules(REPO / module, seen)
-    return seen
-
-
 def _params_read(script):
     """Groups read whole (`params["g"]`) and single keys read (`params["g"]["k"]`) by a stage script."""
     text = (REPO / script).read_text()
@@ -53,7 +34,7 @@ def _params_read(script):
 def test_code_deps_are_the_transitive_imports(name, script, deps, params):
     declared = {d for d in deps if isinstance(d, str) and d.startswith("qlora_nli/")}
     assert script in deps, f"{name}: its own script {script} is not a dep"
-    assert declared == _imported_modules(REPO / script), f"{name}: deps differ from what {script} imports"
+    assert declared == import_closure(REPO / script, REPO), f"{name}: deps differ from what {script} imports"
 
 
 @pytest.mark.parametrize("name, script, deps, params", list(_stage_defs()), ids=[s[0] for s in _stage_defs()])
