@@ -9,13 +9,13 @@ and the 1-vs-2-process agreement are measured; accuracy is not (the weights know
         GPU machine lacks: the embedded model's tokenizer (tokenizer.json) and SmolLM2-135M's config, both read from
         the embedded GGUF; a copy of the SNLI/MNLI files of NLI_DATA_MIRROR that the default params read; the pinned
         bitsandbytes wheel (pip download --no-deps). docs/gpu.md: how to run the check there (benchmarks/gpu_check.sh).
-    python benchmarks/gpu_check.py run [--pack .gpu_check] [--models phi-2,smollm2-135m] [--dtypes bfloat16,float16]
-                                       [--processes 1,2] [--epochs 1] [--budget-seconds 420]
+    python benchmarks/gpu_check.py run [--pack .gpu_check] [--plan phi-2:bfloat16:1,smollm2-135m:float16:2,...]
+                                       [--epochs 1] [--budget-seconds 400]
                                        [--model-config NAME=CONFIG.json] [--tokenizer DIR] [--set group.key=value]
                                        [--workdir DIR] [--out benchmarks/results/gpu_check.json]
 
 Per model: a random-weight directory (save_pretrained of the config, seed 0, the tokenizer beside it), written once.
-Per run (model x compute dtype x processes, in that order of priority): a working directory with params.yaml (the
+Per run (model:compute dtype:processes of --plan, in its order): a working directory with params.yaml (the
 repository's params.yaml, model.name = the directory, model.compute_dtype, train.epochs = --epochs, then each --set)
 and the sample that `stages.prepare` wrote once; then, without DVC, `python -m stages.finetune`, `stages.evaluate
 baseline` (1-process runs only: 2-process scoring is byte-identical to 1 process, tests/test_distributed.py) and
@@ -79,6 +79,10 @@ PINNED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tokeni
 # Dense (no sparsity) datasheet peaks, by a part of the name torch reports.
 DATASHEET_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "A100": 312e12}
 T4_FP16_DATASHEET = 65e12
+# First what matters most when the budget ends the check: Phi-2's speed and memory, then the 1-vs-2-process agreement
+# on the model without dropout, bf16 before fp16; Phi-2 on 2 processes last (2 ranks on one GPU share its time).
+DEFAULT_PLAN = ("phi-2:bfloat16:1", f"{SMOLLM2}:bfloat16:1", f"{SMOLLM2}:bfloat16:2", "phi-2:float16:1",
+                f"{SMOLLM2}:float16:1", f"{SMOLLM2}:float16:2", "phi-2:bfloat16:2", "phi-2:float16:2")
 TARGET_EPOCHS = 5  # the seeds' figure: 5 epochs on 1,000 pairs
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout")
 SHIMS = Path(__file__).resolve().parent / "gpu_check_shims"
@@ -91,15 +95,12 @@ def parse_args(argv=None):
     pack.add_argument("--pack", default=str(REPO / ".gpu_check"))
     run = sub.add_parser("run", help="build the models, run the stages, write the JSON")
     run.add_argument("--pack", default=str(REPO / ".gpu_check"))
-    run.add_argument("--models", default=f"phi-2,{SMOLLM2}")
     run.add_argument("--model-config", action="append", default=[], metavar="NAME=CONFIG.json",
                      help="another model: a config.json with model_type (tests use a tiny one)")
     run.add_argument("--tokenizer", help="tokenizer directory (default: <pack>/tokenizer)")
-    run.add_argument("--dtypes", default="bfloat16,float16")
-    run.add_argument("--processes", default="1,2")
-    run.add_argument("--plan", help="model:dtype:processes,... in this order (default: models x dtypes x processes)")
+    run.add_argument("--plan", default=",".join(DEFAULT_PLAN), help="model:dtype:processes,... in this order")
     run.add_argument("--epochs", type=int, default=1)
-    run.add_argument("--budget-seconds", type=float, default=420)
+    run.add_argument("--budget-seconds", type=float, default=400)
     run.add_argument("--set", action="append", default=[], metavar="group.key=value")
     run.add_argument("--workdir", default="/tmp/gpu_check")
     run.add_argument("--out", default=str(REPO / "benchmarks/results/gpu_check.json"))
@@ -148,7 +149,10 @@ def pack(args):
     if mirror is None:
         sys.exit("pack: set NLI_DATA_MIRROR to the directory holding snli/ and mnli/ (the offline SNLI sample)")
     shutil.rmtree(out / "data", ignore_errors=True)
-    shutil.copytree(mirror, out / "data", ignore=shutil.ignore_patterns(".*"))
+    for path in sorted(mirror.rglob("*")):  # the files only: a read-only mirror's modes would stick to the copy
+        if path.is_file() and not path.name.startswith("."):
+            (out / "data" / path.relative_to(mirror)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out / "data" / path.relative_to(mirror))
 
     op, version = pinned_versions()["bitsandbytes"]
     wheels = out / "wheels"
@@ -543,15 +547,12 @@ def run_one(run, root, directory, params, data_dir, device, deadline):
 
 
 def plan(args, configs):
-    """[(model, dtype, processes)] in the order they run: --plan, else every model x dtype x processes."""
-    if args.plan:
-        items = [tuple(item.split(":")) for item in args.plan.split(",") if item]
-        if any(len(i) != 3 for i in items):
-            raise SystemExit(f"gpu_check: --plan {args.plan}: give model:dtype:processes items, comma-separated")
-        items = [(m, d, int(p)) for m, d, p in items]
-    else:
-        items = [(m, d, int(p)) for m in args.models.split(",") if m for d in args.dtypes.split(",")
-                 for p in args.processes.split(",")]
+    """[(model, dtype, processes)] of --plan, in the order they run."""
+    items = [tuple(item.split(":")) for item in args.plan.split(",") if item]
+    if any(len(i) != 3 or not i[2].isdigit() or int(i[2]) < 1 for i in items):
+        raise SystemExit(f"gpu_check: --plan {args.plan}: give model:dtype:processes items, comma-separated "
+                         f"(e.g. phi-2:bfloat16:1)")
+    items = [(m, d, int(p)) for m, d, p in items]
     for model, _, _ in items:
         if model not in configs:
             raise SystemExit(f"gpu_check: model {model}: no config (built in: phi-2; {SMOLLM2} after `pack`; "
@@ -582,6 +583,8 @@ def run_check(args):
               "versions": versions(), "python": sys.version.split()[0],
               "dvclive": ("stand-in that records nothing (benchmarks/gpu_check_shims)" if dvclive_standin() else
                           "installed"),
+              "t4_projection": "seconds x this chip's datasheet dense bf16 peak / a T4's fp16 peak (65 TFLOP/s): "
+                               "the same share of peak assumed, a projection, not a measurement",
               "epoch_counts": counts, "device": None, "gpu_name": None, "matmul_peak": None,
               "datasheet_dense_bf16_peak_flops": None, "models": {}, "runs": [], "process_agreement": []}
     made, durations = {}, {}
