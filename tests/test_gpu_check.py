@@ -103,7 +103,8 @@ def test_process_agreement_is_judged_per_model_and_dtype():
     def run(model, dtype, n, losses):
         return {"model": model, "compute_dtype": dtype, "processes": n, "status": "ok", "step_losses": losses}
 
-    runs = [run("a", "bfloat16", 1, [2.0, 1.0]), run("a", "float16", 1, [4.0, 4.0]),
+    # a's fp16 run first: the bf16 2-process run must be compared with the bf16 1-process run, not the first found
+    runs = [run("a", "float16", 1, [4.0, 4.0]), run("a", "bfloat16", 1, [2.0, 1.0]),
             run("a", "bfloat16", 2, [2.0, 1.0 + 2e-4]), run("b", "bfloat16", 1, [3.0]),
             run("b", "bfloat16", 2, [3.0 * (1 + 5e-5)])]
     configs = {"a": {"resid_pdrop": 0.0}, "b": {"resid_pdrop": 0.1}}
