@@ -412,7 +412,9 @@ def step_losses(root):
     found = sorted((root / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
     if not found:
         return None
-    return [s["loss"] for s in torch.load(found[-1] / "state.pt", weights_only=True)["history"]["steps"]]
+    # map_location: the optimizer state was saved on the GPU; loading it there would give this process a CUDA context
+    state = torch.load(found[-1] / "state.pt", weights_only=True, map_location="cpu")
+    return [s["loss"] for s in state["history"]["steps"]]
 
 
 def summarize_run(run, root, dims, counts, peak, datasheet, epochs):
