@@ -49,21 +49,32 @@ FLOPS_FORMULA = {
 }
 
 
-def flops(side, peak_flops):
-    """The three FLOP totals of the module docstring, as FLOP/s and % of the matmul peak."""
-    d, c = side["model_dims"], side["counts"]
+def per_unit(d):
+    """(backward fraction B, FLOPs per real token through the blocks, per attention pair, per logit position)."""
     backward = d["n_backward_layers"] / d["n_layers"]
     blocks = (2 + 2 * backward) * d["n_body_linear"] + 6 * d["n_lora"]
     attention = 4 * (1 + 2 * backward) * d["n_layers"] * d["d_attn"]
+    return backward, blocks, attention, 4 * d["lm_head"]
+
+
+def useful_total(d, c):
+    """The useful FLOPs of the module docstring for the counts `c` (real_tokens, attn_pairs_real, answer_tokens)."""
+    _, blocks, attention, vocab = per_unit(d)
+    return blocks * c["real_tokens"] + attention * c["attn_pairs_real"] + vocab * c["answer_tokens"]
+
+
+def flops(side, peak_flops):
+    """The three FLOP totals of the module docstring, as FLOP/s and % of the matmul peak."""
+    d, c = side["model_dims"], side["counts"]
+    backward, blocks, attention, vocab = per_unit(d)
     # Ours with training.FrozenBlockStates: the frozen blocks' forward ran once per example, not in every epoch.
     kept = side.get("frozen_blocks") or {"blocks": 0, "positions": 0}
     kept_forward = 2 * d["n_body_linear"] * kept["blocks"] / d["n_layers"]
     kept_attention = 4 * kept["blocks"] * d["d_attn"]
-    vocab = 4 * d["lm_head"]
     # Gradient checkpointing runs the blocks' forward twice: work that executes but is not useful.
     recompute = (2 * d["n_body_linear"] + 2 * d["n_lora"]) if side["gradient_checkpointing"] else 0
     totals = {
-        "useful": blocks * c["real_tokens"] + attention * c["attn_pairs_real"] + vocab * c["answer_tokens"],
+        "useful": useful_total(d, c),
         "model": blocks * c["real_tokens"] + attention * c["attn_pairs_real"] + vocab * c["lm_head_positions_model"],
         "executed": ((blocks + recompute - kept_forward) * c["executed_positions"] + kept_forward * kept["positions"]
                      + (attention - kept_attention) * c["attn_pairs_executed"]

@@ -26,6 +26,11 @@ from qlora_nli.errors import CheckpointError, ParamsError
 log = logging.getLogger(__name__)
 
 SWITCH = "QLORA_NLI_TORCHRUN"
+# How far 1 and N processes may differ (relative), in float32: only the order of summation differs between them (each
+# rank sums its micro-batches, then the ranks' sums are added), which moves results by a few float32 epsilons
+# (1.2e-7) per step. 1e-4 is orders of magnitude above that, and far below what a wrongly weighted or missing
+# gradient sum produces. Used by tests/test_distributed.py and benchmarks/gpu_check.py.
+SAME_RESULT_RELATIVE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ def start(device):
         if arguments:
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
-                # one OpenMP thread, and set_cpu_threads gives it its share of the cores (or train.num_threads).
+                # one OpenMP thread, and threads.configure gives it its share of the cores (or train.num_threads).
                 os.environ["OMP_NUM_THREADS"] = "1"
             command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
             log.info("%s: %s", SWITCH, shlex.join(command))
@@ -106,15 +111,29 @@ def start(device):
     local_rank = int(os.environ["LOCAL_RANK"])
     if world_size == 1:
         return SINGLE
-    backend = "nccl" if device == "cuda" else "gloo"
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    backend = pick_backend(device, local_world_size, n_gpus)
     if device == "cuda":  # ranks beyond the GPU count share GPUs (correct, not faster)
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank % n_gpus)
     dist.init_process_group(backend)
     atexit.register(dist.destroy_process_group)
     ranks = Ranks(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank,
-                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend=backend)
+                  local_world_size=local_world_size, backend=backend)
     log.info("rank %d of %d (%s)", ranks.rank, ranks.world_size, backend)
     return ranks
+
+
+def pick_backend(device, local_world_size, n_gpus):
+    """NCCL when every rank on this machine has a GPU of its own; gloo on CPU, and when ranks share a GPU: NCCL
+    refuses two ranks on one device ("Duplicate GPU detected"), gloo sums the GPU tensors through host memory
+    (slower, the same numbers)."""
+    if device != "cuda":
+        return "gloo"
+    if local_world_size > n_gpus:
+        log.info("%d ranks share %d GPU(s): backend gloo (NCCL allows one rank per GPU)", local_world_size, n_gpus)
+        return "gloo"
+    return "nccl"
 
 
 def sum_gradients(parameters, loss):

@@ -109,10 +109,12 @@ class ResourceMonitor:
         cpu_peak, cpu_mean = _stats(self.cpu)
         gpu_used_peak, gpu_used_mean = _stats([_mb(b) for b in self.gpu_used])
         util_peak, util_mean = _stats(self.gpu_util)
-        torch_peak = None
+        torch_peak = torch_reserved_peak = None
         if self.gpu.handle is not None:
             import torch
             torch_peak = _mb(torch.cuda.max_memory_allocated())
+            # what torch's caching allocator held at most: the allocated peak plus its cached, unused blocks
+            torch_reserved_peak = _mb(torch.cuda.max_memory_reserved())
         return {
             "wall_seconds": round(wall_seconds, 1),
             "samples": len(self.rss),
@@ -125,6 +127,7 @@ class ResourceMonitor:
             "gpu_memory_used_mean_mb": gpu_used_mean,
             "gpu_process_memory_peak_mb": _mb(max(self.gpu_mine)) if self.gpu_mine else None,
             "torch_max_memory_allocated_mb": torch_peak,
+            "torch_max_memory_reserved_mb": torch_reserved_peak,
             "gpu_utilization_mean_percent": util_mean,
             "gpu_utilization_peak_percent": util_peak,
             "gpu_unavailable_reason": self.gpu.reason,
