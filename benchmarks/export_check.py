@@ -56,6 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/export.json"))
     parser.add_argument("--no-lm-eval", dest="lm_eval", action="store_false")
+    parser.add_argument("--tasks", nargs="+", default=["qlora_nli_test"], help="lm-eval tasks to run (of the export's)")
     args = parser.parse_args()
     os.chdir(ROOT)
     params = load_params()
@@ -90,7 +91,7 @@ def main():
                                  "agrees_with_evaluate": sum(g_labels[i] == ref[k] for k, i in enumerate(order)),
                                  "bytes": (folder / "model.gguf").stat().st_size}
             if args.lm_eval:
-                tasks = json.loads((out / "EXPORT.json").read_text())["lm_eval"]
+                tasks = [t for t in json.loads((out / "EXPORT.json").read_text())["lm_eval"] if t in args.tasks]
                 entry["lm_eval"], results["lm_eval_versions"], results["lm_eval_command"] = lm_eval(
                     out, tasks, Path(tmp) / "lm")
             results["exports"][name] = entry
