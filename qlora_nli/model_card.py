@@ -106,9 +106,9 @@ def render(art, params, adapter_sha256):
               md.table(["", ""], [
                   ("base model", f"`{params['model']['name']}`, 4-bit NF4 with double quantization: "
                                  f"{params['model']['load_in_4bit']}"),
-                  ("data", f"SNLI `{manifest['source']}`: {counts['train']['sampled']} training pairs of "
-                           f"{counts['train']['raw']}, {counts['validation']['sampled']} validation, "
-                           f"{counts['test']['sampled']} test ({manifest.get('sampling', 'evenly spaced')})"),
+                  ("data", f"SNLI `{manifest['source']}`: " + ", ".join(
+                      f"{c.get('sampled', '?')} {split} pairs of {c.get('raw', '?')}" for split, c in counts.items())
+                   + f" ({manifest.get('sampling', 'evenly spaced')})"),
                   ("data hashes (raw splits, sha256)",
                    ", ".join(f"{k} `{v[:16]}`" for k, v in manifest.get("raw_sha256", {}).items())),
                   ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "

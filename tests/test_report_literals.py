@@ -66,6 +66,8 @@ def workdir(tmp_path):
         (tmp_path / "evidence" / which).mkdir(parents=True)
         (tmp_path / "evidence" / which / "probes.jsonl").write_text("")  # evaluate.probes: []
     write(tmp_path / "metrics/train.json", train_metrics())
+    write(tmp_path / "models/adapter/adapter_config.json", {"peft_type": "LORA"})  # the card names its hash
+    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(b"made-up adapter weights")
     write(tmp_path / "data/manifest.json", {"source": "made-up", "read_from": "made-up", "raw_sha256": {},
                                             "counts": {}})
     run_ok("failure_cases", tmp_path)
