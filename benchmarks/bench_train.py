@@ -54,8 +54,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
-from common import (MATMUL_SIZE, REPO, child_matmul, fmt, machine_info, matmul_peak, parse_value,  # noqa: E402
-                    run_child, time_dvc_noop)
+from common import (MATMUL_SIZE, REPO, child_matmul, enter_repo, fmt, machine_info, matmul_peak,  # noqa: E402
+                    parse_value, run_child, target_lines, time_dvc_noop)
 from qlora_nli.io import write_json  # noqa: E402  (light imports: the parent never loads torch)
 from qlora_nli.errors import NLIError  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
@@ -198,10 +198,7 @@ def print_table(report):
         lines.append(f"dvc repro no-op: {dvc['reason']}")
     else:
         lines.append(f"dvc repro no-op: {dvc['seconds']:.2f} s (median of {dvc['runs_seconds']})")
-    lines.append("targets:")
-    for t in report["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
-        lines.append(f"  [{verdict:4s}] {t['name']}: {fmt(t['value'], 2)} (target {t['target']})")
+    lines += target_lines(report["targets"], 2)
     for name, side in sides.items():
         if "error" in side:
             lines.append(f"{name}: ERROR {side['error']}")
@@ -209,10 +206,7 @@ def print_table(report):
 
 
 def main(args):
-    os.chdir(REPO)
-    for path in ("data/train.jsonl", "data/test.jsonl"):
-        if not Path(path).exists():
-            raise SystemExit(f"{path} is missing: run `dvc repro prepare` first")
+    enter_repo("data/train.jsonl", "data/test.jsonl")
     naive_params, ours_params = build_params(args.overrides, args.epochs, args.threads)
     if args.naive_eval_batch_size:
         naive_params["evaluate"]["batch_size"] = args.naive_eval_batch_size

@@ -121,6 +121,23 @@ def machine_info():
     }
 
 
+def enter_repo(*data_files):
+    """chdir to the repository and check that the prepared data the benchmark reads are there."""
+    os.chdir(REPO)
+    for path in data_files:
+        if not Path(path).exists():
+            raise SystemExit(f"{path} is missing: run `dvc repro prepare` first")
+
+
+def target_lines(targets, digits):
+    """The "targets:" block of a benchmark's table: one [PASS]/[FAIL]/[n/a] line per target."""
+    lines = ["targets:"]
+    for t in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        lines.append(f"  [{verdict:4s}] {t['name']}: {fmt(t['value'], digits)} (target {t['target']})")
+    return lines
+
+
 def fmt(value, digits=1):
     if value is None:
         return "-"

@@ -5,10 +5,12 @@ the measured accuracies), so the Hub shows the card's numbers as evaluation resu
 how it was measured and where it fails. `adapter_sha256` names the adapter the card describes: `nli-export` copies
 the card into an export only when it matches.
 """
+from pathlib import Path
+
 import yaml
 
 from qlora_nli import markdown as md
-from qlora_nli.modeling import EMBEDDED_MODELS
+from qlora_nli.modeling import EMBEDDED_MODELS, looks_like_path
 from qlora_nli.prompts import LABELS
 
 
@@ -16,7 +18,7 @@ def hub_base_model(name):
     """The Hub id of the base model, or None for a local directory (the Hub's `base_model` must be a Hub id)."""
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name][2]
-    return name if name.count("/") == 1 and not name.startswith((".", "/", "~")) else None
+    return None if looks_like_path(name) or Path(name).is_dir() else name
 
 
 def _result(dataset_id, dataset_name, split, metrics, label):

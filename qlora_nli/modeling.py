@@ -120,7 +120,7 @@ _HUB_LOCATED = {}  # Hub id -> (what from_pretrained gets, extra kwargs): the Hu
 MODEL_NAME_FORMS = "a Hub id (owner/name), a local model directory, or one of " + ", ".join(EMBEDDED_MODELS)
 
 
-def _looks_like_path(name):
+def looks_like_path(name):
     """A name the Hub could not hold: absolute, home- or dot-relative, more than one `/`, or a Windows path."""
     return name.startswith(("/", "~", ".", "\\")) or name.count("/") > 1 or "\\" in name or ":" in name
 
@@ -138,7 +138,7 @@ def locate_model(name):
             raise ModelLoadError(f"params.yaml model.name: '{name}' is a file; give the directory that holds "
                                  f"config.json and the weights")
         found = str(path), {}
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise ModelLoadError(f"params.yaml model.name: the local directory '{name}' does not exist; fix the path, or "
                              f"use {MODEL_NAME_FORMS}")
     else:

@@ -428,3 +428,15 @@ def test_model_card_claims_no_hub_base_for_a_local_model(workdir):
     run_ok("failure_cases", workdir)
     run_ok("report", workdir)
     assert ModelCard((workdir / "reports/model_card.md").read_text()).data.base_model is None
+
+
+def test_hub_base_model_names_only_hub_ids(tmp_path, monkeypatch):
+    from qlora_nli.model_card import hub_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    assert hub_base_model("embedded:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_base_model("microsoft/phi-2") == "microsoft/phi-2"
+    assert hub_base_model("gpt2") == "gpt2"  # a Hub id without an owner
+    for local in ("models/base", "./x", "/abs/model", "~/model", "a/b/c", "C:\\models\\x"):
+        assert hub_base_model(local) is None, local
