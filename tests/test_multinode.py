@@ -36,6 +36,41 @@ def test_each_stage_rendezvouses_under_an_id_of_its_own():
     assert stage_name(["-m", "stages.evaluate", "fine tuned"]) == "evaluate-fine_tuned"
 
 
+class _HeldCheckpoints:
+    """Stands in for training.Checkpoints: the epochs a node holds, and which one is loaded."""
+    root = Path("checkpoints")
+
+    def __init__(self, epochs):
+        self.held, self.loaded = epochs, []
+
+    def epochs(self):
+        return self.held
+
+    def load(self, directory):
+        self.loaded.append(Path(directory).name)
+        return int(Path(directory).name.split("-")[1]), directory, {}
+
+
+@pytest.mark.parametrize("held, expected", [
+    ({0: [1, 2], 1: [1]}, "epoch-1"),  # node 1 died while writing epoch 2
+    ({0: [1, 2, 3], 1: [1, 2, 3]}, None),  # the same everywhere: the newest, as `latest` found it
+    ({0: [1, 2], 1: []}, "nothing"),  # a fresh checkout: every node starts over
+])
+def test_every_rank_resumes_the_newest_epoch_all_hold(monkeypatch, held, expected):
+    from qlora_nli import distributed, training
+
+    monkeypatch.setattr(distributed, "gather_by_index", lambda ranks, pieces: held)
+    checkpoints = _HeldCheckpoints(held[0])
+    newest = (held[0][-1], Path(f"checkpoints/epoch-{held[0][-1]}"), {})
+    chosen = training.newest_common_checkpoint(checkpoints, newest, distributed.Ranks(rank=0, world_size=2))
+    if expected == "nothing":
+        assert chosen is None and checkpoints.loaded == []
+    elif expected is None:
+        assert chosen is newest and checkpoints.loaded == []
+    else:
+        assert chosen[0] == 1 and checkpoints.loaded == [expected]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
