@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qlora_nli.errors import CheckpointError, ParamsError
+from qlora_nli.errors import CheckpointError, ParamsError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ class Ranks:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @property
+    def writes(self):
+        """Whether this process writes the stage's outputs: local rank 0 of each node (each node's checkout gets the
+        same outputs; one writer per checkout). On one machine that is rank 0 alone."""
+        return self.local_rank == 0
 
     def share(self, items):
         """This rank's items of `items`: every world_size-th, starting at its rank (all of them for one process)."""
@@ -101,10 +107,13 @@ def start(device):
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
                 # one OpenMP thread, and threads.configure gives it its share of the cores (or train.num_threads).
                 os.environ["OMP_NUM_THREADS"] = "1"
+            arguments = per_stage_rendezvous(arguments, _this_program())
             command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
             log.info("%s: %s", SWITCH, shlex.join(command))
             sys.stdout.flush()
             sys.stderr.flush()
+            if node_count(arguments) > 1:
+                run_across_nodes(command, _this_program())  # never returns
             os.execv(sys.executable, command)
         return SINGLE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -179,11 +188,12 @@ def barrier(ranks):
 
 @contextmanager
 def main_first(ranks):
-    """Rank 0 runs the body first (it may clean up files, e.g. stale checkpoints), the other ranks after it."""
-    if not ranks.is_main:
+    """The writer of each node (`Ranks.writes`) runs the body first (it may clean up files, e.g. stale checkpoints),
+    the other ranks after it."""
+    if not ranks.writes:
         barrier(ranks)
     yield
-    if ranks.is_main:
+    if ranks.writes:
         barrier(ranks)
 
 
@@ -202,5 +212,120 @@ class Discard:
 
 
 def on_main(ranks, make, *args, **kwargs):
-    """`make(*args, **kwargs)` on rank 0, a Discard elsewhere."""
-    return make(*args, **kwargs) if ranks.is_main else Discard()
+    """`make(*args, **kwargs)` on the writer of each node (`Ranks.writes`), a Discard elsewhere."""
+    return make(*args, **kwargs) if ranks.writes else Discard()
+
+
+# --- Several machines: the same command on every node (docs/distributed.md, "Several machines") --------------------
+# Each node runs `dvc repro` in its own checkout. The writer of each node (`Ranks.writes`) writes that checkout's
+# outputs from results every rank holds (all_gather, all_reduce); what differs between processes (wall-clock times,
+# resources, RNG states) is rank 0's everywhere (`from_rank0`), so every node's outputs and dvc.lock are the same.
+
+# torchrun's c10d rendezvous waits this long for all nodes when --rdzv-conf names no join_timeout (torch's default)
+DEFAULT_JOIN_TIMEOUT = 600
+DEFAULT_READ_TIMEOUT = 60  # ... and a node that is not the endpoint's host this long for the host's store
+
+
+def _value_of(arguments, *names):
+    """(index, value) of the torchrun option `names` among `arguments` (`--x v` or `--x=v`), else (None, None)."""
+    for i, argument in enumerate(arguments):
+        name, equals, value = argument.partition("=")
+        if name in names:
+            return i, value if equals else (arguments[i + 1] if i + 1 < len(arguments) else "")
+    return None, None
+
+
+def node_count(arguments):
+    """The largest number of nodes torchrun's --nnodes allows (`2`, or `1:4` for an elastic range); 1 without it."""
+    _, value = _value_of(arguments, "--nnodes")
+    last = (value or "1").split(":")[-1]
+    return int(last) if last.isdigit() else 1
+
+
+def _rdzv_conf(arguments, key, default):
+    _, conf = _value_of(arguments, "--rdzv-conf", "--rdzv_conf")
+    pairs = dict(p.partition("=")[::2] for p in (conf or "").split(",") if "=" in p)
+    return int(pairs[key]) if pairs.get(key, "").isdigit() else default
+
+
+def stage_name(program):
+    """`evaluate-baseline` for `-m stages.evaluate baseline` (or `stages/evaluate.py baseline`)."""
+    words = [program[1].rpartition(".")[2] if program[0] == "-m" else os.path.splitext(os.path.basename(program[0]))[0],
+             *(program[2:] if program[0] == "-m" else program[1:])]
+    return "-".join("".join(c if c.isalnum() or c in "_." else "_" for c in w) for w in words if w)
+
+
+def per_stage_rendezvous(arguments, program):
+    """torchrun's arguments with a rendezvous id of this stage's own when they span several nodes: `--rdzv-id ID`
+    becomes `ID-<stage>` (`qlora-nli-<stage>` without one). Every stage rendezvouses anew, and a node that DVC sends
+    to another stage (its outputs were up to date there) can never join this stage's group: it times out instead."""
+    if node_count(arguments) <= 1:
+        return arguments
+    i, value = _value_of(arguments, "--rdzv-id", "--rdzv_id")
+    stage = stage_name(program)
+    if i is None:
+        return [*arguments, "--rdzv-id", f"qlora-nli-{stage}"]
+    joined = "=" in arguments[i]
+    rest = arguments[i + (1 if joined else 2):]
+    return [*arguments[:i], f"--rdzv-id={value}-{stage}", *rest]
+
+
+def run_across_nodes(command, program):
+    """Run torchrun (`command`: python -m torch.distributed.run ...) in this process and exit with its outcome; a
+    rendezvous that fails (a node that never arrives, an endpoint nobody serves) or a rank that fails is one line
+    (RunError), with no traceback. Nothing of the stage has run on this node then: no output is written."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+
+    arguments = command[3:]
+    stage, (_, endpoint) = stage_name(program), _value_of(arguments, "--rdzv-endpoint", "--rdzv_endpoint")
+    _, rdzv_id = _value_of(arguments, "--rdzv-id", "--rdzv_id")
+    try:
+        torchrun.run(torchrun.parse_args(arguments))
+    except RendezvousTimeoutError:
+        raise RunError(f"{stage}: not all {node_count(arguments)} nodes joined the rendezvous {rdzv_id} at {endpoint} "
+                       f"within join_timeout={_rdzv_conf(arguments, 'join_timeout', DEFAULT_JOIN_TIMEOUT)} s; nothing "
+                       f"was written; start the same {SWITCH} (its own --node-rank) with `dvc repro` on every node, "
+                       f"or raise join_timeout in --rdzv-conf") from None
+    except RendezvousError as e:
+        raise RunError(f"{stage}: rendezvous {rdzv_id} at {endpoint} failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else 'no detail'}); nothing was written; check that node 0 "
+                       f"runs and that {endpoint} is its reachable address (read_timeout="
+                       f"{_rdzv_conf(arguments, 'read_timeout', DEFAULT_READ_TIMEOUT)} s)") from None
+    except ChildFailedError as e:
+        failed = ", ".join(f"rank {r} {_exit_description(f.exitcode)}" for r, f in sorted(e.failures.items()))
+        raise RunError(f"{stage}: {failed} on this node (its own message is above; a rank that lost a peer node "
+                       f"reports the connection); rerun `dvc repro` on every node: training resumes from the newest "
+                       f"checkpoint every node holds") from None
+    sys.exit(0)
+
+
+def _exit_description(code):
+    if code is not None and code < 0:
+        import signal
+        try:
+            return f"was killed ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed (signal {-code})"
+    return f"exited with status {code}"
+
+
+def from_rank0(ranks, make):
+    """`make()` computed on rank 0, the same value returned on every rank (all must call this): for what differs
+    between processes (wall-clock times, resources) but must be the same in every node's outputs."""
+    if ranks.world_size == 1:
+        return make()
+    box = [make() if ranks.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_same_inputs(ranks, fingerprint, stage):
+    """RunError on every rank unless every rank (every node's checkout) computed the same `fingerprint` of the
+    stage's params, data and code: nodes on different inputs would otherwise sum gradients of different data."""
+    seen = gather_by_index(ranks, {ranks.rank: fingerprint})
+    if len(set(seen.values())) > 1:
+        each = ", ".join(f"rank {r}: {v[:12]}" for r, v in sorted(seen.items()))
+        raise RunError(f"{stage}: the nodes' inputs differ (params.yaml, data/, code; {each}); give every node the "
+                       f"same commit, params.yaml and data.source, then rerun `dvc repro` on every node")

@@ -291,7 +291,9 @@ class Checkpoints:
         self.run_fingerprint = run_fingerprint
         self.resume = resume
 
-    def save(self, epoch, model, optimizer, scheduler, scaler, history, record=None):
+    def save(self, epoch, model, optimizer, scheduler, scaler, history, record=None, rng_of_ranks=None):
+        """`rng_of_ranks` (several processes): every rank's `rng_states()`, so that each rank resumes its own and every
+        node writes the same bytes."""
         with atomic_path(self.root / f"epoch-{epoch}") as tmp:
             save_adapter(model, tmp)
             (tmp / "run.json").write_text(json.dumps({"fingerprint": self.run_fingerprint, "epoch": epoch}) + "\n")
@@ -303,14 +305,19 @@ class Checkpoints:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "rng": rng_of_ranks[0] if rng_of_ranks else rng_states(),
+                **({"rng_of_ranks": rng_of_ranks} if rng_of_ranks else {}),
                 "history": history,
             }, tmp / "state.pt")
         # Fault injection for the resume test: die the hard way right after a complete checkpoint.
         if os.environ.get("QLORA_NLI_KILL_AFTER_EPOCH") == str(epoch):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def epochs(self):
+        """The epochs of this very run found in the folder, oldest first."""
+        found = self.root.glob("epoch-*") if self.root.exists() else []
+        return sorted(int(p.name.split("-")[1]) for p in found
+                      if p.name.split("-")[1].isdigit() and self._run_of(p) == self.run_fingerprint)
 
     def _run_of(self, directory):
         """The fingerprint `directory` was written under, from JSON only; None if it has none (older format)."""
@@ -332,7 +339,12 @@ class Checkpoints:
             log.info("checkpoints in %s belong to other params or data (or an older format): starting fresh", self.root)
             shutil.rmtree(self.root)
             return None
-        state_file = found[-1] / "state.pt"
+        return self.load(found[-1])
+
+    def load(self, directory):
+        """(epoch, directory, state) of the checkpoint in `directory`, checked (see `latest`)."""
+        directory = Path(directory)
+        state_file = directory / "state.pt"
         fix = f"delete {self.root}/ to start fresh (rm -r {self.root})"
         try:
             state = torch.load(state_file, weights_only=True)
@@ -344,12 +356,12 @@ class Checkpoints:
             raise CheckpointError(f"{state_file}: cannot be read ({type(e).__name__}: truncated or not a "
                                   f"checkpoint); {fix}") from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
-            raise CheckpointError(f"{state_file}: does not belong to {found[-1] / 'run.json'}; {fix}")
-        return state["epoch"], found[-1], state
+            raise CheckpointError(f"{state_file}: does not belong to {directory / 'run.json'}; {fix}")
+        return state["epoch"], directory, state
 
-    def restore(self, checkpoint, model, optimizer, scheduler, scaler):
-        """Load `checkpoint` (from `latest`) into the model, optimizer, scheduler, scaler and the RNGs; returns its
-        (history, record), the record None if the checkpoint has none."""
+    def restore(self, checkpoint, model, optimizer, scheduler, scaler, rank=0):
+        """Load `checkpoint` (from `latest`) into the model, optimizer, scheduler, scaler and the RNGs (`rank`'s own
+        where the checkpoint holds every rank's); returns its (history, record), the record None if it has none."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -358,11 +370,13 @@ class Checkpoints:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(_numpy_rng_from_plain(state["rng"]["numpy"]))
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        of_ranks = state.get("rng_of_ranks") or [state["rng"]]
+        rng = of_ranks[rank] if rank < len(of_ranks) else state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(_numpy_rng_from_plain(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         try:
             record = json.loads((directory / "record.json").read_text())
         except (OSError, ValueError):
@@ -370,6 +384,13 @@ class Checkpoints:
         if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
             record = None
         return state["history"], record
+
+
+def rng_states():
+    """This process's Python, NumPy, torch and CUDA RNG states, as a checkpoint keeps them."""
+    return {"python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _numpy_rng_to_plain(state):
@@ -427,12 +448,12 @@ def build_training(params, device, dtype, prompt_ids, answer_ids, pad_id, checkp
     setup = TrainingSetup(model, optimizer, optimizer_name, scheduler, scaler, base_parameters, n_parameters)
 
     if checkpoints is not None:
-        with distributed.main_first(ranks):  # rank 0 alone removes stale checkpoints; every rank resumes
+        with distributed.main_first(ranks):  # each node's writer alone removes stale checkpoints; every rank resumes
             setup.resumed = checkpoints.latest()
-        distributed.check_same_on_every_rank(ranks, setup.resumed[0] if setup.resumed else None,
-                                             "the epoch to resume after")
+        setup.resumed = newest_common_checkpoint(checkpoints, setup.resumed, ranks)
         if setup.resumed is not None:
-            setup.history, setup.record = checkpoints.restore(setup.resumed, model, optimizer, scheduler, scaler)
+            setup.history, setup.record = checkpoints.restore(setup.resumed, model, optimizer, scheduler, scaler,
+                                                              ranks.rank)
             log.info("resuming after epoch %d from %s", setup.resumed[0], setup.resumed[1])
 
     why_not = FrozenBlockStates.usable(model, t)
@@ -442,6 +463,22 @@ def build_training(params, device, dtype, prompt_ids, answer_ids, pad_id, checkp
         setup.frozen = FrozenBlockStates(model, [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_ids, pad_id,
                                          dtype, t["batch_size"])
     return setup
+
+
+def newest_common_checkpoint(checkpoints, newest, ranks):
+    """The checkpoint every rank resumes: `newest` (from `latest`) for one process; with several, the newest epoch
+    that every rank's checkpoints/ holds (each node keeps its own: one that died while writing epoch N, or a fresh
+    checkout, holds fewer), so that all ranks restore the same state. None: training starts over everywhere."""
+    if ranks.world_size == 1:
+        return newest
+    held = distributed.gather_by_index(ranks, {ranks.rank: checkpoints.epochs()})
+    common = set.intersection(*(set(epochs) for epochs in held.values()))
+    epoch = max(common, default=None)
+    if epoch != (newest[0] if newest else None):
+        log.info("resuming after epoch %s, the newest that every node holds (checkpoints per rank: %s)", epoch,
+                 ", ".join(f"rank {r}: {e or 'none'}" for r, e in sorted(held.items())))
+        return checkpoints.load(checkpoints.root / f"epoch-{epoch}") if epoch is not None else None
+    return newest
 
 
 def train_remaining_epochs(setup, train_params, dtype, prompt_ids, answer_ids, pad_id, on_step, after_epoch,

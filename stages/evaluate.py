@@ -9,11 +9,13 @@ data/sets/). Writes
   metrics/sets/<name>/<set>.json     the metrics of each extra set (`dvc metrics diff`, `dvc exp show`)
   evidence/<name>/                   the scored validation pairs, probe pairs and extra-set pairs
   plots/<name>/{confusion,reliability,probes}.csv   for `dvc plots`
-With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) each process predicts a share of the batches; rank 0 writes
-them all, in the data's order.
+With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) each process predicts a share of the batches; every process
+gathers them all, and one process per machine (its local rank 0) writes them, in the data's order.
 """
 import csv
+import hashlib
 import io
+import json
 import logging
 import sys
 import time
@@ -24,8 +26,9 @@ import torch
 from qlora_nli import distributed, modeling, threads
 from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
 from qlora_nli.calibration import calibration_summary
+from qlora_nli.code import code_sha256
 from qlora_nli.errors import ParamsError, RunError, run_stage
-from qlora_nli.io import all_or_none, write_json, write_jsonl, write_text
+from qlora_nli.io import all_or_none, file_sha256, write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
 from qlora_nli.probes import perturb, probe_summary
 from qlora_nli.prompts import LABELS, format_prompt
@@ -102,6 +105,16 @@ def csv_text(header, rows):
     return table.getvalue()
 
 
+def inputs_fingerprint(params, paths):
+    """Hash of what this stage reads: its params, the files under `paths` and its code."""
+    digest = hashlib.sha256(json.dumps([params[k] for k in ("model", "prompt", "evaluate")], sort_keys=True).encode())
+    files = sorted(f for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for path in files:
+        digest.update(f"{path.as_posix()}\0{file_sha256(path)}\0".encode())
+    digest.update(code_sha256(__file__).encode())
+    return digest.hexdigest()
+
+
 def main(name):
     if name not in ADAPTERS:
         raise ParamsError(f"evaluate: unknown model '{name}'; use one of {', '.join(ADAPTERS)}")
@@ -118,6 +131,9 @@ def main(name):
     modeling.check_model_params({"model": params["model"]}, device)
     jobs = build_jobs(test_rows, val_rows, sets, p["probes"], params["prompt"]["template"],
                       p["hypothesis_only_template"])
+    if ranks.world_size > 1:  # every node's checkout must hold the same params, data, adapter and code
+        inputs = ["data/test.jsonl", "data/validation.jsonl", SETS_DIR, *([ADAPTERS[name]] if ADAPTERS[name] else [])]
+        distributed.check_same_inputs(ranks, inputs_fingerprint(params, inputs), f"evaluate@{name}")
 
     log.info("evaluating %s (%s) by %s: %s", name, params["model"]["name"], p["method"],
              ", ".join(f"{len(rows)} {group}" for group, rows, _, _ in jobs))
@@ -128,8 +144,8 @@ def main(name):
     start = time.perf_counter()
     preds, scores, generations = predict(model, tokenizer, [q for _, _, prompts, _ in jobs for q in prompts], p,
                                          ranks)
-    seconds = time.perf_counter() - start
-    if not ranks.is_main:
+    seconds = distributed.from_rank0(ranks, lambda: time.perf_counter() - start)  # the same figure on every node
+    if not ranks.writes:
         return
     scored, at = {}, 0
     for group, rows, prompts, meta in jobs:

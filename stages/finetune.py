@@ -3,7 +3,8 @@
 Writes checkpoints/epoch-N (resumed if the run is interrupted), models/adapter (the final adapter only, never the
 base weights), metrics/train.json and dvclive/ (live curves). Loss is on the answer tokens only.
 With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) it runs data-parallel on several processes: the same batches
-and the same result, every rank training its share of each batch; only rank 0 writes outputs.
+and the same result, every rank training its share of each batch; one process per machine (its local rank 0) writes
+the outputs, so that every machine's checkout ends with the same files.
 """
 import logging
 
@@ -20,7 +21,7 @@ from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
 from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
 from qlora_nli.training import (Checkpoints, build_training, carried_epoch_seconds, fingerprint, live_curves,
-                                run_record, train_metrics, train_remaining_epochs)
+                                rng_states, run_record, train_metrics, train_remaining_epochs)
 
 log = logging.getLogger("finetune")
 
@@ -56,6 +57,7 @@ def main():
                                                          file_sha256("data/train.jsonl"),
                                                          file_sha256("data/validation.jsonl"),
                                                          code_sha256(__file__)), resume=t["resume"])
+    distributed.check_same_inputs(ranks, checkpoints.run_fingerprint, "finetune")
 
     log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
     with ResourceMonitor() as monitor:
@@ -76,19 +78,24 @@ def main():
                 log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, %.0f s",
                          epoch, train_loss, val_loss, val_accuracy, seconds)
                 epoch_seconds[epoch] = seconds
-                if ranks.is_main:
+                # rank 0's times and resources, and every rank's RNG states: the same checkpoint on every node
+                record = distributed.from_rank0(ranks, lambda: run_record(device, ranks, epoch_seconds, monitor))
+                rng = distributed.gather_by_index(ranks, {ranks.rank: rng_states()}) if ranks.world_size > 1 else {}
+                if ranks.writes:
                     checkpoints.save(epoch, setup.model, setup.optimizer, setup.scheduler, setup.scaler, history,
-                                     run_record(device, ranks, epoch_seconds, monitor))
+                                     record, [rng[r] for r in sorted(rng)])
 
             seconds = train_remaining_epochs(setup, t, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
                                              live_curves(live, history), after_epoch, ranks)
-        if not ranks.is_main:
-            return
-        with atomic_path("models/adapter") as tmp:
-            modeling.save_adapter(setup.model, tmp)
+        if ranks.writes:
+            with atomic_path("models/adapter") as tmp:
+                modeling.save_adapter(setup.model, tmp)
 
-    write_json("metrics/train.json", train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids,
-                                                   answer_ids, monitor))
+    # rank 0's record (its times and resources) in every node's metrics/train.json
+    metrics = distributed.from_rank0(ranks, lambda: train_metrics(params, device, dtype, setup, ranks, seconds,
+                                                                  prompt_ids, answer_ids, monitor))
+    if ranks.writes:
+        write_json("metrics/train.json", metrics)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     node (torch/distributed/run.py), then sets 1; `start` sets that value before re-executing."""
     import os
 
+    from torch.distributed import run as torch_run
+
     from qlora_nli import distributed
 
     started = {}
@@ -55,7 +57,11 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
         started.update(command=command, omp=os.environ.get("OMP_NUM_THREADS"))
         raise SystemExit  # instead of becoming torchrun
 
+    def run_here(arguments):  # several nodes: torchrun runs in the stage's process (distributed.run_across_nodes)
+        execv(None, [None, "-m", "torch.distributed.run"])
+
     monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setattr(torch_run, "run", run_here)
     monkeypatch.setenv("OMP_NUM_THREADS", "unset below")  # recorded, so that the test leaves it as it found it
     monkeypatch.delenv("OMP_NUM_THREADS")
     if preset is not None:
