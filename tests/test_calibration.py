@@ -69,11 +69,14 @@ def test_fit_temperature_recovers_the_true_temperature():
     assert LOG_T_BOUNDS[0] < np.log(t) < LOG_T_BOUNDS[1]
 
 
-def test_fit_temperature_empty_and_deterministic():
+def test_fit_temperature_empty_and_equal_to_a_grid_search():
+    from test_evaluate_outputs import _reference_temperature
+
     with pytest.raises(ValueError):
         fit_temperature([], [])
     scores, labels = _sampled(seed=1, n=500)
-    assert fit_temperature(scores, labels) == fit_temperature(scores, labels)
+    rows = [{"scores": s, "label": y} for s, y in zip((2.5 * scores).tolist(), labels.tolist())]
+    assert fit_temperature(2.5 * scores, labels) == pytest.approx(_reference_temperature(rows), rel=2e-3)
 
 
 def _overconfident(seed, n=2000):

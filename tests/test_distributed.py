@@ -88,6 +88,87 @@ def test_ranks_share_every_batch_exactly_once():
     assert [len(s) for s in shares] == [2, 1, 1]  # uneven: 4 batches over 3 ranks
 
 
+class _Captured(Exception):
+    """Raised where a rank would talk to the others: the test has what it needs from this rank."""
+
+
+def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, monkeypatch):
+    """Fast version of the two-process run: each rank of 2 computes its share of one batch (its examples, in its own
+    micro-batches, weighted by the whole batch's answer tokens); their gradients and losses, summed as
+    `sum_gradients` does (test_training_loop: summed, not averaged), are the one-process gradient and loss."""
+    from qlora_nli import training
+    from qlora_nli.scoring import answer_loss
+
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(7, 4)])
+    answers = encode_answers(tokenizer)
+    answer_ids = [answers[k % 3] for k in range(7)]
+    assert len({len(a) for a in answer_ids}) > 1, "answers of different token counts make the weighting matter"
+    t = {"micro_batch_tokens": 120, "max_grad_norm": 1.0}  # several micro-batches per rank
+    batch = [list(range(7))]
+    captured = {}
+
+    def run(ranks):
+        model = _lora_model(tiny_model_dir)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        with pytest.raises(_Captured):
+            training.train_one_epoch(model, batch, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
+                                     scheduler, scaler, t, torch.float32, on_step=lambda *a: None, ranks=ranks)
+        return captured.pop("grads"), captured.pop("loss", None), model
+
+    def at_the_all_reduce(parameters, loss):  # where the ranks would sum
+        captured.update(grads=[p.grad.clone() if p.grad is not None else None for p in parameters], loss=loss)
+        raise _Captured
+
+    def at_the_clip(parameters, max_norm):  # one process: the gradient before clipping
+        captured.update(grads=[p.grad.clone() for p in parameters])
+        raise _Captured
+
+    monkeypatch.setattr(training, "sum_gradients", at_the_all_reduce)
+    shares = [run(Ranks(rank=r, world_size=2)) for r in (0, 1)]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", at_the_clip)
+    one, _, model = run(Ranks())
+    reference_loss = answer_loss(model.eval(), prompt_ids, answer_ids, tokenizer.pad_token_id).item()
+    assert shares[0][1] + shares[1][1] == pytest.approx(reference_loss, rel=1e-5)
+    for i, whole in enumerate(one):
+        summed = shares[0][0][i] + shares[1][0][i]
+        assert torch.allclose(summed, whole, rtol=1e-4, atol=1e-7), (i, (summed - whole).abs().max())
+    differ = max((shares[0][0][i] - one[i]).abs().max().item() for i in range(len(one)))
+    assert differ > 1e-3 * max(g.abs().max().item() for g in one), "one rank alone should not give the whole gradient"
+
+
+def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_model_dir, monkeypatch):
+    """Fast version of the sharded evaluation: each rank of 2 scores its share of the passes; gathered (all_gather
+    replaced by handing each rank both ranks' pieces), every rank holds the one-process scores, row for row."""
+    from qlora_nli import distributed, scoring
+
+    model, tokenizer = _lora_model(tiny_model_dir).eval(), modeling.load_tokenizer(str(tiny_model_dir))
+    prompts = [TEMPLATE.format(**r) for r in made_up_pairs(11, 6)]
+    one = scoring.score_labels(model, tokenizer, prompts, batch_size=2)
+    pieces = {}
+
+    def record(everyone, mine):
+        pieces[len(pieces)] = mine
+        raise _Captured
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", record)
+    for r in (0, 1):
+        with pytest.raises(_Captured):
+            scoring.score_labels(model, tokenizer, prompts, batch_size=2, ranks=Ranks(rank=r, world_size=2))
+    assert pieces[0] and pieces[1] and not set(pieces[0]) & set(pieces[1])  # both ranks work, on different prompts
+    assert sorted([*pieces[0], *pieces[1]]) == list(range(len(prompts)))
+
+    def hand_out(everyone, mine):
+        everyone[:] = [pieces[0], pieces[1]]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", hand_out)
+    for r in (0, 1):
+        got = scoring.score_labels(model, tokenizer, prompts, batch_size=2, ranks=Ranks(rank=r, world_size=2))
+        assert torch.allclose(got, one, atol=1e-5), (r, (got - one).abs().max())
+
+
 def test_frozen_states_in_a_file_are_the_in_memory_bits(tiny_model_dir):
     model, tokenizer = _lora_model(tiny_model_dir, layers=1), modeling.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(9, 5)])

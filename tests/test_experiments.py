@@ -154,7 +154,13 @@ def make_venv_to_activate(root):
 
 README_SECTION = "## Experiments"
 PER_SHELL = (". .venv/bin/activate", "export ")  # the section's once-per-shell lines: the prelude of every step
-TINY_GRID = "-S 'data.n_train=12,18'"  # two experiments in place of the README's grid
+# Two experiments in place of the README's grid (tiny(): the test's documented substitution), chosen so that their
+# validation accuracies cannot tie, whatever the tiny random model predicts: on the mirror's 9 validation pairs
+# (labels 0, 1, 2 in turn) n_val 2 takes the pairs of labels 0 and 1, so its accuracy is 0, 1/2 or 1; n_val 9 takes all
+# nine, so its accuracy is k/9, which is never 1/2, and 0 or 1 only for a model wrong (or right) on every pair, which
+# no constant-answer model is. So the order of `dvc exp show`'s rows tells a descending sort from an ascending one.
+TINY_GRID = "-S 'data.n_val=2,9'"
+TINY_N_VAL = (2, 9)
 
 
 def readme_commands():
@@ -255,7 +261,7 @@ class Readme:
 
 @pytest.fixture(scope="module")
 def queued(project):
-    """The README's queue commands as printed, with two experiments of different training sets in place of its grid,
+    """The README's queue commands as printed, with two experiments (TINY_GRID) in place of its grid,
     run by two parallel workers: the relative mirror is resolved in each temporary copy, and each worker
     chooses its own threads. The working tree stays clean throughout."""
     readme = Readme(project)
@@ -271,19 +277,19 @@ def queued(project):
     return readme
 
 
-def by_train_size(root):
-    """{data.n_train: (name, rev, data)} of the queued experiments."""
-    return {metric(data, "metrics/train.json")["train_examples"]: (name, rev, data)
+def by_val_size(root):
+    """{data.n_val: (name, rev, data)} of the queued experiments."""
+    return {data["params"]["params.yaml"]["data"]["data"]["n_val"]: (name, rev, data)
             for name, (rev, data) in experiment_data(root).items()}
 
 
 @pytest.mark.slow
 def test_queue_runs_two_experiments_in_parallel(queued):
-    found = by_train_size(queued.cwd)
-    assert set(found) >= {12, 18}  # the README's grid, with the tiny values
-    small, large = found[12][2], found[18][2]
-    assert metric(small, "dvclive/metrics.json") != metric(large, "dvclive/metrics.json")  # they trained differently
-    for _, rev, data in (found[12], found[18]):
+    found = by_val_size(queued.cwd)
+    assert set(found) >= set(TINY_N_VAL)  # the README's grid, with the tiny values
+    small, large = (found[n][2] for n in TINY_N_VAL)
+    assert metric(small, "dvclive/metrics.json") != metric(large, "dvclive/metrics.json")  # validated differently
+    for _, rev, data in (found[n] for n in TINY_N_VAL):
         assert "torch threads at start (auto: " in metric(data, "metrics/train.json")["device"]  # no prefix needed
         manifest = json.loads(run(["git", "show", f"{rev}:data/manifest.json"], queued.cwd).stdout)
         assert manifest["read_from"] == "mirror:$NLI_DATA_MIRROR/tiny-nli"
@@ -293,11 +299,11 @@ def test_queue_runs_two_experiments_in_parallel(queued):
 @pytest.mark.slow
 def test_sweep_table_of_the_queued_experiments(queued, tmp_path):
     root = queued.cwd
-    small, large = by_train_size(root)[12][0], by_train_size(root)[18][0]
+    small, large = (by_val_size(root)[n][0] for n in TINY_N_VAL)
     printed = run([sys.executable, str(REPO / "benchmarks" / "sweep_table.py"), "--out", str(tmp_path)], root).stdout
     table = {row["experiment"]: row for row in json.loads((tmp_path / "sweep.json").read_text())}
-    assert {small, large} <= set(table) and "data.n_train" in table[small]["params"]
-    assert (table[small]["params"]["data.n_train"], table[large]["params"]["data.n_train"]) == (12, 18)
+    assert {small, large} <= set(table) and "data.n_val" in table[small]["params"]
+    assert (table[small]["params"]["data.n_val"], table[large]["params"]["data.n_val"]) == TINY_N_VAL
     picks = [row for row in table.values() if row["pick"]]
     assert len(picks) == 1 and picks[0]["final_val_accuracy"] == max(r["final_val_accuracy"] for r in table.values())
     assert isinstance(picks[0]["test_accuracy"], float)
@@ -396,12 +402,19 @@ def test_readme_experiments_and_sharing_commands_as_printed(queued, tmp_path):
                 for name, (_, data) in experiment_data(first).items() if name in queued.names}
     best_first = sorted(accuracy, key=accuracy.get, reverse=True)
 
+    assert len(set(accuracy.values())) == len(accuracy) == 2, accuracy  # TINY_GRID: they cannot tie
+
+    def rows_of(shown):
+        return [name for line in shown.splitlines() for name in re.findall(r"\[([\w-]+)\]", line) if name in accuracy]
+
+    show = queued.steps[queued.done]
     shown = queued.next("dvc exp show").stdout
-    rows = [name for line in shown.splitlines() for name in re.findall(r"\[([\w-]+)\]", line) if name in accuracy]
-    # Only validation accuracies that differ tell a descending sort from an ascending one; the tiny random models
-    # can tie (both 0.5 on 6 pairs, 2026-12-01), and then only the presence of both rows is checked.
-    assert rows == best_first or accuracy[best_first[0]] == accuracy[best_first[-1]], f"{accuracy}\n{shown}"
-    assert [accuracy[name] for name in rows] == sorted(accuracy.values(), reverse=True), shown  # best first
+    assert rows_of(shown) == best_first, f"{accuracy}\n{shown}"  # best first
+    # the control: the same command sorting the other way lists the other experiment first
+    assert " --sort-order desc" in show
+    ascending = shell(first, "\n".join(tiny(c, queued.substitutions) for c in [
+        *queued.prelude, show.replace(" --sort-order desc", " --sort-order asc")]))
+    assert ascending.returncode == 0 and rows_of(ascending.stdout) == best_first[::-1], ascending.stdout
     clean(first)
     queued.substitutions.update({"<exp1>": best_first[0], "<exp2>": best_first[1], "<exp>": best_first[0]})
     queued.next("dvc plots diff")

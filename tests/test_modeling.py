@@ -66,7 +66,11 @@ def test_lora_attaches_to_tiny_models(tiny_model_dir):
     model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
                                        "layers": "all"})
     after = modeling.count_parameters(model)
-    assert 0 < after["trainable"] and after["total"] == base["total"] + after["trainable"]
+    # r (in + out) per adapted linear layer, r = 4, hidden 64, key/value 32 (2 of 4 heads), intermediate 128, 2 blocks:
+    # Llama q, k, v, o, gate, up, down: 4 (128 + 96 + 96 + 128 + 192 + 192 + 192) = 4096 per block;
+    # Phi q, k, v, dense, fc1, fc2: 4 (128 + 96 + 96 + 128 + 192 + 192) = 3328 per block
+    assert after["trainable"] == {"llama": 2 * 4096, "phi": 2 * 3328}[model.config.model_type]
+    assert after["total"] == base["total"] + after["trainable"]
 
 
 def test_unloadable_model_is_one_line(tmp_path):

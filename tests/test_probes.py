@@ -57,8 +57,9 @@ def test_perturb_orders_by_probe_then_row_and_skips_what_does_not_apply():
         ("swap_contradiction", 1),  # only the contradiction pair
         ("premise_as_hypothesis", 0), ("premise_as_hypothesis", 1), ("premise_as_hypothesis", 2),
     ]
-    assert out[0][2] == swap_contradiction(CON)
-    assert out[1][2] == premise_as_hypothesis(ENT)
+    assert out[0][2] == {"id": 9, "premise": "Nobody is singing!", "hypothesis": "A woman sings.", "label": 2}
+    assert out[1][2] == {"id": 7, "premise": "A man sleeps on a bench.", "hypothesis": "A man sleeps on a bench.",
+                         "label": 0}
     assert perturb(rows, []) == []
 
 
