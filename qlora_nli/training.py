@@ -312,6 +312,16 @@ class Checkpoints:
         if os.environ.get("QLORA_NLI_KILL_AFTER_EPOCH") == str(epoch):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def resume_note(self):
+        """What the next run does after this one is interrupted, by the complete checkpoints of this run on disk."""
+        epochs = [int(d.name.split("-")[1]) for d in self.root.glob("epoch-*")
+                  if d.name.split("-")[1].isdigit() and self._run_of(d) == self.run_fingerprint]
+        if not epochs:
+            return "no epoch is complete yet; `dvc repro` starts the training again"
+        if not self.resume:
+            return f"epoch {max(epochs)} is complete, but train.resume is false: `dvc repro` starts over"
+        return f"epoch {max(epochs)} is complete, `dvc repro` resumes from it"
+
     def _run_of(self, directory):
         """The fingerprint `directory` was written under, from JSON only; None if it has none (older format)."""
         try:
@@ -507,8 +517,10 @@ def carried_epoch_seconds(record):
             and not isinstance(s, bool)} if isinstance(seconds, dict) else {}
 
 
-def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor):
-    """metrics/train.json's content. `seconds`: {epoch: seconds} of the epochs this process trained. Epochs an earlier
+def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor,
+                  adapter_dir="models/adapter"):
+    """metrics/train.json's content. `adapter_dir`: where the adapter it describes is (its staging folder while the
+    outputs are written). `seconds`: {epoch: seconds} of the epochs this process trained. Epochs an earlier
     run trained keep the seconds recorded in the resumed checkpoint (None if it recorded none). A run that trains no
     epoch (it resumed a finished training) reports the device, processes and resources recorded by the run that
     trained the last epoch, and says so with `carried_over: true`."""
@@ -520,7 +532,7 @@ def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answ
     carried = not seconds and setup.record is not None
     run = setup.record if carried else {
         "device": modeling.describe_device(device), "world_size": ranks.world_size, "backend": ranks.backend,
-        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"])}
+        "resources": monitor.summary(outputs=[adapter_dir, "checkpoints"])}
     return {
         "model": params["model"]["name"],
         "device": run["device"],
@@ -543,7 +555,7 @@ def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answ
             "trainable_percent": round(100 * adapted["trainable"] / base["total"], 4),
             "numel_as_stored": base["numel_as_stored"],
         },
-        "adapter_bytes": tree_size_bytes("models/adapter"),
+        "adapter_bytes": tree_size_bytes(adapter_dir),
         "throughput": {  # over the epochs with a measured time
             "examples_per_second": round(len(prompt_ids) * len(measured) / sum(measured), 2) if measured else None,
             "tokens_per_second": round(sum(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)) * len(measured)

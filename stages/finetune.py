@@ -6,15 +6,18 @@ With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) it runs data-parallel on 
 and the same result, every rank training its share of each batch; only rank 0 writes outputs.
 """
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from dvclive import Live
 
 from qlora_nli import distributed, modeling, threads
-from qlora_nli.errors import run_stage
+from qlora_nli.errors import on_interrupt, run_stage
 from qlora_nli.artifacts import data_row_problem, read_rows
 from qlora_nli.code import code_sha256
-from qlora_nli.io import atomic_path, file_sha256, write_json
+from qlora_nli.io import all_or_none, file_sha256, write_json
 from qlora_nli.params import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
@@ -23,6 +26,9 @@ from qlora_nli.training import (Checkpoints, build_training, carried_epoch_secon
                                 run_record, train_metrics, train_remaining_epochs)
 
 log = logging.getLogger("finetune")
+# Written together, all new or all as they were. checkpoints/ is not among them: it keeps every complete epoch (each
+# written whole on its own), so that a failed or interrupted run resumes.
+OUTPUTS = ["models/adapter", "dvclive/plots", "dvclive/metrics.json", "metrics/train.json"]
 
 
 @torch.no_grad()
@@ -57,13 +63,17 @@ def main():
                                                          file_sha256("data/validation.jsonl"),
                                                          code_sha256(__file__)), resume=t["resume"])
 
+    on_interrupt(checkpoints.resume_note)  # Ctrl-C: one line saying which epoch a rerun resumes from
+
     log.info("loading %s on %s (%s, 4-bit: %s)", params["model"]["name"], device, dtype, params["model"]["load_in_4bit"])
-    with ResourceMonitor() as monitor:
+    # dvclive writes to a scratch folder while training; its files enter dvclive/ with the other outputs, at the end
+    with ResourceMonitor() as monitor, distributed.on_main(ranks, tempfile.TemporaryDirectory,
+                                                           prefix="qlora-nli-dvclive-") as live_dir:
         setup = build_training(params, device, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
                                checkpoints, ranks)
         history = setup.history
         epoch_seconds = carried_epoch_seconds(setup.record)  # every epoch's time, whichever run trained it
-        with distributed.on_main(ranks, Live, "dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        with distributed.on_main(ranks, Live, live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
             def after_epoch(epoch, train_loss, seconds):
                 val_loss, val_accuracy = validate(setup.model, tokenizer, val_prompts, val_labels, answers,
                                                   t["batch_size"], ranks)
@@ -84,11 +94,13 @@ def main():
                                              live_curves(live, history), after_epoch, ranks)
         if not ranks.is_main:
             return
-        with atomic_path("models/adapter") as tmp:
-            modeling.save_adapter(setup.model, tmp)
-
-    write_json("metrics/train.json", train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids,
-                                                   answer_ids, monitor))
+        with all_or_none(OUTPUTS) as staged:
+            modeling.save_adapter(setup.model, staged["models/adapter"])
+            shutil.move(Path(live_dir) / "plots", staged["dvclive/plots"])
+            shutil.move(Path(live_dir) / "metrics.json", staged["dvclive/metrics.json"])
+            write_json(staged["metrics/train.json"], train_metrics(params, device, dtype, setup, ranks, seconds,
+                                                                   prompt_ids, answer_ids, monitor,
+                                                                   staged["models/adapter"]))
 
 
 if __name__ == "__main__":
