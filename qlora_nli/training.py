@@ -476,9 +476,18 @@ def train_remaining_epochs(setup, train_params, dtype, prompt_ids, answer_ids, p
     return seconds
 
 
+def record_steps(history):
+    """The `on_step(loss, lr)` of `train_remaining_epochs` that appends each step to `history` (unrounded: a resumed
+    run replays it); dvclive gets the whole history at the end, by `live_curves`."""
+    def on_step(loss, lr):
+        history["steps"].append({"step": len(history["steps"]) + 1, "loss": loss, "lr": lr})
+
+    return on_step
+
+
 def live_curves(live, history):
-    """Replay `history` into the dvclive `live` (a resumed run's curves then match an uninterrupted run's) and
-    return the `on_step(loss, lr)` that appends each new step to `history` and logs it."""
+    """Log `history` into the dvclive `live`: every step's loss and learning rate, every epoch's losses and accuracy
+    at the step it ended on. The same curves whether the run was resumed or not."""
     for record in history["steps"]:
         live.step = record["step"]
         live.log_metric("train/step_loss", record["loss"])
@@ -487,15 +496,6 @@ def live_curves(live, history):
         live.step = record["step"]
         for key in ("train_loss", "val_loss", "val_accuracy"):
             live.log_metric(f"epoch/{key}", record[key])
-
-    def on_step(loss, lr):
-        step = len(history["steps"]) + 1
-        history["steps"].append({"step": step, "loss": loss, "lr": lr})  # unrounded: a resumed run replays it
-        live.step = step
-        live.log_metric("train/step_loss", loss)
-        live.log_metric("train/learning_rate", lr)
-
-    return on_step
 
 
 RECORD_KEYS = {"epoch_seconds", "device", "world_size", "backend", "resources"}
