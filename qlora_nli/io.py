@@ -142,8 +142,9 @@ def _staging_folder(path):
 
 @contextlib.contextmanager
 def _interrupts_deferred():
-    """Ctrl-C (SIGINT) waits until the block is over, then raises KeyboardInterrupt: the swaps of a transaction are
-    never cut half-way. Only the main thread can set a handler; elsewhere the block runs as it is."""
+    """Ctrl-C (SIGINT) waits until the block is over, then goes to the handler there was (Python's raises
+    KeyboardInterrupt): the swaps of a transaction are never cut half-way. Only the main thread can set a handler;
+    elsewhere the block runs as it is."""
     import signal
     import threading
 
@@ -151,13 +152,15 @@ def _interrupts_deferred():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+    if received and callable(previous):  # Python's own handler raises KeyboardInterrupt
+        previous(signal.SIGINT, received[0])
+    elif received and previous == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _swap_in(new, path, aside):
@@ -250,7 +253,7 @@ def all_or_none(paths):
                     if isinstance(e, OSError):
                         raise _write_error(path, e, folders[path], outputs, undone) from None
                     raise
-        COMMITTED.extend(outputs)
+        COMMITTED.extend(o for o in outputs if _output_of(o)[1] is None)  # not a nested write into a staging folder
     finally:
         for folder in folders.values():
             _STAGING.pop(folder, None)
