@@ -333,3 +333,37 @@ def test_ctrl_c_before_a_stage_starts_is_one_line_too():
     result = run([sys.executable, "-c", script], REPO, check=False)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == "report: interrupted; no output was changed; run it again to finish"
+
+
+def test_a_failed_swap_puts_back_the_outputs_swapped_before_it(tmp_path, monkeypatch):
+    """In-process, quick: three outputs (a file, a directory, a new file); the second swap fails."""
+    import errno
+    import os
+
+    import qlora_nli.io as io
+    from qlora_nli.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.json").write_text("old a")
+    Path("figures").mkdir()
+    Path("figures/x.svg").write_text("old x")
+    real = io.exchange_paths
+
+    def fails_for_figures(a, b):
+        if Path(b).name == "figures":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(a), None, os.fspath(b))
+        return real(a, b)
+
+    monkeypatch.setattr(io, "exchange_paths", fails_for_figures)
+    with pytest.raises(OutputError) as e:
+        with io.all_or_none(["a.json", "figures", "c.md"]) as staged:
+            io.write_text(staged["a.json"], "new a")
+            staged["figures"].mkdir()
+            io.write_text(staged["figures"] / "x.svg", "new x")
+            io.write_text(staged["c.md"], "new c")
+    assert str(e.value) == ("figures: cannot write it (No space left on device); nothing was changed there, nor in the "
+                            "2 other outputs written with it; free disk space (or raise the quota) on that file "
+                            "system, then rerun")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == [str(tmp_path / n) for n in ("a.json", "figures",
+                                                                                        "figures/x.svg")]
+    assert Path("a.json").read_text() == "old a" and Path("figures/x.svg").read_text() == "old x"
