@@ -253,7 +253,8 @@ def all_or_none(paths):
                     if isinstance(e, OSError):
                         raise _write_error(path, e, folders[path], outputs, undone) from None
                     raise
-        COMMITTED.extend(o for o in outputs if _output_of(o)[1] is None)  # not a nested write into a staging folder
+            # before a deferred Ctrl-C is raised; not a nested write into a staging folder
+            COMMITTED.extend(o for o in outputs if _output_of(o)[1] is None)
     finally:
         for folder in folders.values():
             _STAGING.pop(folder, None)
