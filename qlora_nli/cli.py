@@ -136,11 +136,11 @@ def predict(argv=None):
     args = parser.parse_args(argv)
     if (args.premise is None) != (args.hypothesis is None):
         parser.error("--premise and --hypothesis go together")
-    run_stage(predict_main, args)
+    run_stage(predict_main, args, name="nli-predict")
 
 
 def export(argv=None):
-    run_stage(export_main, export_parser().parse_args(argv))
+    run_stage(export_main, export_parser().parse_args(argv), name="nli-export")
 
 
 if __name__ == "__main__":

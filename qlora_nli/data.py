@@ -93,6 +93,23 @@ def resolve_source(source, key="data.source"):
     return "hub", source
 
 
+def _refuse_hub_status(source, key, status):
+    """DataError for a Hub dataset that is gated or does not exist (by hub.probe's `status`)."""
+    from qlora_nli import hub
+
+    if status == hub.GATED:
+        raise DataError(f"{key}: '{source}' is a gated dataset; accept its terms on the Hub and log in "
+                        f"(hf auth login), or use a local copy")
+    if status == hub.NOT_FOUND:
+        raise DataError(f"{key}: '{source}' is neither a local directory nor a dataset on the Hugging Face "
+                        f"Hub; fix the id or the path")
+
+
+def _no_split(key, where, split, found):
+    return DataError(f"{key}: {where} has no '{split}' split (found: {', '.join(map(str, found)) or 'none'}); name "
+                     f"one of those")
+
+
 def load_hub_dataset(source, key="data.source", wanted=SPLITS):
     """The Hub's DatasetDict, after a quick probe (hub.probe): offline, `load_dataset` alone retries, then raises."""
     from qlora_nli import hub
@@ -101,12 +118,7 @@ def load_hub_dataset(source, key="data.source", wanted=SPLITS):
                    f"connect to the Hub, or set NLI_DATA_MIRROR to a directory holding "
                    f"{source.split('/')[-1]}/{_braces(wanted)}.jsonl")
     status = hub.probe(source, "dataset")  # OFFLINE: skip the probe, load_dataset may still find the local cache
-    if status == hub.GATED:
-        raise DataError(f"{key}: '{source}' is a gated dataset; accept its terms on the Hub and log in "
-                        f"(hf auth login), or use a local copy")
-    if status == hub.NOT_FOUND:
-        raise DataError(f"{key}: '{source}' is neither a local directory nor a dataset on the Hugging Face "
-                        f"Hub; fix the id or the path")
+    _refuse_hub_status(source, key, status)
     if status == hub.UNREACHABLE:
         raise DataError(unreachable)
     import datasets
@@ -116,6 +128,53 @@ def load_hub_dataset(source, key="data.source", wanted=SPLITS):
     except ConnectionError as e:
         log.info("load_dataset failed: %s", _one_line(e))
         raise DataError(unreachable)
+
+
+def check_source(source, split_names, key="data.source"):
+    """What can be checked of a source without reading its data, before DVC deletes prepare's outputs: that it
+    resolves (as `Source` resolves it) and has each of `split_names`: the split's file in a directory or mirror (the
+    file `Source.read` would read), the split in a save_to_disk folder's dataset_dict.json, or the split in the Hub's
+    information about the dataset. DataError when it does not; None when every split was found; else a sentence
+    saying what could not be checked (the Hub is unreachable), which `prepare` then checks as it reads."""
+    kind, location = resolve_source(source, key)
+    if kind == "hub":
+        return _check_hub_splits(location, split_names, key)
+    directory = Path(location)
+    if (directory / "dataset_dict.json").is_file():
+        try:
+            found = json.loads((directory / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{directory / 'dataset_dict.json'} names no splits, so prepare checks them as it reads"
+        have = list(map(str, found)) if isinstance(found, list) else []
+    else:
+        for split in split_names:
+            _split_file(directory, split, key)
+        return None
+    for split in split_names:
+        if split not in have:
+            raise _no_split(key, directory, split, have)
+    return None
+
+
+def _check_hub_splits(source, split_names, key):
+    from qlora_nli import hub
+
+    status = hub.probe(source, "dataset")
+    _refuse_hub_status(source, key, status)
+    if status != hub.OK:
+        return (f"the Hugging Face Hub is {'switched off (HF_HUB_OFFLINE)' if status == hub.OFFLINE else 'unreachable'}"
+                f", so its splits of '{source}' could not be checked; prepare checks them as it reads")
+    import datasets
+
+    try:
+        have = datasets.get_dataset_split_names(source)
+    except Exception as e:  # many configurations, a script dataset, a network failure: the names stay unknown
+        log.info("split names of %s: %s: %s", source, type(e).__name__, _one_line(e)[:200])
+        return f"the Hub did not list the splits of '{source}', so prepare checks them as it reads"
+    for split in split_names:
+        if split not in have:
+            raise _no_split(key, f"hub:{source}", split, have)
+    return None
 
 
 # --- raw records: (line or row number, record) per split, and the hash of what was read -------------------------
@@ -324,8 +383,7 @@ class Source:
         if self.dataset is not None:
             name = f"{self.read_from} split {split}"
             if split not in self.dataset:
-                raise DataError(f"{self.key}: {self.read_from} has no '{split}' split (found: "
-                                f"{', '.join(self.dataset)}); name one of those")
+                raise _no_split(self.key, self.read_from, split, self.dataset)
             _check_columns(name, self.dataset[split].column_names, HF_COLUMNS)
             digest = hashlib.sha256()
             rows, counts = _clean(name, "row", _dataset_records(self.dataset[split], digest), HF_COLUMNS)

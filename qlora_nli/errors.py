@@ -2,10 +2,12 @@
 
 Library code raises these with a single-line message that names the param or file, what is wrong and the fix.
 Only the entry points (stage scripts, the benchmark) end the process: `run_stage` prints the message, no traceback,
-and exits with status 1.
+and exits with status 1 (130 after Ctrl-C).
 """
 import logging
+import os
 import sys
+from pathlib import Path
 
 
 class NLIError(Exception):
@@ -40,10 +42,53 @@ class RunError(NLIError):
     """The run itself failed in a way the user can fix by a param (out of GPU memory, say)."""
 
 
-def run_stage(main, *args, log_format="%(asctime)s %(name)s: %(message)s"):
-    """Entry point of a stage script: logging on, `main(*args)`, and a library error as one line with exit status 1."""
+# What an interrupted run leaves, said on Ctrl-C: set by the stage (`on_interrupt`), else what qlora_nli.io put in place.
+_interrupt_note = []
+
+
+def on_interrupt(note):
+    """On Ctrl-C, `note()` ends the one line `run_stage` prints (e.g. which epoch a rerun resumes from)."""
+    _interrupt_note[:] = [note]
+
+
+def _interrupted_line(name):
+    # qlora_nli.io's record of the outputs put in place; not imported here: a process that has not imported it (or
+    # was interrupted while importing it) has written none
+    committed = getattr(sys.modules.get("qlora_nli.io"), "COMMITTED", [])
+    note = "no output was changed; run it again to finish"
+    if committed:
+        note = f"{', '.join(map(str, committed))} already written in full, nothing is half-written"
+    if _interrupt_note:
+        try:
+            note = _interrupt_note[0]()
+        except Exception:  # a note that cannot be made: the general one
+            pass
+    return f"{name}: interrupted; {note}"
+
+
+def _one_line_for_ctrl_c(previous):
+    """sys.excepthook for Ctrl-C outside `run_stage` (while an entry point still imports torch, say): the same line
+    and status instead of a traceback. Anything else goes to the previous hook."""
+    def hook(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        print(_interrupted_line(Path(sys.argv[0]).stem or "python"), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # as `run_stage` exits; the interpreter would otherwise end itself by the signal
+    return hook
+
+
+sys.excepthook = _one_line_for_ctrl_c(sys.excepthook)
+
+
+def run_stage(main, *args, log_format="%(asctime)s %(name)s: %(message)s", name=None):
+    """Entry point of a stage script: logging on, `main(*args)`, and a library error as one line with exit status 1.
+    Ctrl-C (SIGINT) gives one line too, with the shell's status for it, 130; `name` (default: the script's) leads it."""
     logging.basicConfig(level=logging.INFO, format=log_format)
     try:
         main(*args)
     except NLIError as e:
         sys.exit(str(e))
+    except KeyboardInterrupt:
+        print(_interrupted_line(name or Path(sys.argv[0]).stem), file=sys.stderr)
+        sys.exit(130)

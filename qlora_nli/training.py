@@ -319,6 +319,15 @@ class Checkpoints:
         return sorted(int(p.name.split("-")[1]) for p in found
                       if p.name.split("-")[1].isdigit() and self._run_of(p) == self.run_fingerprint)
 
+    def resume_note(self):
+        """What the next run does after this one is interrupted, by the complete checkpoints of this run on disk."""
+        epochs = self.epochs()
+        if not epochs:
+            return "no epoch is complete yet; `dvc repro` starts the training again"
+        if not self.resume:
+            return f"epoch {epochs[-1]} is complete, but train.resume is false: `dvc repro` starts over"
+        return f"epoch {epochs[-1]} is complete, `dvc repro` resumes from it"
+
     def _run_of(self, directory):
         """The fingerprint `directory` was written under, from JSON only; None if it has none (older format)."""
         try:
@@ -503,9 +512,18 @@ def train_remaining_epochs(setup, train_params, dtype, prompt_ids, answer_ids, p
     return seconds
 
 
+def record_steps(history):
+    """The `on_step(loss, lr)` of `train_remaining_epochs` that appends each step to `history` (unrounded: a resumed
+    run replays it); dvclive gets the whole history at the end, by `live_curves`."""
+    def on_step(loss, lr):
+        history["steps"].append({"step": len(history["steps"]) + 1, "loss": loss, "lr": lr})
+
+    return on_step
+
+
 def live_curves(live, history):
-    """Replay `history` into the dvclive `live` (a resumed run's curves then match an uninterrupted run's) and
-    return the `on_step(loss, lr)` that appends each new step to `history` and logs it."""
+    """Log `history` into the dvclive `live`: every step's loss and learning rate, every epoch's losses and accuracy
+    at the step it ended on. The same curves whether the run was resumed or not."""
     for record in history["steps"]:
         live.step = record["step"]
         live.log_metric("train/step_loss", record["loss"])
@@ -514,15 +532,6 @@ def live_curves(live, history):
         live.step = record["step"]
         for key in ("train_loss", "val_loss", "val_accuracy"):
             live.log_metric(f"epoch/{key}", record[key])
-
-    def on_step(loss, lr):
-        step = len(history["steps"]) + 1
-        history["steps"].append({"step": step, "loss": loss, "lr": lr})  # unrounded: a resumed run replays it
-        live.step = step
-        live.log_metric("train/step_loss", loss)
-        live.log_metric("train/learning_rate", lr)
-
-    return on_step
 
 
 RECORD_KEYS = {"epoch_seconds", "device", "world_size", "backend", "resources"}
@@ -544,8 +553,10 @@ def carried_epoch_seconds(record):
             and not isinstance(s, bool)} if isinstance(seconds, dict) else {}
 
 
-def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor):
-    """metrics/train.json's content. `seconds`: {epoch: seconds} of the epochs this process trained. Epochs an earlier
+def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answer_ids, monitor,
+                  adapter_dir="models/adapter"):
+    """metrics/train.json's content. `adapter_dir`: where the adapter it describes is (its staging folder while the
+    outputs are written). `seconds`: {epoch: seconds} of the epochs this process trained. Epochs an earlier
     run trained keep the seconds recorded in the resumed checkpoint (None if it recorded none). A run that trains no
     epoch (it resumed a finished training) reports the device, processes and resources recorded by the run that
     trained the last epoch, and says so with `carried_over: true`."""
@@ -557,7 +568,7 @@ def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answ
     carried = not seconds and setup.record is not None
     run = setup.record if carried else {
         "device": modeling.describe_device(device), "world_size": ranks.world_size, "backend": ranks.backend,
-        "resources": monitor.summary(outputs=["models/adapter", "checkpoints"])}
+        "resources": monitor.summary(outputs=[adapter_dir, "checkpoints"])}
     return {
         "model": params["model"]["name"],
         "device": run["device"],
@@ -580,7 +591,7 @@ def train_metrics(params, device, dtype, setup, ranks, seconds, prompt_ids, answ
             "trainable_percent": round(100 * adapted["trainable"] / base["total"], 4),
             "numel_as_stored": base["numel_as_stored"],
         },
-        "adapter_bytes": tree_size_bytes("models/adapter"),
+        "adapter_bytes": tree_size_bytes(adapter_dir),
         "throughput": {  # over the epochs with a measured time
             "examples_per_second": round(len(prompt_ids) * len(measured) / sum(measured), 2) if measured else None,
             "tokens_per_second": round(sum(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)) * len(measured)

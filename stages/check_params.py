@@ -7,13 +7,16 @@ same bytes for every valid params.yaml: a changed param still reruns only the st
 
 Checked here: each value (params.check_params); model.device and model.compute_dtype against the machine;
 lora.target_modules and lora.layers against the model's config (no weights load); data.n_* against the split
-sizes recorded in data/manifest.json, when it describes the same data.source.
+sizes recorded in data/manifest.json, when it describes the same data.source; data.source and every source of
+data.extra_sets with their splits, as far as that needs no reading of the data (data.check_source: the split's file
+in a directory or NLI_DATA_MIRROR, or the split in the Hub's information when the Hub can be reached).
 """
 import json
 import logging
 from pathlib import Path
 
 from qlora_nli import modeling
+from qlora_nli.data import check_source
 from qlora_nli.errors import run_stage
 from qlora_nli.io import write_text
 from qlora_nli.params import check_split_size, load_params
@@ -36,6 +39,14 @@ def recorded_split_sizes(source):
         return {}
 
 
+def data_sources(p):
+    """(param, source, split names) of every source prepare reads: data.source and each of data.extra_sets, named in
+    messages as prepare names them."""
+    yield "data.source", p["source"], list(dict.fromkeys(p["splits"].values()))
+    for name, spec in p["extra_sets"].items():
+        yield f"data.extra_sets.{name}.source", spec["source"], [spec["split"]]
+
+
 def main():
     params = load_params()
     device = modeling.pick_device(params["model"]["device"])
@@ -45,6 +56,10 @@ def main():
         n = params["data"][key.split(".")[1]]
         if n != "all" and split in available:
             check_split_size(key, n, available[split])
+    for key, source, splits in data_sources(params["data"]):
+        unchecked = check_source(source, splits, key)
+        if unchecked:
+            log.info("%s: %s", key, unchecked)
     write_text(OUTPUT, "params.yaml passed stages/check_params.py\n")
     log.info("params.yaml is valid")
 

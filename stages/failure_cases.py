@@ -16,7 +16,7 @@ from qlora_nli.errors import ArtifactError, run_stage
 from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
                                 error_rates_by_slice, explain, pair_features, slices_of, tag_features)
 from qlora_nli.artifacts import prediction_row_problem, read_rows
-from qlora_nli.io import write_json, write_text
+from qlora_nli.io import all_or_none, write_json, write_text
 from qlora_nli.params import load_params
 from qlora_nli.prompts import LABELS
 from qlora_nli.stats import paired_accuracy_difference
@@ -26,6 +26,7 @@ log = logging.getLogger("failure_cases")
 BASELINE = Path("predictions/baseline.jsonl")
 FINETUNED = Path("predictions/finetuned.jsonl")
 PROBES = {"baseline": Path("evidence/baseline/probes.jsonl"), "finetuned": Path("evidence/finetuned/probes.jsonl")}
+OUTPUTS = ["reports/failure_cases.json", "reports/failure_cases.md", "metrics/comparison.json", "plots/accuracy.json"]
 
 CATEGORIES = {  # (baseline correct, fine-tuned correct) -> category
     (False, True): "corrected",
@@ -284,11 +285,14 @@ def main():
     examples = {k: select(by_category[k], k, n_examples) for k in ("corrected", "not_corrected", "regressed")}
     log.info("%s", ", ".join(f"{k}: {v}" for k, v in result["counts"].items()))
 
-    write_json("reports/failure_cases.json", result)
-    write_text("reports/failure_cases.md", report_markdown(result, comparison, examples))
-    write_json("metrics/comparison.json", comparison)
-    write_json("plots/accuracy.json", [{"model": "baseline", "accuracy": comparison["baseline_accuracy"]},
-                                       {"model": "finetuned", "accuracy": comparison["finetuned_accuracy"]}])
+    # All four or none: `report` reads them together, and a mix of old and new would contradict itself.
+    with all_or_none(OUTPUTS) as staged:
+        write_json(staged["reports/failure_cases.json"], result)
+        write_text(staged["reports/failure_cases.md"], report_markdown(result, comparison, examples))
+        write_json(staged["metrics/comparison.json"], comparison)
+        write_json(staged["plots/accuracy.json"], [
+            {"model": "baseline", "accuracy": comparison["baseline_accuracy"]},
+            {"model": "finetuned", "accuracy": comparison["finetuned_accuracy"]}])
 
 
 if __name__ == "__main__":

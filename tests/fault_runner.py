@@ -11,7 +11,16 @@ SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching 
            output itself or a temporary): before the close, so buffered text is not yet on disk
 It tests the contract of the writes, not one implementation: whichever way qlora_nli.io writes, these are the calls
 at which a killed run must still leave either the previous or the new complete version.
+
+With "raise": "ENOSPC" (any errno name) the call fails with that OSError instead of the kill, as on a full disk:
+  rename   the rename onto `path` or onto a path inside it (a directory output's entries, e.g. checkpoints/epoch-1)
+  close    the close of that file (its buffered text then never reaches the disk)
+and the stage must end with one line, every output as it was. With "signal": "SIGINT" the process sends itself that
+signal just before the call and goes on, as if the user pressed Ctrl-C at that moment.
+
+`python tests/fault_runner.py -m qlora_nli.cli predict ...` runs a module instead of a script.
 """
+import errno
 import builtins
 import io
 import json
@@ -26,13 +35,21 @@ TARGET = os.path.abspath(SPEC["path"])
 _calls = 0
 
 
-def _die():
+def _die(*filenames):
+    if "signal" in SPEC:
+        os.kill(os.getpid(), getattr(signal, SPEC["signal"]))
+        return
+    if "raise" in SPEC:
+        code = getattr(errno, SPEC["raise"])
+        raise OSError(code, os.strerror(code), *filenames)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _hit(kind, path):
     global _calls
-    if SPEC["at"] != kind or os.path.abspath(os.fspath(path)) != TARGET:
+    path = os.path.abspath(os.fspath(path))
+    inside = "raise" in SPEC and kind == "rename" and path.startswith(TARGET + os.sep)
+    if SPEC["at"] != kind or (path != TARGET and not inside):
         return False
     _calls += 1
     return _calls == SPEC.get("nth", 1)
@@ -41,7 +58,7 @@ def _hit(kind, path):
 def _renaming(real):
     def rename(src, dst, *args, **kwargs):
         if _hit("rename", dst):
-            _die()
+            _die(os.fspath(src), None, os.fspath(dst))
         moved_away = _hit("moveaway", src)
         result = real(src, dst, *args, **kwargs)
         if moved_away:
@@ -82,7 +99,12 @@ class _KillOnClose:
         global _calls
         _calls += 1
         if _calls == SPEC.get("nth", 1):
+            if "raise" in SPEC:
+                self._f.close()  # no descriptor left open; the error is what the caller sees
             _die()
+            if "signal" in SPEC:
+                self._f.close()
+            return
         self._f.close()
 
 
@@ -104,7 +126,12 @@ shutil.rmtree = _removing(shutil.rmtree)
 builtins.open = io.open = _opening(io.open)
 
 if __name__ == "__main__":
-    sys.argv = sys.argv[1:]
-    script = sys.argv[0]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python stages/x.py` would have it
-    runpy.run_path(script, run_name="__main__")
+    if sys.argv[1] == "-m":  # as `python -m module` would have it: the working directory first on sys.path
+        sys.argv = sys.argv[2:]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = sys.argv[1:]
+        script = sys.argv[0]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python stages/x.py` would have it
+        runpy.run_path(script, run_name="__main__")
