@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qlora_nli.errors import CheckpointError, ParamsError, RunError
+from qlora_nli.errors import ParamsError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +172,6 @@ def gather_by_index(ranks, pieces):
     return {i: v for part in everyone for i, v in part.items()}
 
 
-def check_same_on_every_rank(ranks, value, what):
-    """Raise CheckpointError unless every rank holds the same `value` (say, the epoch it resumes after)."""
-    seen = gather_by_index(ranks, {ranks.rank: value})
-    if len(set(map(repr, seen.values()))) > 1:
-        each = ", ".join(f"rank {r}: {v}" for r, v in sorted(seen.items()))
-        raise CheckpointError(f"ranks disagree on {what} ({each}); "
-                              f"put the stage's working directory (checkpoints/) on storage every node shares")
-
-
 def barrier(ranks):
     if ranks.world_size > 1:
         dist.barrier()
@@ -195,25 +186,6 @@ def main_first(ranks):
     yield
     if ranks.writes:
         barrier(ranks)
-
-
-class Discard:
-    """Stands in for an output object (a dvclive Live) on ranks other than 0: accepts any call or attribute and
-    writes nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def on_main(ranks, make, *args, **kwargs):
-    """`make(*args, **kwargs)` on the writer of each node (`Ranks.writes`), a Discard elsewhere."""
-    return make(*args, **kwargs) if ranks.writes else Discard()
 
 
 # --- Several machines: the same command on every node (docs/distributed.md, "Several machines") --------------------

@@ -4,7 +4,8 @@ Who owns which shared location (the rule every writer here follows):
   - Outputs of a workspace (data/, models/, checkpoints/, metrics/, predictions/, dvclive/, reports/): the one stage
     process that declares them. DVC's repository lock keeps two `dvc repro` of one workspace from running a stage at
     the same time, `dvc exp run --queue` runs each experiment in its own copy of the workspace, and with several
-    ranks only rank 0 writes. So each output has a single writer, and `atomic_path` needs no lock for them.
+    ranks one process per node writes (its local rank 0, in that node's own checkout). So each output has a single
+    writer, and `atomic_path` needs no lock for them.
   - Temporary siblings `.<name>.tmp-<pid>@<host>-<random>`: the process with that pid on that host. Another process
     deletes one only once that pid is gone on this host (`_is_stale`); it never touches a live one, nor one made on
     another host (a shared file system) or by an older version of this code (names it cannot read).
