@@ -16,7 +16,8 @@ class NLIError(Exception):
     """Base class: the message is one line, ready to show to the user as it is (cut to MESSAGE_CHARS)."""
 
     def __init__(self, message=""):
-        super().__init__(shorten(message, MESSAGE_CHARS))
+        message = str(message)
+        super().__init__(message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 3] + "...")
 
 
 class _Bounded(reprlib.Repr):

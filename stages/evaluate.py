@@ -65,7 +65,8 @@ def prompt_origin(jobs, i):
         if i < len(prompts):
             if group == "probes":
                 return f"the {meta[i][0]} probe of data/test.jsonl row {meta[i][1] + 1}"
-            return f"{SETS_DIR / group[4:]}.jsonl row {i + 1}" if group.startswith("set:") else f"data/{group}.jsonl row {i + 1}"
+            file = f"{SETS_DIR / group[4:]}.jsonl" if group.startswith("set:") else f"data/{group}.jsonl"
+            return f"{file} row {i + 1}"
         i -= len(prompts)
     raise IndexError(i)
 
