@@ -8,8 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from qlora_nli.errors import ArtifactError
-from qlora_nli.prompts import LABELS
+from qlora_nli.errors import ArtifactError, show
+from qlora_nli.prompts import LABELS, text_problem
 
 # Which stage writes each artifact: the fix named in every message.
 PRODUCERS = {
@@ -30,11 +30,6 @@ def _rerun(path):
     path = Path(path).as_posix()
     stage = next((s for prefix, s in PRODUCERS.items() if path == prefix or path.startswith(prefix)), None)
     return f"rerun `dvc repro {stage}`" if stage else "rerun `dvc repro`"
-
-
-def _show(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _existing_file(path):
@@ -76,12 +71,15 @@ def data_row_problem(row):
         if key not in row:
             return f"missing key '{key}'"
     if not _int(row["id"]):
-        return f"id = {_show(row['id'])} is not an integer"
+        return f"id = {show(row['id'])} is not an integer"
     for key in ("premise", "hypothesis"):
         if not isinstance(row[key], str):
-            return f"{key} = {_show(row[key])} is not a string"
+            return f"{key} = {show(row[key])} is not a string"
+        problem = text_problem(row[key])
+        if problem:
+            return f"{key} {problem}"
     if not _label(row["label"]):
-        return f"label = {_show(row['label'])} is not a label id (0, 1 or 2)"
+        return f"label = {show(row['label'])} is not a label id (0, 1 or 2)"
     return None
 
 
@@ -94,11 +92,11 @@ def prediction_row_problem(row):
         if key not in row:
             return f"missing key '{key}'"
     if row["pred"] is not None and not _label(row["pred"]):
-        return f"pred = {_show(row['pred'])} is not a label id (0, 1, 2, or null for an invalid output)"
+        return f"pred = {show(row['pred'])} is not a label id (0, 1, 2, or null for an invalid output)"
     scores = row["scores"]
     if scores is not None and not (isinstance(scores, list) and len(scores) == len(LABELS)
                                    and all(_number(s) for s in scores)):
-        return f"scores = {_show(scores)} is not a list of {len(LABELS)} numbers (or null)"
+        return f"scores = {show(scores)} is not a list of {len(LABELS)} numbers (or null)"
     return None
 
 
@@ -175,7 +173,7 @@ def check_shape(path, document, shape):
                 raise ArtifactError(f"{path}: missing key '{where}'; the file is from another version or damaged: "
                                     f"{_rerun(path)}")
             if not KINDS[kind](value):
-                raise ArtifactError(f"{path}: '{where}' = {_show(value)} is not a {kind}; {_rerun(path)}")
+                raise ArtifactError(f"{path}: '{where}' = {show(value)} is not a {kind}; {_rerun(path)}")
     return document
 
 

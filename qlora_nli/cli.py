@@ -17,7 +17,7 @@ from qlora_nli.export import DTYPES, MERGE_INTO, check_out_dir, export_merged
 from qlora_nli.io import write_jsonl
 from qlora_nli.modeling import pick_device
 from qlora_nli.params import check_params, load_params
-from qlora_nli.predict import check_adapter_dir, load_model, predict_rows, read_pairs
+from qlora_nli.predict import check_adapter_dir, check_given_pair, load_model, predict_rows, read_pairs
 
 log = logging.getLogger("nli-export")
 DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
@@ -30,7 +30,7 @@ def _params_options(parser):
 
 def _params(args, **overrides):
     """params.yaml, checked again after the command-line overrides ("group.key": value; None = not given)."""
-    params = load_params(args.params)
+    params = load_params(args.params, warn=False)  # the far-off values are told once, after the overrides
     for name, value in {"model.name": args.model, **overrides}.items():
         if value is not None:
             group, key = name.split(".")
@@ -44,19 +44,19 @@ def predict_main(args):
     if args.adapter is not None:
         check_adapter_dir(args.adapter)  # before reading stdin, which may take long to end
     if args.premise is not None:
-        rows = [{"premise": args.premise, "hypothesis": args.hypothesis}]
+        rows, where = check_given_pair(args.premise, args.hypothesis), ["--premise and --hypothesis"]
     elif args.input not in (None, "-"):
-        rows = read_pairs(args.input)
+        rows, where = read_pairs(args.input)
     elif args.input is None and sys.stdin.isatty():
         raise DataError("no pairs given; pass --premise and --hypothesis, --input FILE.jsonl, or pipe JSONL into stdin")
     else:
-        rows = read_pairs("<stdin>", sys.stdin.buffer.read())
+        rows, where = read_pairs("<stdin>", sys.stdin.buffer.read())
 
     threads.configure(params["train"]["num_threads"])
     model, tokenizer = load_model(params["model"], args.adapter, pick_device(params["model"]["device"]))
     batch_size = params["evaluate"]["batch_size"]
     try:
-        predictions = predict_rows(model, tokenizer, params["prompt"]["template"], rows, batch_size)
+        predictions = predict_rows(model, tokenizer, params["prompt"]["template"], rows, batch_size, where)
     except torch.OutOfMemoryError:
         raise RunError(f"predict: GPU out of memory; lower --batch-size (now {batch_size})")
     if args.output:

@@ -11,8 +11,10 @@ Directory layouts:
     (a label word; "-" when the annotators did not agree).
 
 Dropped and counted (reported in data/manifest.json): unlabeled pairs, and pairs whose premise or hypothesis is
-empty, blank or null. Anything else that is off (bad JSON or UTF-8, a missing column, an unknown label, text that
-is not a string) stops the run with one line naming the file and line: dropping it silently would hide a broken file.
+empty, blank or null. Anything else that is off (bad JSON or UTF-8, a missing column, a key or column given twice, a
+CSV row with more or fewer fields than the header, an unknown label, text that is not a string, holds a control
+character or is longer than prompts.MAX_TEXT_CHARS) stops the run with one line naming the file and line: dropping it
+silently would hide a broken file.
 """
 import csv
 import hashlib
@@ -23,9 +25,9 @@ import os
 import re
 from pathlib import Path
 
-from qlora_nli.errors import DataError
+from qlora_nli.errors import DataError, shorten, show
 from qlora_nli.params import check_split_size
-from qlora_nli.prompts import LABELS
+from qlora_nli.prompts import LABELS, MAX_TEXT_CHARS, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,8 @@ MIRROR_ALIASES = {"nyu-mll/multi_nli": ("mnli", "multi_nli"), "stanfordnlp/snli"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _show(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _braces(names):
     return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
 
 
 # --- where the data comes from ---------------------------------------------------------------------------------
@@ -74,9 +67,13 @@ def resolve_source(source, key="data.source"):
     if path.is_dir():
         return "local", str(path.resolve())
     if not HUB_ID.match(source):
-        raise DataError(f"{key}: {_show(source)} is neither an existing directory nor a Hugging Face dataset "
+        raise DataError(f"{key}: {show(source)} is neither an existing directory nor a Hugging Face dataset "
                         f"id; fix the path, or use a Hub id such as stanfordnlp/snli")
     mirror = mirror_directory()
+    if mirror and mirror.exists() and not mirror.is_dir():
+        raise DataError(f"{key}: NLI_DATA_MIRROR={os.environ['NLI_DATA_MIRROR']} is a file, not a directory; set it "
+                        f"to the directory that holds one folder per dataset (snli/, mnli/ ...), or unset it to use "
+                        f"the Hub")
     if mirror:
         # Offline machines keep a copy of each dataset under the mirror, by full id or by bare name.
         names = [source, source.split("/")[-1], *MIRROR_ALIASES.get(source, ())]
@@ -126,7 +123,7 @@ def load_hub_dataset(source, key="data.source", wanted=SPLITS):
     try:
         return datasets.load_dataset(source)
     except ConnectionError as e:
-        log.info("load_dataset failed: %s", _one_line(e))
+        log.info("load_dataset failed: %s", shorten(e, 300))
         raise DataError(unreachable)
 
 
@@ -207,6 +204,20 @@ def _split_file(directory, split, key):
     return found[0], HF_COLUMNS
 
 
+class _KeyTwice(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json.loads' object_pairs_hook: a key given twice in one object is an error (json keeps the last silently)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _KeyTwice(f"the key {show(key)} is given twice in one object")
+        result[key] = value
+    return result
+
+
 def _json_lines(path, data):
     for n, line in enumerate(data.split(b"\n"), 1):
         try:
@@ -217,17 +228,19 @@ def _json_lines(path, data):
         if not text.strip():
             continue
         try:
-            yield n, json.loads(text)
+            yield n, json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
         except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits, absurd nesting
-            raise DataError(f"{path} line {n}: not valid JSON ({_one_line(e)[:80]}); fix or remove the line")
+            raise DataError(f"{path} line {n}: not valid JSON ({shorten(e, 80)}); fix or remove the line")
 
 
 def _json_file(path, data):
     """A .json split is a JSON array, an object with a "data" array, or (like in `datasets`) JSON lines."""
     try:
-        whole = json.loads(data.decode("utf-8-sig"))
+        whole = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+    except _KeyTwice as e:
+        raise DataError(f"{path}: not valid JSON ({e}); keep one of them")
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too; _json_lines reports the line
         whole = None
     if isinstance(whole, dict) and isinstance(whole.get("data"), list):
@@ -238,18 +251,47 @@ def _json_file(path, data):
 
 
 def _csv_rows(path, data, columns):
+    """(line, {column: field}) per row, the line being where the row starts (a quoted field may span lines). Strict:
+    a quote left open, a stray quote, or a row with more or fewer fields than the header is an error, never a
+    missing or dropped value."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start, header = 1, None
     try:
-        header = reader.fieldnames or []
-        _check_columns(path, header, columns)
-        for row in reader:
-            yield reader.line_num, row
+        for fields in reader:
+            if not fields:  # a blank line
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header = fields
+                twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+                if twice is not None:
+                    raise DataError(f"{path} line {start}: the header names the column {show(twice)} twice; keep one")
+                _check_columns(path, header, columns)
+            elif len(fields) != len(header):
+                fewer = len(fields) < len(header)
+                raise DataError(f"{path} line {start}: {len(fields)} fields, but the header has {len(header)} "
+                                f"({', '.join(header)}); {'add the missing' if fewer else 'remove the extra'} "
+                                f"fields, or quote a field that holds a comma")
+            else:
+                yield start, dict(zip(header, fields))
+            start = reader.line_num + 1
+        if header is None:
+            _check_columns(path, [], columns)
     except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)}); fix the quoting")
+        problem = str(e)
+        if "unexpected end of data" in problem:
+            raise DataError(f"{path} line {start}: a quote opened in this row is never closed (the field runs to "
+                            f"the end of the file); close it, or write a quote inside a field as \"\"")
+        if "field larger than field limit" in problem:
+            raise DataError(f"{path} line {start}: a field is longer than {csv.field_size_limit():,} characters (a "
+                            f"premise or hypothesis may have {MAX_TEXT_CHARS:,}); shorten it, or check for a quote "
+                            f"that is never closed")
+        raise DataError(f"{path} line {start}: not valid CSV ({shorten(e)}); fix the quoting (a quote inside a "
+                        f"field is written \"\", and the field itself quoted)")
 
 
 def _parquet_rows(path, data, columns):
@@ -259,7 +301,7 @@ def _parquet_rows(path, data, columns):
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read it as Parquet ({_one_line(e)[:100]}); re-write the file")
+        raise DataError(f"{path}: cannot read it as Parquet ({shorten(e, 100)}); re-write the file")
     _check_columns(path, table.column_names, columns)
     return enumerate(table.select(list(columns)).to_pylist(), 1)
 
@@ -299,7 +341,7 @@ def _load_from_disk(directory, key):
         dataset = datasets.load_from_disk(directory)
     except Exception as e:  # a damaged folder fails in many ways inside `datasets`; all mean the same to the user
         raise DataError(f"{key}: cannot read {directory} as a datasets.save_to_disk folder "
-                        f"({type(e).__name__}: {_one_line(e)[:100]}); save it again with DatasetDict.save_to_disk")
+                        f"({type(e).__name__}: {shorten(e, 100)}); save it again with DatasetDict.save_to_disk")
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{key}: {directory} holds a single Dataset; save a DatasetDict with its splits")
     return dataset
@@ -332,22 +374,25 @@ def _clean(name, unit, records, columns):
         counts["raw"] += 1
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object with keys {', '.join(columns)}, found "
-                            f"{type(record).__name__} {_show(record)}; fix or remove the row")
+                            f"{type(record).__name__} {show(record)}; fix or remove the row")
         for key in columns:
             if key not in record:
                 raise DataError(f"{where}: missing key '{key}'; every row needs {', '.join(columns)}")
         for key in (premise_key, hypothesis_key):
             text = record[key]
             if text is not None and not isinstance(text, str):
-                raise DataError(f"{where}: {key} = {_show(text)} is not a string; fix or remove the row")
+                raise DataError(f"{where}: {key} = {show(text)} is not a string; fix or remove the row")
             try:
                 (text or "").encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate from a JSON escape like "\ud800"
                 raise DataError(f"{where}: {key} holds invalid Unicode (a lone surrogate); fix or remove the row")
+            problem = text and text_problem(text)
+            if problem:
+                raise DataError(f"{where}: {key} {problem}; fix or remove the row")
         try:
             label = _parse_label(record[label_key])
         except ValueError:
-            raise DataError(f"{where}: {label_key} = {_show(record[label_key])} is not a known label; "
+            raise DataError(f"{where}: {label_key} = {show(record[label_key])} is not a known label; "
                             f"allowed: {ALLOWED_LABELS}")
         premise, hypothesis = record[premise_key], record[hypothesis_key]
         if label is None:

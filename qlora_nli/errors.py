@@ -4,14 +4,58 @@ Library code raises these with a single-line message that names the param or fil
 Only the entry points (stage scripts, the benchmark) end the process: `run_stage` prints the message, no traceback,
 and exits with status 1 (130 after Ctrl-C).
 """
+import builtins
 import logging
 import os
+import reprlib
 import sys
 from pathlib import Path
 
+MESSAGE_CHARS = 1000  # the longest message shown: a value or path in it never floods the terminal
+
 
 class NLIError(Exception):
-    """Base class: the message is one line, ready to show to the user as it is."""
+    """Base class: the message is one line, ready to show to the user as it is (cut to MESSAGE_CHARS)."""
+
+    def __init__(self, message=""):
+        message = str(message)
+        super().__init__(message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 3] + "...")
+
+
+class _Bounded(reprlib.Repr):
+    """repr that stops early: a few items per list or mapping, a few levels deep, the start of a long string. A value
+    that shares or nests itself (a YAML alias) costs as much as its first few items, not its expanded size."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring = self.maxother = 200
+
+    def repr_str(self, x, level):
+        return builtins.repr(x[:self.maxstring + 1])  # the closing quote of a long string is cut by `show`
+
+    def repr_int(self, x, level):
+        try:
+            return builtins.repr(x)
+        except ValueError:  # more digits than Python converts (sys.set_int_max_str_digits)
+            return f"<an integer of {x.bit_length()} bits>"
+
+
+_BOUNDED = _Bounded()
+
+
+def shorten(text, limit=80):
+    """Text as one line of at most `limit` characters: runs of whitespace (newlines too) become one space, and what
+    is longer is cut, ending in "..."."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def show(value, limit=60):
+    """A value for a message: its repr (newlines escaped), bounded in time and length (see _Bounded), at most `limit`
+    characters. The one helper every message uses to quote a value."""
+    text = _BOUNDED.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ParamsError(NLIError):

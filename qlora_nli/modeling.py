@@ -223,6 +223,20 @@ def load_config(name, trust_remote_code=False):
     return _from_pretrained(AutoConfig, name, trust_remote_code=trust_remote_code)
 
 
+def context_length(name, trust_remote_code=False):
+    """The longest sequence (prompt and answer) model `name` takes, read from its config (no weights load)."""
+    return config_context(load_config(name, trust_remote_code))
+
+
+def config_context(config):
+    """The context in tokens a model config names (Llama's max_position_embeddings, GPT-2's n_positions), or None."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
 

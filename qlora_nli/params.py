@@ -3,19 +3,38 @@
 `dvc exp run -S key=value` writes its overrides into params.yaml, so checking the file covers them too.
 Every problem ends the run with a single line that names the key, the bad value and what is allowed.
 """
+import logging
 import math
 import re
 import string
 
 import yaml
 
-from qlora_nli.errors import ParamsError
+from qlora_nli.errors import ParamsError, show, shorten
+
+log = logging.getLogger(__name__)
 
 # A float written without a dot, like `1e-3`, is a string to PyYAML (YAML 1.1); accept exactly that form.
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+class _Invalid(ValueError):
+    """A value, or a part of it, is wrong in a way the type alone does not say: `where` extends the param's name
+    (".n", "[2]"), `what` says what is wrong with it ("= 0 is out of range")."""
+
+    def __init__(self, where, what):
+        super().__init__(what)
+        self.where, self.what = where, what
+
+
+def _not_finite(value, where=""):
+    """.nan, .inf (or a number too large for a float, which YAML reads as inf) is a float, but no usable value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(where, f"= {show(value)} is not a finite number (YAML .nan or .inf)")
+
+
 def _integer(value):
+    _not_finite(value)
     if isinstance(value, bool) or not isinstance(value, int):  # bool is a subclass of int: `true` is no count
         raise TypeError
     return value
@@ -24,7 +43,8 @@ def _integer(value):
 def _number(value):
     if isinstance(value, str) and _NUMBER.match(value.strip()):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    _not_finite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError
     return float(value)
 
@@ -54,8 +74,11 @@ def _count_or_all(value):
 def _modules(value):
     if value == "all-linear":
         return value
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+    if not isinstance(value, list):
         raise TypeError
+    for i, module in enumerate(value):
+        if not isinstance(module, str):
+            raise _Invalid(f"[{i}]", f"= {show(module)} is {type(module).__name__}, not a module name (a string)")
     return value
 
 
@@ -84,12 +107,30 @@ PROBES = ("hypothesis_only", "swap_contradiction", "premise_as_hypothesis", "tau
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
+def _keys_exactly(value, wanted, where=""):
+    """`value` must be a mapping with exactly the keys `wanted`: the first missing or unknown one is named."""
+    for key in value:
+        if key not in wanted:
+            raise _Invalid(where, f"has an unknown key {show(key)}; its keys are {', '.join(wanted)}")
+    for key in wanted:
+        if key not in value:
+            raise _Invalid(where, f"is missing the key {key}")
+
+
+def _names(value, where):
+    """A source's dataset id or split name: a non-empty string."""
+    if not isinstance(value, str):
+        raise _Invalid(where, f"= {show(value)} is {type(value).__name__}, not a name (a string)")
+    if not value.strip():
+        raise _Invalid(where, f"= {show(value)} is empty")
+    return value
+
+
 def _split_names(value):
-    if not isinstance(value, dict) or sorted(value) != sorted(SPLIT_ROLES):
+    if not isinstance(value, dict):
         raise TypeError
-    if not all(isinstance(v, str) and v.strip() for v in value.values()):
-        raise TypeError
-    return dict(value)
+    _keys_exactly(value, SPLIT_ROLES)
+    return {role: _names(value[role], f".{role}") for role in SPLIT_ROLES}
 
 
 def _extra_sets(value):
@@ -100,21 +141,38 @@ def _extra_sets(value):
         raise TypeError
     checked = {}
     for name, spec in value.items():
-        if not (isinstance(name, str) and _SET_NAME.match(name)) or not isinstance(spec, dict):
-            raise TypeError
-        if sorted(spec) != ["n", "source", "split"]:
-            raise TypeError
-        if not all(isinstance(spec[k], str) and spec[k].strip() for k in ("source", "split")):
-            raise TypeError
-        checked[name] = {"source": spec["source"], "split": spec["split"], "n": _count_or_all(spec["n"])}
-        if checked[name]["n"] != "all" and checked[name]["n"] < 1:
-            raise TypeError
+        if not (isinstance(name, str) and _SET_NAME.match(name)):
+            raise _Invalid("", f"names a set {show(name)}, which cannot be a file name (data/sets/<name>.jsonl): "
+                               f"a set name starts with a letter or digit and holds only letters, digits, _ and -")
+        where = f".{name}"
+        if not isinstance(spec, dict):
+            raise _Invalid(where, f"= {show(spec)} is {type(spec).__name__}, not a mapping of source, split and n")
+        _keys_exactly(spec, ("source", "split", "n"), where)
+        n = spec["n"]
+        _not_finite(n, f"{where}.n")
+        try:
+            n = _count_or_all(n)
+        except _WrongCase:
+            raise _Invalid(f"{where}.n", f"= {show(n)} has the wrong case (write all in lower case, without spaces)")
+        except TypeError:
+            raise _Invalid(f"{where}.n", f"= {show(n)} has the wrong type ({type(n).__name__})")
+        if n != "all" and n < 1:
+            raise _Invalid(f"{where}.n", f"= {show(n)} is out of range (a set needs at least one pair)")
+        checked[name] = {"source": _names(spec["source"], f"{where}.source"),
+                         "split": _names(spec["split"], f"{where}.split"), "n": n}
     return checked
 
 
 def _probe_names(value):
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise TypeError
+    for i, probe in enumerate(value):
+        if not isinstance(probe, str):
+            raise _Invalid(f"[{i}]", f"= {show(probe)} is {type(probe).__name__}, not a probe name (a string)")
+        if probe not in PROBES:
+            raise _Invalid(f"[{i}]", f"= {show(probe)} is no probe")
+        if probe in value[:i]:
+            raise _Invalid(f"[{i}]", f"= {show(probe)} is listed twice")
     return value
 
 
@@ -189,29 +247,137 @@ SCHEMA = {
 }
 
 
-def _show(value):
-    """A value as one short line: repr escapes newlines, long values are cut."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+# Far-off values: allowed, but so far from what this pipeline is tuned for that the run is likely a mistake (much
+# slower, or no learning). Each gets a warning line naming the param and its typical range; the value is used as given.
+# name -> (low, high, what happens outside)
+TYPICAL = {
+    "train.micro_batch_tokens": (64, 65536, "below it each pass holds a sliver of a batch and steps run many times "
+                                            "slower; above it the activation memory of one pass grows with it"),
+    "train.batch_size": (1, 1024, "above it an epoch takes very few optimizer steps"),
+    "train.epochs": (1, 100, "above it training takes that many passes over the data"),
+    "train.learning_rate": (1e-6, 0.1, "below it the adapter barely changes; above it the loss diverges"),
+    "train.max_grad_norm": (0.01, 1000, "below it every step is clipped to a crawl"),
+    "train.weight_decay": (0, 1, "above it the adapter weights are pulled to zero faster than they learn"),
+    "train.warmup_ratio": (0, 0.5, "above it most of the run is warm-up at a reduced learning rate"),
+    "lora.r": (1, 512, "above it the adapter has as many weights as a full fine-tune, without its benefit"),
+    "lora.alpha": (0.1, 1024, "alpha / r scales the adapter's update: far off, it learns nothing or diverges"),
+    "evaluate.batch_size": (1, 4096, "above it one pass holds so many prompts that memory runs out"),
+    "evaluate.max_new_tokens": (1, 64, "a label is a word or two: generating more only costs time"),
+    "report.n_examples": (0, 1000, "above it the Markdown reports grow long"),
+}
+
+# Expanded size of params.yaml in YAML nodes (keys, values, list items, an alias counted as what it stands for). The
+# committed file has about 100; the bound stops a file whose aliases multiply it (an "alias bomb") before it is built.
+MAX_NODES = 10_000
+_MERGE = "tag:yaml.org,2002:merge"
 
 
-def load_params(path="params.yaml"):
+def _expanded_size(node, sizes, limit):
+    """Nodes of `node` with every alias expanded, computed once per shared node; stops above `limit`."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:  # reached again while its own size is being computed
+            raise ParamsError("refers to itself")
+        return sizes[key]
+    sizes[key] = None
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, limit)
+        if total > limit:
+            break
+    sizes[key] = total
+    return total
+
+
+def _no_duplicate_keys(loader, node, path, name=""):
+    """Refuse a key given twice in one mapping (YAML would keep only the last, silently)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _no_duplicate_keys(loader, child, path, f"{name}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE:  # `<<: *base` merges on purpose, and keys written beside it override the base
+            continue
+        key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+        dotted = f"{name}.{key}" if name else str(key)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: check_params reports it
+            first = None
+        if first is not None:
+            raise ParamsError(f"{path} line {line}: {shorten(dotted, 60)} is given a second time (first at line "
+                              f"{first}); YAML would silently keep only the last, so delete one of them or merge "
+                              f"the two")
+        if key is not None and first is None:
+            try:
+                seen[key] = line
+            except TypeError:
+                pass
+        _no_duplicate_keys(loader, value_node, path, dotted)
+
+
+def _read_yaml(text, path):
+    """The YAML document of `text`, refusing what safe_load would accept silently or build forever: a key given twice
+    in a mapping, aliases that expand it beyond MAX_NODES or refer to themselves."""
+    loader = yaml.SafeLoader(text)
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, MAX_NODES)
+        except ParamsError:
+            raise ParamsError(f"{path}: a YAML alias (*name) refers to the value that holds it, which expands "
+                              f"forever; write the value out instead of the alias")
+        if size > MAX_NODES:
+            raise ParamsError(f"{path}: its YAML aliases (*name) expand it to more than {MAX_NODES:,} values (the "
+                              f"pipeline's params are about 100); write the values out instead of repeating aliases")
+        _no_duplicate_keys(loader, node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_params(path="params.yaml", warn=True):
+    """params.yaml read and checked (check_params); `warn`: log the far-off values (TYPICAL)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        raw = _read_yaml(text, path)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found; run from the repository root, where params.yaml lives")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ParamsError(f"{path}: not valid YAML{where} ({problem}); fix the syntax")
-    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: not valid YAML{where} ({shorten(problem)}); fix the syntax")
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to read (lists or mappings inside each other); params.yaml "
+                          f"needs two levels, groups and their keys")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text at byte {e.start}; re-save it as UTF-8")
+    except ValueError as e:  # a value YAML cannot convert: an integer of over 4300 digits, a date like 2026-13-45
+        raise ParamsError(f"{path}: a value cannot be converted ({shorten(e)}); write it as a plain number or string")
+    except OSError as e:
         raise ParamsError(f"{path}: cannot read the file ({type(e).__name__}); check that it is a UTF-8 text file")
-    return check_params(raw, path)
+    return check_params(raw, path, warn)
 
 
-def check_params(raw, path="params.yaml"):
+def far_off_values(params):
+    """(name, value, low, high, consequence) for every checked param outside its TYPICAL range."""
+    for name, (low, high, consequence) in TYPICAL.items():
+        group, key = name.split(".")
+        value = params.get(group, {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            yield name, value, low, high, consequence
+
+
+def check_params(raw, path="params.yaml", warn=True):
     """The checked and converted params from a mapping as read from YAML; `path` names its origin in messages."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of groups ({', '.join(SCHEMA)}); found {type(raw).__name__}")
@@ -219,15 +385,16 @@ def check_params(raw, path="params.yaml"):
     params = {}
     for group in raw:
         if group not in SCHEMA:
-            raise ParamsError(f"{path}: unknown group {_show(group)}; allowed groups: {', '.join(SCHEMA)}")
+            raise ParamsError(f"{path}: unknown group {show(group)}; allowed groups: {', '.join(SCHEMA)}")
     for group, keys in SCHEMA.items():
         given = raw.get(group)
         if not isinstance(given, dict):
-            state = "is missing" if group not in raw else f"= {_show(given)} is not a mapping"
+            state = "is missing" if group not in raw else f"= {show(given)} is not a mapping"
             raise ParamsError(f"{path}: group {group} {state}; it needs the keys {', '.join(keys)}")
         for key in given:
             if key not in keys:
-                raise ParamsError(f"{path}: unknown key {group}.{key}; allowed keys in {group}: {', '.join(keys)}")
+                raise ParamsError(f"{path}: unknown key {group}.{shorten(key, 60)}; allowed keys in {group}: "
+                                  f"{', '.join(keys)}")
         params[group] = {}
         for key, (convert, in_range, allowed) in keys.items():
             name = f"{group}.{key}"
@@ -235,17 +402,24 @@ def check_params(raw, path="params.yaml"):
                 raise ParamsError(f"{path}: {name} is missing; add it ({allowed})")
             value = given[key]
             try:
+                _not_finite(value)
                 converted = convert(value)
             except _WrongCase:
-                raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong case; allowed: {allowed} "
+                raise ParamsError(f"{path}: {name} = {show(value)} has the wrong case; allowed: {allowed} "
                                   f"(lower case, without spaces)")
+            except _Invalid as e:
+                raise ParamsError(f"{path}: {name}{e.where} {e.what}; allowed: {allowed}")
             except TypeError:
-                raise ParamsError(f"{path}: {name} = {_show(value)} has the wrong type "
+                raise ParamsError(f"{path}: {name} = {show(value)} has the wrong type "
                                   f"({type(value).__name__}); allowed: {allowed}")
             if in_range is not None and not in_range(converted):
-                raise ParamsError(f"{path}: {name} = {_show(value)} is out of range; allowed: {allowed}")
+                raise ParamsError(f"{path}: {name} = {show(value)} is out of range; allowed: {allowed}")
             params[group][key] = converted
 
+    if warn:
+        for name, value, low, high, consequence in far_off_values(params):
+            log.warning("%s: %s = %s is far outside its typical range (%s to %s): %s; it is used as given, set it "
+                        "within the range unless that is meant", path, name, show(value), low, high, consequence)
     return params
 
 

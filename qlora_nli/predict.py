@@ -11,8 +11,8 @@ import torch
 from qlora_nli import modeling
 from qlora_nli.data import _json_lines
 from qlora_nli.errors import DataError, ModelLoadError
-from qlora_nli.prompts import LABELS, format_prompt
-from qlora_nli.scoring import score_labels
+from qlora_nli.prompts import LABELS, format_prompt, text_problem
+from qlora_nli.scoring import check_prompt_lengths, encode_answers, score_labels
 
 PAIR_KEYS = ("premise", "hypothesis")
 
@@ -44,8 +44,9 @@ def load_model(model_params, adapter_dir, device):
 
 
 def read_pairs(path, data=None):
-    """The records of a JSONL file (or of `data`, the bytes read from stdin, named by `path`), each an object with
-    string premise and hypothesis; other keys are kept and copied to the output."""
+    """(records, where) of a JSONL file (or of `data`, the bytes read from stdin, named by `path`): each record an
+    object with string premise and hypothesis (other keys are kept and copied to the output), `where` the file and
+    line of each, for messages."""
     if data is None:
         path = Path(path)
         if not path.is_file():
@@ -53,7 +54,7 @@ def read_pairs(path, data=None):
             raise DataError(f"--input {path}: {state}; give a JSONL file with one "
                             f'{{"premise": ..., "hypothesis": ...}} object per line, or - to read stdin')
         data = path.read_bytes()
-    rows = []
+    rows, where = [], []
     for n, record in _json_lines(path, data):
         if not isinstance(record, dict):
             raise DataError(f"{path} line {n}: expected an object with keys premise and hypothesis, found "
@@ -64,10 +65,23 @@ def read_pairs(path, data=None):
             if not isinstance(record[key], str):
                 raise DataError(f"{path} line {n}: {key} is {type(record[key]).__name__}, not a string; "
                                 f"fix or remove the line")
+            problem = text_problem(record[key])
+            if problem:
+                raise DataError(f"{path} line {n}: {key} {problem}; fix or remove the line")
         rows.append(record)
+        where.append(f"{path} line {n}")
     if not rows:
         raise DataError(f"{path}: no pairs in it; give one JSON object with premise and hypothesis per line")
-    return rows
+    return rows, where
+
+
+def check_given_pair(premise, hypothesis):
+    """--premise and --hypothesis, held to the rules of a file's pairs (prompts.text_problem)."""
+    for option, text in (("--premise", premise), ("--hypothesis", hypothesis)):
+        problem = text_problem(text)
+        if problem:
+            raise DataError(f"{option} {problem}; give the text without it")
+    return [{"premise": premise, "hypothesis": hypothesis}]
 
 
 def classify(model, tokenizer, prompts, batch_size):
@@ -77,9 +91,14 @@ def classify(model, tokenizer, prompts, batch_size):
     return scores, scores.argmax(-1).tolist(), torch.softmax(scores, dim=-1)
 
 
-def predict_rows(model, tokenizer, template, rows, batch_size):
-    """Each input record with "prediction" (the label word) and "probabilities" ({label word: p}) added."""
+def predict_rows(model, tokenizer, template, rows, batch_size, where=None):
+    """Each input record with "prediction" (the label word) and "probabilities" ({label word: p}) added. `where`
+    names each row in messages (read_pairs); a pair longer than the model's context is refused before any is scored."""
     prompts = [format_prompt(template, r) for r in rows]
+    check_prompt_lengths(tokenizer, prompts, modeling.config_context(model.config),
+                         lambda i: where[i] if where else f"pair {i + 1}",
+                         "shorten the premise or hypothesis, or use a model with a longer context (--model)",
+                         max(map(len, encode_answers(tokenizer))))
     _, predictions, probabilities = classify(model, tokenizer, prompts, batch_size)
     return [{**r, "prediction": LABELS[k], "probabilities": dict(zip(LABELS, (round(p, 6) for p in probs)))}
             for r, k, probs in zip(rows, predictions, probabilities.tolist())]

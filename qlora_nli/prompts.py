@@ -1,4 +1,5 @@
 """The prompt and the label words: one definition shared by training, scoring and generation."""
+import re
 
 LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
@@ -14,3 +15,26 @@ def format_prompt(template, row):
 def answer_text(label_id):
     """The completion the model is trained on and scored for: a space, then the label word."""
     return " " + LABELS[label_id]
+
+
+# What a premise or hypothesis may hold, checked wherever text enters (prepare's raw data, the data/ files the stages
+# read, nli-predict's input). At about 4 characters per English token, MAX_TEXT_CHARS is about the embedded model's
+# 8,192-token context: a longer text cannot fit, and refusing it by its length never tokenizes a huge string. Whether
+# a pair fits the context of the model actually used is checked in tokens once its tokenizer is loaded
+# (scoring.check_prompt_lengths).
+MAX_TEXT_CHARS = 32_768
+# C0 and C1 control characters (NUL, ESC, DEL, U+0085 ...), except tab, line feed and carriage return, which are
+# ordinary whitespace in text (a CSV cell may hold a line break). Format characters (soft hyphen, zero-width joiner)
+# and no-break spaces are text: MultiNLI holds some.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def text_problem(text):
+    """What makes a premise or hypothesis (a string) unusable, or None: longer than MAX_TEXT_CHARS, or holding a
+    control character."""
+    if len(text) > MAX_TEXT_CHARS:
+        return f"is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} a pair's text may have"
+    control = _CONTROL.search(text)
+    if control:
+        return f"holds the control character U+{ord(control.group()):04X} at character {control.start() + 1}"
+    return None

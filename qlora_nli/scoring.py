@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from qlora_nli import threads
 from qlora_nli.distributed import SINGLE, gather_by_index
+from qlora_nli.errors import DataError
 from qlora_nli.prompts import LABELS, answer_text
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,22 @@ def encode_prompts(tokenizer, prompts):
 def encode_answers(tokenizer):
     """Token ids of each label's answer, index = label id."""
     return [tokenizer(answer_text(k), add_special_tokens=False).input_ids for k in range(len(LABELS))]
+
+
+def check_prompt_lengths(tokenizer, prompts, context, where, fix, extra_tokens=0, prompt_ids=None):
+    """Every prompt, with `extra_tokens` after it (the longest answer, or the tokens to generate), must fit the model's
+    `context` (modeling.context_length; None = unknown, nothing checked). `where(i)` names prompt i in the message,
+    `fix` ends it. The prompts' texts are already bounded in characters (prompts.MAX_TEXT_CHARS), so tokenizing them
+    here is cheap; `prompt_ids` (their token ids) saves even that."""
+    if context is None:
+        return
+    for start in range(0, len(prompts if prompt_ids is None else prompt_ids), 256):
+        ids = prompt_ids[start:start + 256] if prompt_ids is not None else \
+            tokenizer(list(prompts[start:start + 256])).input_ids
+        for i, sequence in enumerate(ids, start):
+            if len(sequence) + extra_tokens > context:
+                raise DataError(f"{where(i)}: its prompt is {len(sequence):,} tokens, {len(sequence) + extra_tokens:,} "
+                                f"with the answer, more than the model's context of {context:,} tokens; {fix}")
 
 
 def left_pad(sequences, pad_id, device):

@@ -32,7 +32,7 @@ from qlora_nli.io import all_or_none, file_sha256, write_json, write_jsonl, writ
 from qlora_nli.params import load_params
 from qlora_nli.probes import perturb, probe_summary
 from qlora_nli.prompts import LABELS, format_prompt
-from qlora_nli.scoring import generate_answers, parse_label, score_labels
+from qlora_nli.scoring import check_prompt_lengths, encode_answers, generate_answers, parse_label, score_labels
 from qlora_nli.stats import classification_metrics
 
 log = logging.getLogger("evaluate")
@@ -60,6 +60,18 @@ def build_jobs(test_rows, val_rows, sets, probes, template, hypothesis_only_temp
     for name, rows in sets.items():
         jobs.append((f"set:{name}", rows, [format_prompt(template, r) for r in rows], None))
     return jobs
+
+
+def prompt_origin(jobs, i):
+    """Where the i-th prompt of all the jobs comes from, for a message."""
+    for group, rows, prompts, meta in jobs:
+        if i < len(prompts):
+            if group == "probes":
+                return f"the {meta[i][0]} probe of data/test.jsonl row {meta[i][1] + 1}"
+            file = f"{SETS_DIR / group[4:]}.jsonl" if group.startswith("set:") else f"data/{group}.jsonl"
+            return f"{file} row {i + 1}"
+        i -= len(prompts)
+    raise IndexError(i)
 
 
 def predict(model, tokenizer, prompts, p, ranks):
@@ -138,12 +150,18 @@ def main(name):
     log.info("evaluating %s (%s) by %s: %s", name, params["model"]["name"], p["method"],
              ", ".join(f"{len(rows)} {group}" for group, rows, _, _ in jobs))
     tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
+    every_prompt = [q for _, _, prompts, _ in jobs for q in prompts]
+    # Before the weights load: a pair longer than the model's context would run for minutes and mean nothing.
+    after = max(map(len, encode_answers(tokenizer))) if p["method"] == "score" else p["max_new_tokens"]
+    check_prompt_lengths(tokenizer, every_prompt, modeling.context_length(params["model"]["name"],
+                                                                          params["model"]["trust_remote_code"]),
+                         lambda i: prompt_origin(jobs, i), "remove the pair from data.source and rerun `dvc repro "
+                         "prepare`, or use a model with a longer context (model.name)", after)
     model = modeling.load_for_inference(params["model"], device, ADAPTERS[name])
 
     # One call for everything: batches then mix the sets, and prompts that share a prefix can share its computation.
     start = time.perf_counter()
-    preds, scores, generations = predict(model, tokenizer, [q for _, _, prompts, _ in jobs for q in prompts], p,
-                                         ranks)
+    preds, scores, generations = predict(model, tokenizer, every_prompt, p, ranks)
     seconds = distributed.from_rank0(ranks, lambda: time.perf_counter() - start)  # the same figure on every node
     if not ranks.writes:
         return

@@ -23,7 +23,7 @@ from qlora_nli.io import all_or_none, file_sha256, write_json
 from qlora_nli.params import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.resources import ResourceMonitor
-from qlora_nli.scoring import encode_answers, encode_prompts, mean_answer_nll, score_labels
+from qlora_nli.scoring import check_prompt_lengths, encode_answers, encode_prompts, mean_answer_nll, score_labels
 from qlora_nli.training import (Checkpoints, build_training, carried_epoch_seconds, fingerprint, live_curves,
                                 record_steps, rng_states, run_record, train_metrics, train_remaining_epochs)
 
@@ -58,6 +58,14 @@ def main():
     prompt_ids = encode_prompts(tokenizer, [format_prompt(template, r) for r in train_rows])
     answer_ids = [answers[r["label"]] for r in train_rows]
     val_prompts, val_labels = [format_prompt(template, r) for r in val_rows], [r["label"] for r in val_rows]
+    # Before the weights load: a pair longer than the model's context cannot be trained on (nor scored).
+    context = modeling.context_length(params["model"]["name"], params["model"]["trust_remote_code"])
+    fix = "remove the pair from data.source and rerun `dvc repro prepare`, or use a model with a longer context"
+    longest_answer = max(map(len, answers))
+    check_prompt_lengths(tokenizer, None, context, lambda i: f"data/train.jsonl row {i + 1}", fix,
+                         longest_answer, prompt_ids)
+    check_prompt_lengths(tokenizer, val_prompts, context, lambda i: f"data/validation.jsonl row {i + 1}", fix,
+                         longest_answer)
     # train.resume decides whether to continue, not what training computes: not part of the fingerprint
     computed_by = {k: v for k, v in t.items() if k != "resume"}
     checkpoints = Checkpoints("checkpoints", fingerprint(params["model"], params["prompt"], params["lora"], computed_by,

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from pipeline import dvc, make_project, run, set_param, stages_run
 from test_failure_cases_and_report import prediction_rows, workdir, write  # noqa: F401  (workdir: a fixture)
+from test_predict_export import project  # noqa: F401  (a fixture: a tiny model and params.yaml naming it)
 from tiny import made_up_pairs, make_tiny_model
 
 from qlora_nli import errors, hub, modeling
@@ -426,3 +428,135 @@ def test_killed_finetune_then_repro_restores_a_consistent_set(committed_project)
     assert len((root / "dvclive/plots/metrics/epoch/val_loss.tsv").read_text().splitlines()) == 1 + 3
     assert json.loads((root / "dvclive/metrics.json").read_text())["epoch"]["val_loss"] == train["val_loss_per_epoch"][-1]
     assert "up to date" in dvc(root, "status").stdout
+
+
+# --- text the prompts cannot take: control characters, over-long text, pairs longer than the model's context -------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random llama whose context is 256 tokens (tests/tiny.py), with its tokenizer."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-context"))
+
+
+def use_model(root, model):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"].update(name=str(model), device="cpu")
+    params["lora"]["layers"] = "all"  # the tiny model has 2 blocks
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.parametrize("stage", [("evaluate", "baseline"), ("finetune",)])
+@pytest.mark.parametrize("text, problem", [
+    ("A dog\x00runs.", "holds the control character U+0000 at character 6"),
+    ("A dog\x1b[2Jruns.", "holds the control character U+001B at character 6"),
+    ("x" * 32_769, "is 32,769 characters long, more than the 32,768 a pair's text may have"),
+])
+def test_data_text_a_stage_refuses(stage_dir, stage, text, problem):
+    split = "test" if stage[0] == "evaluate" else "train"
+    edit_rows(stage_dir / f"data/{split}.jsonl", 2, lambda r: r.update(premise=text))
+    assert exit_message(*stage) == f"data/{split}.jsonl line 2: premise {problem}; rerun `dvc repro prepare`"
+
+
+def token_count(model, text):
+    return len(modeling.load_tokenizer(str(model))(text).input_ids)
+
+
+@pytest.mark.parametrize("stage, split, row", [(("evaluate", "baseline"), "test", 3),
+                                               (("evaluate", "baseline"), "validation", 2),
+                                               (("finetune",), "train", 4), (("finetune",), "validation", 5)])
+def test_a_pair_longer_than_the_context_stops_the_stage_before_the_weights_load(stage_dir, tiny_model, monkeypatch,
+                                                                                stage, split, row):
+    from qlora_nli.prompts import TEMPLATE, format_prompt
+
+    use_model(stage_dir, tiny_model)
+    long = "A cook stirs a pot of soup. " * 40  # about 1,100 characters: within the text bound, beyond 256 tokens
+    edit_rows(stage_dir / f"data/{split}.jsonl", row, lambda r: r.update(premise=long))
+    pair = json.loads((stage_dir / f"data/{split}.jsonl").read_text().splitlines()[row - 1])
+    tokens = token_count(tiny_model, format_prompt(TEMPLATE, pair))
+    answer = max(token_count(tiny_model, " " + w) for w in ("entailment", "neutral", "contradiction"))
+    assert tokens > 256
+    monkeypatch.setattr(modeling, "load_for_inference", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr("qlora_nli.training.build_training", lambda *a, **k: pytest.fail("the weights were loaded"))
+    fix = ("remove the pair from data.source and rerun `dvc repro prepare`, or use a model with a longer context"
+           + (" (model.name)" if stage[0] == "evaluate" else ""))
+    assert exit_message(*stage) == (f"data/{split}.jsonl row {row}: its prompt is {tokens:,} tokens, "
+                                    f"{tokens + answer:,} with the answer, more than the model's context of 256 "
+                                    f"tokens; {fix}")
+
+
+def test_a_probe_longer_than_the_context_is_named(stage_dir, tiny_model):
+    # premise_as_hypothesis doubles the premise: a test pair that fits can make a probe pair that does not
+    from qlora_nli.prompts import TEMPLATE, format_prompt
+
+    use_model(stage_dir, tiny_model)
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["evaluate"]["probes"] = ["premise_as_hypothesis"]
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    answer = max(token_count(tiny_model, " " + w) for w in ("entailment", "neutral", "contradiction"))
+    for k in range(1, 40):  # the longest premise whose own pair still fits
+        premise = "A cook stirs a pot of soup. " * k
+        pair, probe = ({"premise": premise, "hypothesis": "Someone cooks."}, {"premise": premise, "hypothesis": premise})
+        if token_count(tiny_model, format_prompt(TEMPLATE, pair)) + answer <= 256 < \
+                token_count(tiny_model, format_prompt(TEMPLATE, probe)) + answer:
+            break
+    else:
+        pytest.fail("no premise length splits the pair from its probe")
+    edit_rows(stage_dir / "data/test.jsonl", 2, lambda r: r.update(premise=premise, hypothesis="Someone cooks."))
+    tokens = token_count(tiny_model, format_prompt(TEMPLATE, probe))
+    assert exit_message("evaluate", "baseline") == (
+        f"the premise_as_hypothesis probe of data/test.jsonl row 2: its prompt is {tokens:,} tokens, "
+        f"{tokens + answer:,} with the answer, more than the model's context of 256 tokens; remove the pair from "
+        f"data.source and rerun `dvc repro prepare`, or use a model with a longer context (model.name)")
+
+
+def run_nli_predict(project, *args):
+    from qlora_nli import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.predict(["--params", str(project.params), *map(str, args)])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+@pytest.mark.parametrize("pair, expected", [
+    ({"premise": "A dog\x00runs.", "hypothesis": "An animal moves."},
+     "line 2: premise holds the control character U+0000 at character 6; fix or remove the line"),
+    ({"premise": "A dog runs.", "hypothesis": "An animal\x85moves."},
+     "line 2: hypothesis holds the control character U+0085 at character 10; fix or remove the line"),
+    ({"premise": "word " * 20_000, "hypothesis": "h"},
+     "line 2: premise is 100,000 characters long, more than the 32,768 a pair's text may have; fix or remove the "
+     "line"),
+])
+def test_nli_predict_refuses_text_the_prompt_cannot_take(project, tmp_path, monkeypatch, pair, expected):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"premise": "a", "hypothesis": "b"}) + "\n" + json.dumps(pair) + "\n")
+    monkeypatch.setattr(modeling, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert run_nli_predict(project, "--input", tmp_path / "in.jsonl") == f"{tmp_path / 'in.jsonl'} {expected}"
+
+
+def test_nli_predict_refuses_control_characters_given_as_options(project):
+    assert run_nli_predict(project, "--premise", "A dog\x1bruns.", "--hypothesis", "h") == (
+        "--premise holds the control character U+001B at character 6; give the text without it")
+
+
+def test_nli_predict_refuses_a_pair_longer_than_the_context(project, tmp_path):
+    from qlora_nli.prompts import TEMPLATE, format_prompt
+
+    long = {"premise": "A cook stirs a pot of soup. " * 40, "hypothesis": "Someone cooks."}
+    (tmp_path / "in.jsonl").write_text(json.dumps({"premise": "a", "hypothesis": "b"}) + "\n\n" + json.dumps(long)
+                                       + "\n")
+    tokens = token_count(project.model, format_prompt(TEMPLATE, long))
+    answer = max(token_count(project.model, " " + w) for w in ("entailment", "neutral", "contradiction"))
+    assert run_nli_predict(project, "--input", tmp_path / "in.jsonl") == (
+        f"{tmp_path / 'in.jsonl'} line 3: its prompt is {tokens:,} tokens, {tokens + answer:,} with the answer, more "
+        f"than the model's context of 256 tokens; shorten the premise or hypothesis, or use a model with a longer "
+        f"context (--model)")
+
+
+def test_nli_predict_params_with_a_key_given_twice(project, tmp_path):
+    text = project.params.read_text() + "model:\n  device: cpu\n"
+    (tmp_path / "params.yaml").write_text(text)
+    line = text.count("\n") - 1
+    first = text.splitlines().index("model:") + 1
+    message = run_nli_predict(SimpleNamespace(params=tmp_path / "params.yaml"), "--premise", "p", "--hypothesis", "h")
+    assert message == (f"{tmp_path / 'params.yaml'} line {line}: model is given a second time (first at line "
+                       f"{first}); YAML would silently keep only the last, so delete one of them or merge the two")

@@ -198,11 +198,6 @@ def test_malformed_other_formats(tmp_path, name, text, fragment):
     assert fragment in one_line_error(lambda: load_splits(broken_train(tmp_path, text, name)))
 
 
-def test_csv_field_limit(tmp_path):
-    text = "premise,hypothesis,label\n" + '"' + "x" * 200_000 + '",h,0\n'
-    assert "not valid CSV" in one_line_error(lambda: load_splits(broken_train(tmp_path, text, "train.csv")))
-
-
 def test_missing_and_ambiguous_splits(tmp_path):
     root = hf_dir(tmp_path / "nli")
     (root / "validation.jsonl").unlink()
@@ -415,3 +410,105 @@ def test_prepare_too_large_sample_writes_nothing(tmp_path, monkeypatch):
     message = one_line_error(lambda: run_prepare(project, monkeypatch))
     assert "data.n_val = 40 is larger than the split (39 labeled pairs)" in message
     assert not (project / "data").exists()
+
+
+# --- text the prompts cannot take, CSV read strictly, keys given twice, a mirror that is a file --------------------
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\x7f", "\x85"])
+def test_a_control_character_in_the_text_is_refused(tmp_path, fmt, char):
+    rows = [dict(r) for r in RAW]
+    rows[3]["hypothesis"] = "The dogs" + char + " are running."
+    root = tmp_path / "nli"
+    root.mkdir()
+    for split in SPLITS:
+        write_split(root / f"{split}.{fmt}", rows, fmt)
+    unit = {"jsonl": "line 4", "csv": "line 5", "parquet": "row 4"}[fmt]
+    assert one_line_error(lambda: load_splits(str(root))) == (
+        f"{root / f'train.{fmt}'} {unit}: hypothesis holds the control character U+{ord(char):04X} at character 9; "
+        f"fix or remove the row")
+
+
+def test_whitespace_and_format_characters_are_text(tmp_path):
+    # Tab, line break, no-break space and soft hyphen (MultiNLI holds the last two) are kept as they are.
+    rows = [dict(r) for r in RAW]
+    rows[0]["premise"] = "A cook\tstirs a\npot, a soup\u00adpot,\u00a0slowly."
+    splits, _ = load_splits(str(hf_dir(tmp_path / "nli", "csv", rows)))
+    assert splits["train"][0]["premise"] == "A cook\tstirs a\npot, a soup\u00adpot,\u00a0slowly."
+
+
+def test_a_text_longer_than_the_bound_is_refused_unread(tmp_path):
+    rows = [dict(r) for r in RAW]
+    rows[1]["premise"] = "word " * 4_000_000  # 20 MB
+    assert one_line_error(lambda: load_splits(str(hf_dir(tmp_path / "nli", "jsonl", rows)))) == (
+        f"{tmp_path / 'nli/train.jsonl'} line 2: premise is 20,000,000 characters long, more than the 32,768 a "
+        f"pair's text may have; fix or remove the row")
+    rows[1]["premise"] = "w" * 32_768  # at the bound: kept
+    assert load_splits(str(hf_dir(tmp_path / "nli2", "jsonl", rows)))[0]["train"][1]["premise"] == "w" * 32_768
+
+
+@pytest.mark.parametrize("text, expected", [
+    # an unclosed quote: named at the row where it opens, not as a missing label further down
+    ('premise,hypothesis,label\np,h,0\n"p,h,0\np,h,1\n',
+     'line 3: a quote opened in this row is never closed (the field runs to the end of the file); close it, or '
+     'write a quote inside a field as ""'),
+    ("premise,hypothesis,label\np,h,0\np,h\n",
+     "line 3: 2 fields, but the header has 3 (premise, hypothesis, label); add the missing fields, or quote a field "
+     "that holds a comma"),
+    ("premise,hypothesis,label\np,h,0,extra\n",
+     "line 2: 4 fields, but the header has 3 (premise, hypothesis, label); remove the extra fields, or quote a field "
+     "that holds a comma"),
+    ('premise,hypothesis,label\n"p"x,h,0\n',
+     "line 2: not valid CSV (',' expected after '\"'); fix the quoting (a quote inside a field is written \"\", and "
+     "the field itself quoted)"),
+    ("premise,hypothesis,label,label\np,h,0,1\n", "line 1: the header names the column 'label' twice; keep one"),
+    ('premise,hypothesis,label\n"' + "x" * 200_000 + '",h,0\n',
+     "line 2: a field is longer than 131,072 characters (a premise or hypothesis may have 32,768); shorten it, or "
+     "check for a quote that is never closed"),
+])
+def test_csv_is_read_strictly(tmp_path, text, expected):
+    root = broken_train(tmp_path, text, "train.csv")
+    assert one_line_error(lambda: load_splits(root)) == f"{Path(root) / 'train.csv'} {expected}"
+
+
+def test_csv_quoted_line_breaks_and_blank_lines(tmp_path):
+    text = 'premise,hypothesis,label\n\n"A cook,\nstirring.",Someone cooks.,0\nTwo dogs.,"No ""pet"".",2\n'
+    root = broken_train(tmp_path, text, "train.csv")
+    assert load_splits(root)[0]["train"] == [
+        {"id": 0, "premise": "A cook,\nstirring.", "hypothesis": "Someone cooks.", "label": 0},
+        {"id": 1, "premise": "Two dogs.", "hypothesis": 'No "pet".', "label": 2}]
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("train.jsonl", lines(GOOD, '{"premise": "a", "hypothesis": "b", "label": 0, "premise": "c"}'),
+     "line 2: not valid JSON (the key 'premise' is given twice in one object); fix or remove the line"),
+    ("train.json", '[{"premise": "a", "hypothesis": "b", "label": 0, "label": 1}]',
+     ": not valid JSON (the key 'label' is given twice in one object); keep one of them"),
+])
+def test_a_key_given_twice_in_a_row_is_refused(tmp_path, name, text, expected):
+    root = broken_train(tmp_path, text, name)
+    separator = "" if expected.startswith(":") else " "
+    assert one_line_error(lambda: load_splits(root)) == f"{Path(root) / name}{separator}{expected}"
+
+
+def test_a_mirror_that_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "mirror.tar").write_text("not a directory")
+    monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path / "mirror.tar"))
+    assert one_line_error(lambda: resolve_source("stanfordnlp/snli")) == (
+        f"data.source: NLI_DATA_MIRROR={tmp_path / 'mirror.tar'} is a file, not a directory; set it to the directory "
+        f"that holds one folder per dataset (snli/, mnli/ ...), or unset it to use the Hub")
+
+
+MIRROR = Path("/work/shared/data")
+
+
+@pytest.mark.skipif(not (MIRROR / "snli").is_dir(), reason="no offline mirror of the real data on this machine")
+def test_the_real_data_pass_the_text_rules():
+    """The text rules refuse nothing of SNLI or the MultiNLI set, and the longest pair is far below the bounds."""
+    from qlora_nli.prompts import MAX_TEXT_CHARS
+
+    splits, info = load_splits(str(MIRROR / "snli"))
+    rows, counts, _ = data.Source(str(MIRROR / "mnli"), wanted=["validation_matched"]).read("validation_matched")
+    every = [r for split in splits.values() for r in split] + rows
+    assert len(every) == 18000 + 9842 + 9824 + 9815  # nothing refused or dropped (the manifest's raw counts)
+    assert max(len(r["premise"]) + len(r["hypothesis"]) for r in every) < MAX_TEXT_CHARS / 30

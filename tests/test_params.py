@@ -82,7 +82,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("train", "learning_rate", 0, "train.learning_rate = 0 is out of range"),
     ("train", "learning_rate", "fast", "train.learning_rate = 'fast' has the wrong type"),
     ("train", "learning_rate", "nan", "train.learning_rate = 'nan' has the wrong type"),
-    ("train", "learning_rate", math.inf, "train.learning_rate = inf has the wrong type"),
+    ("train", "learning_rate", math.inf, "train.learning_rate = inf is not a finite number (YAML .nan or .inf); allowed: a number > 0"),
     ("train", "learning_rate", False, "train.learning_rate = False has the wrong type"),
     ("train", "weight_decay", -0.1, "train.weight_decay = -0.1 is out of range"),
     ("train", "warmup_ratio", 1.0, "train.warmup_ratio = 1.0 is out of range"),
@@ -120,21 +120,21 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("lora", "dropout", 1, "lora.dropout = 1 is out of range"),
     ("lora", "target_modules", [], "lora.target_modules = [] is out of range"),
     ("lora", "target_modules", "q_proj", "lora.target_modules = 'q_proj' has the wrong type"),
-    ("lora", "target_modules", ["q_proj", 3], "lora.target_modules = ['q_proj', 3] has the wrong type"),
+    ("lora", "target_modules", ["q_proj", 3], "lora.target_modules[1] = 3 is int, not a module name (a string)"),
     ("lora", "target_modules", ["q_proj", " "], "lora.target_modules = ['q_proj', ' '] is out of range"),
     ("lora", "layers", 0, "lora.layers = 0 is out of range"),
     ("lora", "layers", "last", "lora.layers = 'last' has the wrong type"),
     ("lora", "layers", True, "lora.layers = True has the wrong type"),
     ("report", "n_examples", -1, "report.n_examples = -1 is out of range"),
-    ("data", "splits", {"train": "train", "test": "test"}, "has the wrong type (dict); allowed: a mapping of train, validation and test"),
+    ("data", "splits", {"train": "train", "test": "test"}, "data.splits is missing the key validation; allowed: a mapping of train, validation and test"),
     ("data", "splits", {"train": "train", "validation": "", "test": "test"}, "data.splits"),
     ("data", "extra_sets", [], "data.extra_sets = [] has the wrong type"),
     ("data", "extra_sets", {"a b": {"source": "x", "split": "y", "n": 3}}, "data.extra_sets"),
     ("data", "extra_sets", {"m": {"source": "x", "split": "y"}}, "data.extra_sets"),
     ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": 0}}, "data.extra_sets"),
     ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": "ALL"}}, "data.extra_sets"),
-    ("evaluate", "probes", ["tautology", "tautology"], "evaluate.probes = ['tautology', 'tautology'] is out of range"),
-    ("evaluate", "probes", ["typo"], "evaluate.probes = ['typo'] is out of range; allowed: a list of distinct probe names"),
+    ("evaluate", "probes", ["tautology", "tautology"], "evaluate.probes[1] = 'tautology' is listed twice"),
+    ("evaluate", "probes", ["typo"], "evaluate.probes[0] = 'typo' is no probe; allowed: a list of distinct probe names"),
     ("evaluate", "probes", "tautology", "evaluate.probes = 'tautology' has the wrong type"),
     ("evaluate", "hypothesis_only_template", "P: {premise} H: {hypothesis}", "evaluate.hypothesis_only_template"),
     ("evaluate", "hypothesis_only_template", "Relation:", "evaluate.hypothesis_only_template = 'Relation:' is out of range"),
@@ -220,3 +220,188 @@ def test_extra_sets_and_split_names_are_read(tmp_path):
     assert loaded["extra_sets"] == {"mnli-m": {"source": "local/dir", "split": "dev", "n": "all"}}
     params["data"]["extra_sets"] = None  # an emptied mapping in YAML reads as null: no extra sets
     assert load_params(write(tmp_path, params))["data"]["extra_sets"] == {}
+
+
+# --- hostile or mistaken YAML: alias bombs, keys given twice, values no message should echo in full ---------------
+
+# Nine lists of nine aliases: a few hundred bytes standing for 9**9 (about 3.9e8) strings once expanded.
+ALIAS_BOMB = ('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+              + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))
+
+
+def run_with_timeout(code, seconds=60):
+    """Run `code` in a fresh interpreter; a hang fails the test (TimeoutExpired) instead of stalling the suite: a
+    repr of a huge list runs in C, where no signal can interrupt it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    text = ALIAS_BOMB + COMMITTED.read_text().replace("target_modules: all-linear", "target_modules: *i")
+    assert len(text.encode()) < COMMITTED.stat().st_size + 600
+    (tmp_path / "params.yaml").write_text(text)
+    out = run_with_timeout(f"""
+from qlora_nli.errors import ParamsError
+from qlora_nli.params import load_params
+try:
+    load_params({str(tmp_path / 'params.yaml')!r})
+except ParamsError as e:
+    print(e)
+""")
+    assert out == (f"{tmp_path / 'params.yaml'}: its YAML aliases (*name) expand it to more than 10,000 values (the "
+                   f"pipeline's params are about 100); write the values out instead of repeating aliases")
+
+
+def test_a_message_about_an_alias_bomb_value_is_short_and_quick():
+    # Past the size bound (checking a value built in Python): the message quotes the value without expanding it.
+    out = run_with_timeout(f"""
+import yaml
+from qlora_nli.params import check_params
+raw = yaml.safe_load(open("params.yaml").read())
+raw["lora"]["target_modules"] = yaml.safe_load({ALIAS_BOMB!r})["i"]
+try:
+    check_params(raw)
+except Exception as e:
+    print(type(e).__name__, e)
+""")
+    assert out == ("ParamsError params.yaml: lora.target_modules[0] = [[[[...], [...], [...], [...], [...], [...], "
+                   "...], [[...]... is list, not a module name (a string); allowed: \"all-linear\" or a non-empty "
+                   "list of module names")
+
+
+def test_a_value_that_refers_to_itself_is_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text(COMMITTED.read_text().replace("n_examples: 5", "n_examples: &s [*s]"))
+    assert one_line_error(lambda: load_params(tmp_path / "params.yaml")) == (
+        f"{tmp_path / 'params.yaml'}: a YAML alias (*name) refers to the value that holds it, which expands "
+        f"forever; write the value out instead of the alias")
+
+
+def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
+    text = COMMITTED.read_text().replace("target_modules: all-linear", "target_modules: &m [q_proj, v_proj]")
+    text = text.replace("report:\n  n_examples: 5", "report:\n  <<: {n_examples: 3}\n  n_examples: 7")
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params["lora"]["target_modules"] == ["q_proj", "v_proj"] and params["report"]["n_examples"] == 7
+
+
+@pytest.mark.parametrize("edit, expected", [
+    # a second train: group after the first (the last would win, and train.epochs be "missing")
+    (lambda t: t + "train:\n  seed: 1\n", "line 67: train is given a second time (first at line 48)"),
+    # a second extra_sets: mapping inside data
+    (lambda t: t.replace("  extra_sets:  ", "  extra_sets: {}\n  extra_sets:  "),
+     "line 14: data.extra_sets is given a second time (first at line 13)"),
+    # a key twice in one flow mapping, on one line
+    (lambda t: t.replace("report:\n  n_examples: 5", "report: {n_examples: 5, n_examples: 6}"),
+     "line 65: report.n_examples is given a second time (first at line 65)"),
+    (lambda t: t.replace("  epochs: 5\n", "  epochs: 5\n  epochs: 6\n"),
+     "line 51: train.epochs is given a second time (first at line 50)"),
+])
+def test_a_key_given_twice_is_refused(tmp_path, edit, expected):
+    (tmp_path / "params.yaml").write_text(edit(COMMITTED.read_text()))
+    assert one_line_error(lambda: load_params(tmp_path / "params.yaml")) == (
+        f"{tmp_path / 'params.yaml'} {expected}; YAML would silently keep only the last, so delete one of them or "
+        f"merge the two")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace("n_examples: 5", "n_examples: " + "[" * 5000 + "]" * 5000),
+     "nested too deeply to read (lists or mappings inside each other); params.yaml needs two levels, groups and "
+     "their keys"),
+    (lambda t: t.replace("n_examples: 5", "n_examples: " + "1" * 5000),
+     "a value cannot be converted (Exceeds the limit (4300 digits) for integer string conversion: value has "
+     "5000...); write it as a plain number or string"),
+    (lambda t: t.replace("seed: 42", "seed: 2026-13-45"),
+     "a value cannot be converted (month must be in 1..12); write it as a plain number or string"),
+])
+def test_yaml_that_cannot_be_built_is_one_line(tmp_path, edit, expected):
+    (tmp_path / "params.yaml").write_text(edit(COMMITTED.read_text()))
+    assert one_line_error(lambda: load_params(tmp_path / "params.yaml")) == f"{tmp_path / 'params.yaml'}: {expected}"
+
+
+EXTRA_SETS_ALLOWED = ('a mapping of set names (letters, digits, _ or -) to {source, split, n} (n an integer >= 1 or '
+                      '"all"), e.g. {mnli_matched: {source: nyu-mll/multi_nli, split: validation_matched, n: 300}}, '
+                      'or {} for none')
+SPLITS_ALLOWED = ("a mapping of train, validation and test to the source's split names, e.g. {train: train, "
+                  "validation: validation_matched, test: validation_mismatched}")
+
+
+@pytest.mark.parametrize("group, key, value, expected", [
+    ("train", "learning_rate", math.nan, "train.learning_rate = nan is not a finite number (YAML .nan or .inf); "
+                                         "allowed: a number > 0"),
+    ("train", "learning_rate", "1e999", "train.learning_rate = inf is not a finite number (YAML .nan or .inf); "
+                                        "allowed: a number > 0"),
+    ("train", "epochs", math.inf, "train.epochs = inf is not a finite number (YAML .nan or .inf); allowed: an "
+                                  "integer >= 1"),
+    ("train", "resume", -math.inf, "train.resume = -inf is not a finite number (YAML .nan or .inf); allowed: true "
+                                   "or false"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": 0}},
+     f"data.extra_sets.m.n = 0 is out of range (a set needs at least one pair); allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": math.nan}},
+     f"data.extra_sets.m.n = nan is not a finite number (YAML .nan or .inf); allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": "ALL"}},
+     f"data.extra_sets.m.n = 'ALL' has the wrong case (write all in lower case, without spaces); allowed: "
+     f"{EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"../x": {"source": "x", "split": "y", "n": 3}},
+     "data.extra_sets names a set '../x', which cannot be a file name (data/sets/<name>.jsonl): a set name starts "
+     f"with a letter or digit and holds only letters, digits, _ and -; allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y"}},
+     f"data.extra_sets.m is missing the key n; allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": {"source": "x", "split": "y", "n": 3, "seed": 1}},
+     f"data.extra_sets.m has an unknown key 'seed'; its keys are source, split, n; allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": {"source": " ", "split": "y", "n": 3}},
+     f"data.extra_sets.m.source = ' ' is empty; allowed: {EXTRA_SETS_ALLOWED}"),
+    ("data", "extra_sets", {"m": "nyu-mll/multi_nli"},
+     f"data.extra_sets.m = 'nyu-mll/multi_nli' is str, not a mapping of source, split and n; allowed: "
+     f"{EXTRA_SETS_ALLOWED}"),
+    ("data", "splits", {"train": "train", "validation": "validation", "test": "test", "dev": "dev"},
+     f"data.splits has an unknown key 'dev'; its keys are train, validation, test; allowed: {SPLITS_ALLOWED}"),
+    ("data", "splits", {"train": "train", "validation": 3, "test": "test"},
+     f"data.splits.validation = 3 is int, not a name (a string); allowed: {SPLITS_ALLOWED}"),
+    ("evaluate", "probes", ["tautology", 7], "evaluate.probes[1] = 7 is int, not a probe name (a string); allowed: "
+                                            "a list of distinct probe names from hypothesis_only, swap_contradiction, "
+                                            "premise_as_hypothesis, tautology, negation_tautology ([] for none)"),
+])
+def test_a_message_names_what_is_wrong_with_the_value(tmp_path, group, key, value, expected):
+    params = committed()
+    params[group][key] = value
+    assert one_line_error(lambda: load_params(write(tmp_path, params))) == f"{tmp_path / 'params.yaml'}: {expected}"
+
+
+def test_every_message_is_bounded_in_length(tmp_path):
+    params = committed()
+    params["train"]["epoch" + "s" * 5000] = 3  # a key, not a value: quoted in the message too
+    message = one_line_error(lambda: load_params(write(tmp_path, params)))
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: unknown key train.epochsssss") and len(message) < 400
+    params = committed()
+    params["model"]["name"] = ["x" * 10**7]
+    message = one_line_error(lambda: load_params(write(tmp_path, params)))
+    assert message == (f"{tmp_path / 'params.yaml'}: model.name = ['" + "x" * 55
+                       + "... has the wrong type (list); allowed: a non-empty string")
+
+
+def test_far_off_values_warn_and_are_used(tmp_path, caplog):
+    params = committed()
+    params["train"]["micro_batch_tokens"] = 1
+    params["train"]["learning_rate"] = 5.0
+    with caplog.at_level("WARNING", logger="qlora_nli.params"):
+        loaded = load_params(write(tmp_path, params))
+    assert loaded["train"]["micro_batch_tokens"] == 1 and loaded["train"]["learning_rate"] == 5.0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'params.yaml'}: train.micro_batch_tokens = 1 is far outside its typical range (64 to 65536): "
+        f"below it each pass holds a sliver of a batch and steps run many times slower; above it the activation "
+        f"memory of one pass grows with it; it is used as given, set it within the range unless that is meant",
+        f"{tmp_path / 'params.yaml'}: train.learning_rate = 5.0 is far outside its typical range (1e-06 to 0.1): "
+        f"below it the adapter barely changes; above it the loss diverges; it is used as given, set it within the "
+        f"range unless that is meant",
+    ]
+
+
+def test_committed_params_are_within_their_typical_ranges(caplog):
+    with caplog.at_level("WARNING", logger="qlora_nli.params"):
+        load_params(COMMITTED)
+    assert caplog.records == []
