@@ -45,6 +45,10 @@ def evaluated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(evaluate.modeling, "check_model_params", lambda *a, **k: None)
     monkeypatch.setattr(evaluate.modeling, "load_tokenizer", lambda *a, **k: None)
+    # no tokenizer here: the context-length check (tested in test_bad_input.py) is not what these tests are about
+    monkeypatch.setattr(evaluate, "encode_answers", lambda tokenizer: [[0]])
+    monkeypatch.setattr(evaluate, "check_prompt_lengths", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate.modeling, "context_length", lambda *a, **k: None)
     monkeypatch.setattr(evaluate.modeling, "load_for_inference", lambda *a, **k: None)
     monkeypatch.setattr(evaluate, "score_labels", lambda model, tok, prompts, *a, **k: _fake_scores(prompts))
     evaluate.main("baseline")
