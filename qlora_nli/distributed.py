@@ -11,17 +11,23 @@ A process that torchrun started (LOCAL_RANK is set) never re-executes, so launch
 number of processes, and a param would enter dvc.lock and change the stages' hashes.
 """
 import atexit
+import io
 import logging
+import math
 import os
 import shlex
+import signal
 import sys
-from contextlib import contextmanager
+import tempfile
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from qlora_nli.errors import CheckpointError, ParamsError
+from qlora_nli import threads
+from qlora_nli.errors import RANK_LINES, CheckpointError, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +66,11 @@ def torchrun_arguments(value):
     value = value.strip()
     if value in ("", "1"):
         return []
-    if value.isdigit():
+    if value.lstrip("+-").isdigit():  # a count, "-1" included (not torchrun arguments)
         if int(value) < 1:
-            raise ParamsError(f"{SWITCH}={value}: the number of processes must be at least 1; unset it for one process")
+            raise ParamsError(f"{SWITCH}={value}: a process count must be at least 1, and {value} is "
+                              f"{'negative' if int(value) < 0 else 'zero'}; give 2 or more processes, or unset it "
+                              f"for one process")
         return ["--standalone", f"--nproc-per-node={int(value)}"]
     arguments = shlex.split(value)
     if not any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in arguments):
@@ -97,15 +105,12 @@ def start(device):
     if "LOCAL_RANK" not in os.environ:
         arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
         if arguments:
+            check_process_count(arguments, device)
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
                 # one OpenMP thread, and threads.configure gives it its share of the cores (or train.num_threads).
                 os.environ["OMP_NUM_THREADS"] = "1"
-            command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
-            log.info("%s: %s", SWITCH, shlex.join(command))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, command)
+            launch(arguments)  # ends this process with the ranks' exit status
         return SINGLE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -122,6 +127,115 @@ def start(device):
                   local_world_size=local_world_size, backend=backend)
     log.info("rank %d of %d (%s)", ranks.rank, ranks.world_size, backend)
     return ranks
+
+
+NPROC_OPTIONS = ("--nproc-per-node", "--nproc_per_node")
+NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")  # counts torchrun resolves itself, from this machine's devices
+
+
+def usable_cpus():
+    """(CPU cores this process's ranks can run on, why): the CPUs of its affinity mask, no more than its cgroup quota
+    (rounded up: a fraction of a core still runs a rank), as qlora_nli/threads.py reads them."""
+    cpus = len(threads.affinity_cpus())
+    quota = threads.cgroup_quota()
+    if quota is not None and math.ceil(quota) < cpus:
+        return math.ceil(quota), f"cgroup quota {quota:g} CPUs"
+    return cpus, f"{cpus} CPUs in this process's affinity"
+
+
+def check_process_count(arguments, device):
+    """Before torchrun starts anything: a --nproc-per-node that torchrun would fail on with a traceback (0, negative,
+    not a number), and more ranks on this machine than it has usable cores, are one ParamsError line. Every rank holds
+    a whole copy of the model and computes with at least one core of its own; ranks beyond the cores only time-share
+    them, adding memory and communication, never speed, and the result is the same at any count (docs/distributed.md).
+    On a GPU, ranks beyond the GPU count share GPUs (correct, each with its own copy of the model in that GPU's
+    memory): a warning."""
+    value = next((argument.partition("=")[2] or (arguments[i + 1] if i + 1 < len(arguments) else "")
+                  for i, argument in enumerate(arguments) if argument.partition("=")[0] in NPROC_OPTIONS), None)
+    if value is None or value in NPROC_WORDS:
+        return
+    fix = "give a positive count (e.g. --nproc-per-node=2), or unset it for one process"
+    if not value.lstrip("+-").isdigit():
+        raise ParamsError(f"{SWITCH}: --nproc-per-node={value!r} is not a process count; allowed: an integer >= 1 or "
+                          f"one of {', '.join(NPROC_WORDS)}; {fix}")
+    count = int(value)
+    if count < 1:
+        raise ParamsError(f"{SWITCH}: --nproc-per-node={value}: a process count must be at least 1; {fix}")
+    cores, why = usable_cpus()
+    if count > cores:
+        raise ParamsError(f"{SWITCH}: {count} processes on this machine, which has {cores} usable CPU cores ({why}); "
+                          f"each rank holds a copy of the model and needs a core of its own, so more ranks only add "
+                          f"memory, not speed; use at most {cores} (or unset it for one process)")
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and count > n_gpus:
+        log.warning("%s: %d ranks on %d GPU(s): ranks share GPUs, each holding its own copy of the model in that GPU's "
+                    "memory (correct, not faster)", SWITCH, count, n_gpus)
+
+
+def launch(arguments):
+    """Run this program on the ranks `arguments` ask torchrun for, with torchrun's launcher in this process, then end
+    the process with the ranks' exit status. A rank that stops on a library error leaves its line to this launcher
+    (errors.exit_with), which prints one line for all ranks (rank 0's where it has one) instead of a line per rank
+    under torchrun's ChildFailedError traceback; a rank that crashes or is killed prints its own output, and this
+    launcher one line naming it."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    command = [*arguments, *_this_program()]
+    log.info("%s: %s", SWITCH, shlex.join([sys.executable, "-m", "torch.distributed.run", *command]))
+    try:
+        with redirect_stderr(io.StringIO()) as said:  # torchrun's usage and error, to end in one line
+            torchrun_args = torchrun.parse_args(command)
+    except SystemExit:
+        last = (said.getvalue().strip().splitlines() or ["cannot parse them"])[-1]
+        raise ParamsError(f"{SWITCH}='{os.environ.get(SWITCH, '')}': torchrun refuses its arguments ({last}); see "
+                          f"python -m torch.distributed.run --help") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryDirectory(prefix="qlora-nli-ranks-") as lines:
+        os.environ[RANK_LINES] = lines  # inherited by every rank torchrun starts
+        logging.disable(logging.ERROR)  # torchrun's own warnings and errors about the ranks: the line below says it
+        try:
+            torchrun.run(torchrun_args)
+            status, message = 0, None
+        except ChildFailedError as e:
+            status, message = _failure(e.failures, Path(lines))
+        except SignalException as e:  # this launcher was told to stop (Ctrl-C, SIGTERM): torchrun stopped the ranks
+            found = _rank_line(Path(lines))
+            status, message = 128 + e.sigval, found[1] if found else None
+        except Exception as e:  # noqa: BLE001  (rendezvous, port or store errors of torchrun itself)
+            status = 1
+            reason = " ".join(str(e).split())[:200]
+            message = f"{SWITCH}: torchrun could not run the ranks ({type(e).__name__}: {reason})"
+        finally:
+            logging.disable(logging.NOTSET)
+            del os.environ[RANK_LINES]
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _rank_line(directory):
+    """(rank, line) of the lowest rank that left its one-line error in `directory`, else None."""
+    left = sorted((int(path.name.split("-")[1]), path) for path in directory.glob("rank-*"))
+    return (left[0][0], left[0][1].read_text(encoding="utf-8")) if left else None
+
+
+def _failure(failures, directory):
+    """(exit status, the one line) for torchrun's {rank: ProcessFailure}."""
+    found = _rank_line(directory)
+    if found is not None and found[0] in failures:
+        rank, line = found
+    else:
+        rank = min(failures)
+        line = None
+    code = failures[rank].exitcode
+    status = code if code > 0 else 128 - code  # killed by signal -code: the shell's convention
+    if line is None:
+        what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        line = f"{SWITCH}: rank {rank} failed ({what}); its output is above"
+    return status, line
 
 
 def pick_backend(device, local_world_size, n_gpus):

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_nli import distributed, modeling, threads
+from qlora_nli.artifacts import ADAPTER_WEIGHTS, check_weights_file
 from qlora_nli.distributed import SINGLE, sum_gradients
 from qlora_nli.errors import CheckpointError, RunError
 from qlora_nli.io import atomic_path, tree_size_bytes
@@ -274,6 +275,9 @@ def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+CHECKPOINT_WEIGHTS = ADAPTER_WEIGHTS[0]  # the adapter weights save_adapter writes into a checkpoint, restore loads
+
+
 class Checkpoints:
     """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch), `state.pt` (optimizer, scheduler,
     RNG states, history) and `record.json` (`run_record`: the seconds each epoch took and what the run used, kept apart
@@ -334,6 +338,8 @@ class Checkpoints:
             return None
         state_file = found[-1] / "state.pt"
         fix = f"delete {self.root}/ to start fresh (rm -r {self.root})"
+        if len(found) > 1:
+            fix = f"delete {found[-1]} to resume from {found[-2].name} (rm -r {found[-1]}), or " + fix
         try:
             state = torch.load(state_file, weights_only=True)
         except pickle.UnpicklingError:
@@ -345,6 +351,13 @@ class Checkpoints:
                                   f"checkpoint); {fix}") from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
             raise CheckpointError(f"{state_file}: does not belong to {found[-1] / 'run.json'}; {fix}")
+        # What `restore` loads into the model, checked before the base model loads. A checkpoint is written whole
+        # (renamed into place), so one with missing or damaged weights was changed by something else: refused, as a
+        # damaged state.pt is, rather than silently trained from an older epoch.
+        weights = found[-1] / CHECKPOINT_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{found[-1]}: no {CHECKPOINT_WEIGHTS}, the checkpoint is incomplete; {fix}")
+        check_weights_file(weights, fix, CheckpointError)
         return state["epoch"], found[-1], state
 
     def restore(self, checkpoint, model, optimizer, scheduler, scaler):
@@ -354,7 +367,7 @@ class Checkpoints:
         from safetensors.torch import load_file
 
         epoch, directory, state = checkpoint
-        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, load_file(directory / CHECKPOINT_WEIGHTS))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

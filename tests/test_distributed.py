@@ -51,11 +51,12 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
 
     started = {}
 
-    def execv(path, command):
-        started.update(command=command, omp=os.environ.get("OMP_NUM_THREADS"))
-        raise SystemExit  # instead of becoming torchrun
+    def launch(arguments):
+        started.update(arguments=arguments, omp=os.environ.get("OMP_NUM_THREADS"))
+        raise SystemExit  # instead of starting torchrun
 
-    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setattr(distributed, "launch", launch)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: (8, "8 CPUs (made up)"))  # room for 4 ranks
     monkeypatch.setenv("OMP_NUM_THREADS", "unset below")  # recorded, so that the test leaves it as it found it
     monkeypatch.delenv("OMP_NUM_THREADS")
     if preset is not None:
@@ -64,7 +65,7 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", switch)
     with pytest.raises(SystemExit):
         distributed.start("cpu")
-    assert started["command"][1:3] == ["-m", "torch.distributed.run"] and started["omp"] == expected
+    assert started["arguments"] == torchrun_arguments(switch) and started["omp"] == expected
 
 
 def test_backend_is_nccl_only_with_a_gpu_per_rank():

@@ -12,6 +12,7 @@ import yaml
 from qlora_nli import markdown as md
 from qlora_nli.prompts import LABELS
 from qlora_nli.stats import classification_metrics, paired_accuracy_difference
+from tiny import TINY_SAFETENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,8 @@ EXPECTED = {"corrected": [1, 2, 3], "not_corrected": [4, 5], "regressed": [6],
             "both_right": [7, 8, 9, 10, 11, 12]}
 
 
-ADAPTER_BYTES = b"made-up adapter weights"  # the card names their sha256
-ADAPTER_SHA256 = "14dc6024f188f8eafdee1c7406bc009482b997d220a5472dcfd232b1ec40b00c"  # sha256sum of ADAPTER_BYTES
+ADAPTER_BYTES = TINY_SAFETENSORS  # readable weights (the stage checks them); the card names their sha256
+ADAPTER_SHA256 = "044fd17f1dff82758f4db33405b2e8f049095a199eb0891ce476e009302d045f"  # sha256sum of ADAPTER_BYTES
 
 
 def scores_for(pred, margin):
