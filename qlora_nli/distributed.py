@@ -202,8 +202,8 @@ def launch(arguments):
         except ChildFailedError as e:
             status, message = _failure(e.failures, Path(lines))
         except SignalException as e:  # this launcher was told to stop (Ctrl-C, SIGTERM): torchrun stopped the ranks
-            found = _rank_line(Path(lines))
-            status, message = 128 + e.sigval, found[1] if found else None
+            left = _rank_lines(Path(lines))
+            status, message = 128 + e.sigval, left[min(left)] if left else None
         except Exception as e:  # noqa: BLE001  (rendezvous, port or store errors of torchrun itself)
             status = 1
             reason = " ".join(str(e).split())[:200]
@@ -216,26 +216,23 @@ def launch(arguments):
     sys.exit(status)
 
 
-def _rank_line(directory):
-    """(rank, line) of the lowest rank that left its one-line error in `directory`, else None."""
-    left = sorted((int(path.name.split("-")[1]), path) for path in directory.glob("rank-*"))
-    return (left[0][0], left[0][1].read_text(encoding="utf-8")) if left else None
+def _rank_lines(directory):
+    """{rank: its one-line error} of the ranks that left one in `directory`."""
+    return {int(path.name.split("-")[1]): path.read_text(encoding="utf-8") for path in directory.glob("rank-*")}
 
 
 def _failure(failures, directory):
-    """(exit status, the one line) for torchrun's {rank: ProcessFailure}."""
-    found = _rank_line(directory)
-    if found is not None and found[0] in failures:
-        rank, line = found
-    else:
-        rank = min(failures)
-        line = None
+    """(exit status, the one line) for torchrun's {rank: ProcessFailure}. The line is the lowest rank's that left one
+    (rank 0's when it did). The status is that of a rank that exited with its line: a rank that failed first makes
+    torchrun stop the others (SIGTERM), possibly after they left the same line."""
+    lines = _rank_lines(directory)
+    if lines:
+        codes = [failures[r].exitcode for r in sorted(lines) if r in failures and failures[r].exitcode > 0]
+        return (codes[0] if codes else 1), lines[min(lines)]
+    rank = min(failures)
     code = failures[rank].exitcode
-    status = code if code > 0 else 128 - code  # killed by signal -code: the shell's convention
-    if line is None:
-        what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        line = f"{SWITCH}: rank {rank} failed ({what}); its output is above"
-    return status, line
+    what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return (code if code > 0 else 128 - code), f"{SWITCH}: rank {rank} failed ({what}); its output is above"
 
 
 def pick_backend(device, local_world_size, n_gpus):

@@ -91,6 +91,9 @@ def test_the_launcher_prints_the_lowest_ranks_line_once(tmp_path):
     (tmp_path / "rank-1").write_text("line of rank 1")
     (tmp_path / "rank-0").write_text("line of rank 0")
     assert distributed._failure(failures, tmp_path) == (1, "line of rank 0")
+    # rank 1 failed first and torchrun stopped rank 0 (SIGTERM) after it had left its line: the status is rank 1's
+    assert distributed._failure({0: SimpleNamespace(exitcode=-15), 1: SimpleNamespace(exitcode=1)},
+                                tmp_path) == (1, "line of rank 0")
     (tmp_path / "rank-0").unlink()
     assert distributed._failure({1: SimpleNamespace(exitcode=1)}, tmp_path) == (1, "line of rank 1")
 
@@ -108,7 +111,7 @@ def test_a_ranks_error_is_one_line_without_torchruns_traceback(tmp_path):
     run(["python", "-m", "stages.prepare"], root)
     result = run(["python", "-m", "stages.evaluate", "baseline"], root, check=False,
                  extra_env={"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
-    line = "model.compute_dtype = float16 on CPU"
+    line = "params.yaml model.compute_dtype = float16 on CPU"
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count(line) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
