@@ -51,7 +51,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
 from common import REPO, enter_repo, fmt, machine_info, run_child, target_lines  # noqa: E402
-from qlora_nli.errors import NLIError  # noqa: E402
+from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
 from qlora_nli.io import write_json  # noqa: E402  (light imports: the parent never loads torch itself)
 from qlora_nli.params import check_params  # noqa: E402
 
@@ -65,8 +65,8 @@ SETTLE_SECONDS = 1.0  # competitors running at full speed before a side starts
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=96, help="first N pairs of data/train.jsonl (default 96)")
     ap.add_argument("--max-batches", type=int, default=6, help="optimizer steps timed at most (default 6)")
     ap.add_argument("--n-test", type=int, default=24, help="first N pairs of data/test.jsonl scored (default 24)")

@@ -18,7 +18,6 @@ Targets (pass/fail in the JSON): the largest size's peak RSS and seconds per exa
 the smallest size's. Try it at tiny sizes first, e.g. --n-train 16 24 --set model.name=<tiny model dir>
 --set data.source=<dir> --set data.n_val=6 --set data.n_test=6.
 """
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, parse_value  # noqa: E402
-from qlora_nli.errors import NLIError  # noqa: E402
+from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
 from qlora_nli.io import read_json, write_json  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
 
@@ -45,7 +44,7 @@ TOLERANCE = 0.10  # the targets: within 10% of the smallest size
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, nargs="+", default=[1000, 6000])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/frozen_states_memory.json"))

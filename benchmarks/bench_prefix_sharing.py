@@ -24,7 +24,6 @@ Measured per path and set:
 Checks (in the JSON): the grouped scores equal the plain ones to atol 1e-4 with identical argmax, and scoring the last
 slice again (untimed) gives identical grouped scores.
 """
-import argparse
 import contextlib
 import logging
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PausedSweep, machine_info  # noqa: E402
+from qlora_nli.errors import ArgumentParser  # noqa: E402
 from qlora_nli.io import read_jsonl, write_json  # noqa: E402
 from qlora_nli.params import load_params  # noqa: E402
 from qlora_nli.prompts import format_prompt  # noqa: E402
@@ -46,7 +46,7 @@ PATHS = {"plain": False, "grouped": True}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO / "data/test.jsonl"), help="test pairs (dvc repro prepare writes them)")
     ap.add_argument("--n-pairs", type=int, default=100)
     ap.add_argument("--slice-pairs", type=int, default=10, help="pairs per timed score_labels call")

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import (MATMUL_SIZE, REPO, child_matmul, enter_repo, fmt, machine_info, matmul_peak,  # noqa: E402
                     parse_value, run_child, target_lines, time_dvc_noop)
 from qlora_nli.io import write_json  # noqa: E402  (light imports: the parent never loads torch)
-from qlora_nli.errors import NLIError  # noqa: E402
+from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
 from qlora_nli.params import check_params  # noqa: E402
 from flops import FLOPS_FORMULA, flops  # noqa: E402
 from train_naive import child_naive  # noqa: E402  (the sides import torch only when their child runs)
@@ -74,8 +74,8 @@ TARGETS = {"train_speedup": 2.0, "eval_speedup": 10.0, "ours_peak_rss_mb": 2048.
 # ------------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=1, help="training epochs, both sides (default 1)")
     ap.add_argument("--n-train", type=int, default=1000, help="first N pairs of data/train.jsonl")
     ap.add_argument("--n-test", type=int, default=100, help="first N pairs of data/test.jsonl")

@@ -6,7 +6,6 @@ wrote; then lm-evaluation-harness on the same exports, with the task files `nli-
 
 Every export goes to a temporary directory; nothing in the workspace changes except the results file.
 """
-import argparse
 import glob
 import json
 import os
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qlora_nli.errors import ArgumentParser  # noqa: E402
 from qlora_nli.export import export_merged  # noqa: E402
 from qlora_nli.lm_eval_tasks import pipeline_sets  # noqa: E402
 from qlora_nli.params import load_params  # noqa: E402
@@ -53,7 +53,7 @@ def lm_eval(model_dir, tasks, work):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/export.json"))
     parser.add_argument("--no-lm-eval", dest="lm_eval", action="store_false")
     parser.add_argument("--tasks", nargs="+", default=["qlora_nli_test"], help="lm-eval tasks to run (of the export's)")

@@ -39,7 +39,6 @@ Recorded per run:
 Also: the versions of torch, transformers, peft, accelerate, bitsandbytes, tokenizers and safetensors found, against
 requirements.txt.
 """
-import argparse
 import importlib.util
 import json
 import logging
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
 from common import REPO, fmt, parse_value  # noqa: E402
 from qlora_nli.distributed import SAME_RESULT_RELATIVE  # noqa: E402
+from qlora_nli.errors import ArgumentParser  # noqa: E402
 from qlora_nli.io import write_json  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -89,7 +89,7 @@ SHIMS = Path(__file__).resolve().parent / "gpu_check_shims"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pack = sub.add_parser("pack", help="write what a bare GPU machine lacks into --pack (run here)")
     pack.add_argument("--pack", default=str(REPO / ".gpu_check"))

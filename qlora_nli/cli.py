@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from qlora_nli import lm_eval_tasks, threads
-from qlora_nli.errors import DataError, RunError, run_stage
-from qlora_nli.export import DTYPES, MERGE_INTO, check_out_dir, export_merged
+from qlora_nli.artifacts import check_adapter_dir
+from qlora_nli.errors import ArgumentParser, DataError, RunError, run_stage
+from qlora_nli.export import DTYPES, EXPORT_WITHOUT_ADAPTER, MERGE_INTO, check_out_dir, export_merged
 from qlora_nli.io import write_jsonl
 from qlora_nli.modeling import pick_device
 from qlora_nli.params import check_params, load_params
-from qlora_nli.predict import check_adapter_dir, check_given_pair, load_model, predict_rows, read_pairs
+from qlora_nli.predict import WITHOUT_ADAPTER, check_given_pair, load_model, predict_rows, read_pairs
 
 log = logging.getLogger("nli-export")
 DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
@@ -42,7 +43,7 @@ def predict_main(args):
     params = _params(args, **{"prompt.template": args.template, "model.device": args.device,
                               "model.load_in_4bit": args.load_in_4bit, "evaluate.batch_size": args.batch_size})
     if args.adapter is not None:
-        check_adapter_dir(args.adapter)  # before reading stdin, which may take long to end
+        check_adapter_dir(args.adapter, "--adapter", WITHOUT_ADAPTER)  # before reading stdin, which may take long
     if args.premise is not None:
         rows, where = check_given_pair(args.premise, args.hypothesis), ["--premise and --hypothesis"]
     elif args.input not in (None, "-"):
@@ -69,7 +70,7 @@ def export_main(args):
     params = _params(args)
     check_out_dir(args.out, args.overwrite)  # before the warnings below: a bad option is the one line printed
     if args.adapter is not None:
-        check_adapter_dir(args.adapter, or_else=", or leave --adapter out to export the base model")
+        check_adapter_dir(args.adapter, "--adapter", EXPORT_WITHOUT_ADAPTER)
     card = args.card if args.adapter is not None else None  # the card describes the adapter
     if card == DEFAULT_CARD and not Path(card).is_file():
         log.warning("no model card in the export: %s does not exist (`dvc repro report` writes it)", card)
@@ -84,7 +85,7 @@ def export_main(args):
 
 
 def predict_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nli-predict", description="Classify premise/hypothesis pairs; one JSON line per pair on stdout: the "
         "input keys plus prediction (label word) and probabilities (softmax of the three label log-likelihoods).")
     given = parser.add_mutually_exclusive_group()
@@ -105,7 +106,7 @@ def predict_parser():
 
 
 def export_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nli-export", description="Merge a LoRA adapter into the weights it was trained against (the "
         "dequantized 4-bit base, for QLoRA) and save a standalone Hugging Face model directory that loads without "
         "peft and predicts what `evaluate` measured; with its model card, lm-eval tasks and optionally GGUF.")
@@ -145,6 +146,10 @@ def export(argv=None):
 
 if __name__ == "__main__":
     commands = {"predict": predict, "export": export}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m qlora_nli.cli {{{','.join(commands)}}} [options]  (--help for each)")
-    commands[sys.argv[1]](sys.argv[2:])
+    parser = ArgumentParser(prog="python -m qlora_nli.cli", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=list(commands), help="nli-predict or nli-export (--help after it: its options)")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if len(sys.argv) < 2:
+        parser.error(f"no command; give one of {', '.join(commands)}")
+    given = parser.parse_args()
+    commands[given.command](given.options)

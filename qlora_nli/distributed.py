@@ -11,17 +11,23 @@ A process that torchrun started (LOCAL_RANK is set) never re-executes, so launch
 number of processes, and a param would enter dvc.lock and change the stages' hashes.
 """
 import atexit
+import io
 import logging
+import math
 import os
 import shlex
+import signal
 import sys
-from contextlib import contextmanager
+import tempfile
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from qlora_nli.errors import ParamsError, RunError
+from qlora_nli import threads
+from qlora_nli.errors import RANK_LINES, ParamsError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +72,11 @@ def torchrun_arguments(value):
     value = value.strip()
     if value in ("", "1"):
         return []
-    if value.isdigit():
+    if value.lstrip("+-").isdigit():  # a count, "-1" included (not torchrun arguments)
         if int(value) < 1:
-            raise ParamsError(f"{SWITCH}={value}: the number of processes must be at least 1; unset it for one process")
+            raise ParamsError(f"{SWITCH}={value}: a process count must be at least 1, and {value} is "
+                              f"{'negative' if int(value) < 0 else 'zero'}; give 2 or more processes, or unset it "
+                              f"for one process")
         return ["--standalone", f"--nproc-per-node={int(value)}"]
     arguments = shlex.split(value)
     if not any(a.startswith(("--nproc-per-node", "--nproc_per_node")) for a in arguments):
@@ -103,18 +111,12 @@ def start(device):
     if "LOCAL_RANK" not in os.environ:
         arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
         if arguments:
+            check_process_count(arguments, device)
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
                 # one OpenMP thread, and threads.configure gives it its share of the cores (or train.num_threads).
                 os.environ["OMP_NUM_THREADS"] = "1"
-            arguments = per_stage_rendezvous(arguments, _this_program())
-            command = [sys.executable, "-m", "torch.distributed.run", *arguments, *_this_program()]
-            log.info("%s: %s", SWITCH, shlex.join(command))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if node_count(arguments) > 1:
-                run_across_nodes(command, _this_program())  # never returns
-            os.execv(sys.executable, command)
+            launch(per_stage_rendezvous(arguments, _this_program()))  # ends this process with the ranks' status
         return SINGLE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -131,6 +133,118 @@ def start(device):
                   local_world_size=local_world_size, backend=backend)
     log.info("rank %d of %d (%s)", ranks.rank, ranks.world_size, backend)
     return ranks
+
+
+NPROC_OPTIONS = ("--nproc-per-node", "--nproc_per_node")
+NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")  # counts torchrun resolves itself, from this machine's devices
+
+
+def usable_cpus():
+    """(CPU cores this process's ranks can run on, why): the CPUs of its affinity mask, no more than its cgroup quota
+    (rounded up: a fraction of a core still runs a rank), as qlora_nli/threads.py reads them."""
+    cpus = len(threads.affinity_cpus())
+    quota = threads.cgroup_quota()
+    if quota is not None and math.ceil(quota) < cpus:
+        return math.ceil(quota), f"cgroup quota {quota:g} CPUs"
+    return cpus, f"{cpus} CPUs in this process's affinity"
+
+
+def check_process_count(arguments, device):
+    """Before torchrun starts anything: a --nproc-per-node that torchrun would fail on with a traceback (0, negative,
+    not a number), and more ranks on this machine than it has usable cores, are one ParamsError line. Every rank holds
+    a whole copy of the model and computes with at least one core of its own; ranks beyond the cores only time-share
+    them, adding memory and communication, never speed, and the result is the same at any count (docs/distributed.md).
+    On a GPU, ranks beyond the GPU count share GPUs (correct, each with its own copy of the model in that GPU's
+    memory): a warning."""
+    value = next((argument.partition("=")[2] or (arguments[i + 1] if i + 1 < len(arguments) else "")
+                  for i, argument in enumerate(arguments) if argument.partition("=")[0] in NPROC_OPTIONS), None)
+    if value is None or value in NPROC_WORDS:
+        return
+    fix = "give a positive count (e.g. --nproc-per-node=2), or unset it for one process"
+    if not value.lstrip("+-").isdigit():
+        raise ParamsError(f"{SWITCH}: --nproc-per-node={value!r} is not a process count; allowed: an integer >= 1 or "
+                          f"one of {', '.join(NPROC_WORDS)}; {fix}")
+    count = int(value)
+    if count < 1:
+        raise ParamsError(f"{SWITCH}: --nproc-per-node={value}: a process count must be at least 1; {fix}")
+    cores, why = usable_cpus()
+    if count > cores:
+        raise ParamsError(f"{SWITCH}: {count} processes on this machine, which has {cores} usable CPU cores ({why}); "
+                          f"each rank holds a copy of the model and needs a core of its own, so more ranks only add "
+                          f"memory, not speed; use at most {cores} (or unset it for one process)")
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and count > n_gpus:
+        log.warning("%s: %d ranks on %d GPU(s): ranks share GPUs, each holding its own copy of the model in that GPU's "
+                    "memory (correct, not faster)", SWITCH, count, n_gpus)
+
+
+def launch(arguments):
+    """Run this program on the ranks `arguments` ask torchrun for, with torchrun's launcher in this process, then end
+    the process with the ranks' exit status. A rank that stops on a library error leaves its line to this launcher
+    (errors.exit_with), which prints one line for all ranks (rank 0's where it has one) instead of a line per rank
+    under torchrun's ChildFailedError traceback; a rank that crashes or is killed prints its own output, and this
+    launcher one line naming it."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+
+    command = [*arguments, *_this_program()]
+    log.info("%s: %s", SWITCH, shlex.join([sys.executable, "-m", "torch.distributed.run", *command]))
+    try:
+        with redirect_stderr(io.StringIO()) as said:  # torchrun's usage and error, to end in one line
+            torchrun_args = torchrun.parse_args(command)
+    except SystemExit:
+        last = (said.getvalue().strip().splitlines() or ["cannot parse them"])[-1]
+        raise ParamsError(f"{SWITCH}='{os.environ.get(SWITCH, '')}': torchrun refuses its arguments ({last}); see "
+                          f"python -m torch.distributed.run --help") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryDirectory(prefix="qlora-nli-ranks-") as lines:
+        os.environ[RANK_LINES] = lines  # inherited by every rank torchrun starts
+        logging.disable(logging.ERROR)  # torchrun's own warnings and errors about the ranks: the line below says it
+        try:
+            torchrun.run(torchrun_args)
+            status, message = 0, None
+        except ChildFailedError as e:
+            status, message = _failure(e.failures, Path(lines), node_count(arguments))
+        except (RendezvousTimeoutError, RendezvousError) as e:  # several nodes: one never came, or no endpoint
+            status, message = 1, _rendezvous_failure(e, arguments)
+        except SignalException as e:  # this launcher was told to stop (Ctrl-C, SIGTERM): torchrun stopped the ranks
+            left = _rank_lines(Path(lines))
+            status, message = 128 + e.sigval, left[min(left)] if left else None
+        except Exception as e:  # noqa: BLE001  (rendezvous, port or store errors of torchrun itself)
+            status = 1
+            reason = " ".join(str(e).split())[:200]
+            message = f"{SWITCH}: torchrun could not run the ranks ({type(e).__name__}: {reason})"
+        finally:
+            logging.disable(logging.NOTSET)
+            del os.environ[RANK_LINES]
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _rank_lines(directory):
+    """{rank: its one-line error} of the ranks that left one in `directory`."""
+    return {int(path.name.split("-")[1]): path.read_text(encoding="utf-8") for path in directory.glob("rank-*")}
+
+
+def _failure(failures, directory, nodes=1):
+    """(exit status, the one line) for torchrun's {rank: ProcessFailure}. The line is the lowest rank's that left one
+    (rank 0's when it did). The status is that of a rank that exited with its line: a rank that failed first makes
+    torchrun stop the others (SIGTERM), possibly after they left the same line. With several `nodes`, a rank that
+    crashed or was killed (or lost a peer node) gets the way to go on."""
+    lines = _rank_lines(directory)
+    if lines:
+        codes = [failures[r].exitcode for r in sorted(lines) if r in failures and failures[r].exitcode > 0]
+        return (codes[0] if codes else 1), lines[min(lines)]
+    rank = min(failures)
+    code = failures[rank].exitcode
+    what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    again = ("; rerun `dvc repro` on every node: training resumes from the newest checkpoint every node holds"
+             if nodes > 1 else "")
+    return (code if code > 0 else 128 - code), f"{SWITCH}: rank {rank} failed ({what}); its output is above{again}"
 
 
 def pick_backend(device, local_world_size, n_gpus):
@@ -242,45 +356,22 @@ def per_stage_rendezvous(arguments, program):
     return [*arguments[:i], f"--rdzv-id={value}-{stage}", *rest]
 
 
-def run_across_nodes(command, program):
-    """Run torchrun (`command`: python -m torch.distributed.run ...) in this process and exit with its outcome; a
-    rendezvous that fails (a node that never arrives, an endpoint nobody serves) or a rank that fails is one line
-    (RunError), with no traceback. Nothing of the stage has run on this node then: no output is written."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+def _rendezvous_failure(error, arguments):
+    """The one line for a rendezvous of several nodes that failed: a node that never arrived within join_timeout, or
+    an endpoint nobody serves. Nothing of the stage has run on this node then: no output is written."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 
-    arguments = command[3:]
-    stage, (_, endpoint) = stage_name(program), _value_of(arguments, "--rdzv-endpoint", "--rdzv_endpoint")
+    stage, (_, endpoint) = stage_name(_this_program()), _value_of(arguments, "--rdzv-endpoint", "--rdzv_endpoint")
     _, rdzv_id = _value_of(arguments, "--rdzv-id", "--rdzv_id")
-    try:
-        torchrun.run(torchrun.parse_args(arguments))
-    except RendezvousTimeoutError:
-        raise RunError(f"{stage}: not all {node_count(arguments)} nodes joined the rendezvous {rdzv_id} at {endpoint} "
-                       f"within join_timeout={_rdzv_conf(arguments, 'join_timeout', DEFAULT_JOIN_TIMEOUT)} s; nothing "
-                       f"was written; start the same {SWITCH} (its own --node-rank) with `dvc repro` on every node, "
-                       f"or raise join_timeout in --rdzv-conf") from None
-    except RendezvousError as e:
-        raise RunError(f"{stage}: rendezvous {rdzv_id} at {endpoint} failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else 'no detail'}); nothing was written; check that node 0 "
-                       f"runs and that {endpoint} is its reachable address (read_timeout="
-                       f"{_rdzv_conf(arguments, 'read_timeout', DEFAULT_READ_TIMEOUT)} s)") from None
-    except ChildFailedError as e:
-        failed = ", ".join(f"rank {r} {_exit_description(f.exitcode)}" for r, f in sorted(e.failures.items()))
-        raise RunError(f"{stage}: {failed} on this node (its own message is above; a rank that lost a peer node "
-                       f"reports the connection); rerun `dvc repro` on every node: training resumes from the newest "
-                       f"checkpoint every node holds") from None
-    sys.exit(0)
-
-
-def _exit_description(code):
-    if code is not None and code < 0:
-        import signal
-        try:
-            return f"was killed ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"was killed (signal {-code})"
-    return f"exited with status {code}"
+    if isinstance(error, RendezvousTimeoutError):
+        return (f"{stage}: not all {node_count(arguments)} nodes joined the rendezvous {rdzv_id} at {endpoint} within "
+                f"join_timeout={_rdzv_conf(arguments, 'join_timeout', DEFAULT_JOIN_TIMEOUT)} s; nothing was written; "
+                f"start the same {SWITCH} (its own --node-rank) with `dvc repro` on every node, or raise join_timeout "
+                f"in --rdzv-conf")
+    return (f"{stage}: rendezvous {rdzv_id} at {endpoint} failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); nothing was written; check that node 0 "
+            f"runs and that {endpoint} is its reachable address (read_timeout="
+            f"{_rdzv_conf(arguments, 'read_timeout', DEFAULT_READ_TIMEOUT)} s)")
 
 
 def from_rank0(ranks, make):

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from qlora_nli import modeling
-from qlora_nli.artifacts import adapter_sha256
+from qlora_nli.artifacts import adapter_sha256, check_adapter_dir
 from qlora_nli.errors import ArtifactError
 from qlora_nli.io import atomic_path
-from qlora_nli.predict import check_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,9 @@ MERGE_INTO = {  # --merge-into: what EXPORT.json says the adapter was added to
     "original": "the base's original weights without 4-bit quantization, in float32 (not the weights the adapter "
                 "was trained against: it predicts differently from `evaluate`, docs/predict.md)",
 }
+# Ends the line of a missing --adapter: leaving it out is no fix when the fine-tuned model is wanted, only an option
+EXPORT_WITHOUT_ADAPTER = (" (without --adapter, nli-export exports the base model as evaluate@baseline scores it, "
+                          "not fine-tuned)")
 CARD = "README.md"  # the model card's name in an export (the Hugging Face Hub shows it)
 
 
@@ -42,8 +44,7 @@ def merged_model(model_params, adapter_dir, merge_into="trained"):
     if merge_into not in MERGE_INTO:
         raise ArtifactError(f"--merge-into {merge_into}: allowed: {', '.join(MERGE_INTO)}")
     if adapter_dir is not None:
-        check_adapter_dir(adapter_dir, or_else=", or leave --adapter out to export the base model as evaluate@baseline "
-                                               "scores it")
+        check_adapter_dir(adapter_dir, "--adapter", EXPORT_WITHOUT_ADAPTER)
         adapter_dir = str(adapter_dir)
     load_in_4bit = model_params["load_in_4bit"] and merge_into == "trained"
     params = {**model_params, "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}

@@ -9,32 +9,21 @@ from pathlib import Path
 import torch
 
 from qlora_nli import modeling
+from qlora_nli.artifacts import check_adapter_dir
 from qlora_nli.data import _json_lines
-from qlora_nli.errors import DataError, ModelLoadError
+from qlora_nli.errors import DataError
 from qlora_nli.prompts import LABELS, format_prompt, text_problem
 from qlora_nli.scoring import check_prompt_lengths, encode_answers, score_labels
 
 PAIR_KEYS = ("premise", "hypothesis")
-
-
-def check_adapter_dir(adapter_dir, or_else=", or leave --adapter out to use the base model"):
-    """A LoRA adapter directory as `finetune` saves it (adapter_config.json next to the weights); `or_else` ends
-    the fix of a missing one."""
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise ModelLoadError(f"--adapter {adapter_dir}: no such directory; train one with `dvc repro finetune` "
-                             f"(it writes models/adapter){or_else}")
-    if not (path / "adapter_config.json").is_file():
-        raise ModelLoadError(f"--adapter {adapter_dir}: no adapter_config.json in it; give the directory that "
-                             f"`finetune` wrote (models/adapter)")
-    return path
+WITHOUT_ADAPTER = " (without --adapter the base model predicts, not fine-tuned)"  # ends a missing --adapter's line
 
 
 def load_model(model_params, adapter_dir, device):
     """(model, tokenizer): the base as `model_params` say (4-bit or not), with the adapter if one is given (on the
     CPU merged into the dequantized weights: modeling.load_for_inference)."""
     if adapter_dir is not None:
-        check_adapter_dir(adapter_dir)
+        check_adapter_dir(adapter_dir, "--adapter", WITHOUT_ADAPTER)
         adapter_dir = str(adapter_dir)
     tokenizer = modeling.load_tokenizer(model_params["name"])
     model = modeling.load_for_inference(model_params, device, adapter_dir,

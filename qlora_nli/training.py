@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_nli import distributed, modeling, threads
+from qlora_nli.artifacts import ADAPTER_WEIGHTS, check_weights_file
 from qlora_nli.distributed import SINGLE, sum_gradients
 from qlora_nli.errors import CheckpointError, RunError
 from qlora_nli.io import atomic_path, tree_size_bytes
@@ -274,6 +275,9 @@ def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+CHECKPOINT_WEIGHTS = ADAPTER_WEIGHTS[0]  # the adapter weights save_adapter writes into a checkpoint, restore loads
+
+
 class Checkpoints:
     """`checkpoints/epoch-N/`: the adapter, `run.json` (which run and epoch), `state.pt` (optimizer, scheduler,
     RNG states, history) and `record.json` (`run_record`: the seconds each epoch took and what the run used, kept apart
@@ -355,6 +359,9 @@ class Checkpoints:
         directory = Path(directory)
         state_file = directory / "state.pt"
         fix = f"delete {self.root}/ to start fresh (rm -r {self.root})"
+        older = [e for e in self.epochs() if f"epoch-{e}" != directory.name]
+        if older:
+            fix = f"delete {directory} to resume from epoch-{older[-1]} (rm -r {directory}), or " + fix
         try:
             state = torch.load(state_file, weights_only=True)
         except pickle.UnpicklingError:
@@ -366,6 +373,13 @@ class Checkpoints:
                                   f"checkpoint); {fix}") from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
             raise CheckpointError(f"{state_file}: does not belong to {directory / 'run.json'}; {fix}")
+        # What `restore` loads into the model, checked before the base model loads. A checkpoint is written whole
+        # (renamed into place), so one with missing or damaged weights was changed by something else: refused, as a
+        # damaged state.pt is, rather than silently trained from an older epoch.
+        weights = directory / CHECKPOINT_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{directory}: no {CHECKPOINT_WEIGHTS}, the checkpoint is incomplete; {fix}")
+        check_weights_file(weights, fix, CheckpointError)
         return state["epoch"], directory, state
 
     def restore(self, checkpoint, model, optimizer, scheduler, scaler, rank=0):
@@ -375,7 +389,7 @@ class Checkpoints:
         from safetensors.torch import load_file
 
         epoch, directory, state = checkpoint
-        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, load_file(directory / CHECKPOINT_WEIGHTS))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

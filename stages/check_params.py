@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora_nli import modeling
 from qlora_nli.data import check_source
-from qlora_nli.errors import run_stage
+from qlora_nli.errors import run_stage, stage_arguments
 from qlora_nli.io import write_text
 from qlora_nli.params import check_split_size, load_params
 
@@ -65,4 +65,5 @@ def main():
 
 
 if __name__ == "__main__":
+    stage_arguments(__doc__)
     run_stage(main, log_format="%(name)s: %(message)s")

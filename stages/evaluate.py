@@ -27,7 +27,7 @@ from qlora_nli import distributed, modeling, threads
 from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
 from qlora_nli.calibration import calibration_summary
 from qlora_nli.code import code_sha256
-from qlora_nli.errors import ParamsError, RunError, run_stage
+from qlora_nli.errors import ParamsError, RunError, run_stage, stage_arguments
 from qlora_nli.io import all_or_none, file_sha256, write_json, write_jsonl, write_text
 from qlora_nli.params import load_params
 from qlora_nli.probes import perturb, probe_summary
@@ -226,4 +226,4 @@ def main(name):
 
 
 if __name__ == "__main__":
-    run_stage(main, sys.argv[1] if len(sys.argv) > 1 else "")
+    run_stage(main, stage_arguments(__doc__, model=list(ADAPTERS)).model)

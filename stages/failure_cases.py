@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from qlora_nli import markdown as md
-from qlora_nli.errors import ArtifactError, run_stage
+from qlora_nli.errors import ArtifactError, run_stage, stage_arguments
 from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
                                 error_rates_by_slice, explain, pair_features, slices_of, tag_features)
 from qlora_nli.artifacts import prediction_row_problem, read_rows
@@ -296,4 +296,5 @@ def main():
 
 
 if __name__ == "__main__":
+    stage_arguments(__doc__)
     run_stage(main, log_format="%(name)s: %(message)s")

@@ -16,7 +16,7 @@ import torch
 from dvclive import Live
 
 from qlora_nli import distributed, modeling, threads
-from qlora_nli.errors import on_interrupt, run_stage
+from qlora_nli.errors import on_interrupt, run_stage, stage_arguments
 from qlora_nli.artifacts import data_row_problem, read_rows
 from qlora_nli.code import code_sha256
 from qlora_nli.io import all_or_none, file_sha256, write_json
@@ -122,4 +122,5 @@ def main():
 
 
 if __name__ == "__main__":
+    stage_arguments(__doc__)
     run_stage(main)

@@ -7,7 +7,7 @@ data/manifest.json saying where the data came from, the hash of each raw split a
 import logging
 
 from qlora_nli.data import SPLITS, Source, evenly_spaced, load_splits
-from qlora_nli.errors import run_stage
+from qlora_nli.errors import run_stage, stage_arguments
 from qlora_nli.io import all_or_none, write_json, write_jsonl
 from qlora_nli.params import load_params
 
@@ -67,4 +67,5 @@ def main():
 
 
 if __name__ == "__main__":
+    stage_arguments(__doc__)
     run_stage(main)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qlora_nli import artifacts, figures, model_card
 from qlora_nli import markdown as md
-from qlora_nli.errors import ArtifactError, run_stage
+from qlora_nli.errors import ArtifactError, run_stage, stage_arguments
 from qlora_nli.features import EVIDENCE_MIN_N, error_change
 from qlora_nli.io import all_or_none, write_text
 from qlora_nli.params import load_params
@@ -359,4 +359,5 @@ def main():
 
 
 if __name__ == "__main__":
+    stage_arguments(__doc__)
     run_stage(main, log_format="%(name)s: %(message)s")

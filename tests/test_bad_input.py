@@ -18,7 +18,7 @@ import yaml
 from pipeline import dvc, make_project, run, set_param, stages_run
 from test_failure_cases_and_report import prediction_rows, workdir, write  # noqa: F401  (workdir: a fixture)
 from test_predict_export import project  # noqa: F401  (a fixture: a tiny model and params.yaml naming it)
-from tiny import made_up_pairs, make_tiny_model
+from tiny import TINY_SAFETENSORS, made_up_pairs, make_tiny_model
 
 from qlora_nli import errors, hub, modeling
 from qlora_nli.data import load_splits
@@ -66,7 +66,7 @@ def stage_dir(tmp_path, monkeypatch):
     adapter = tmp_path / "models/adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    (adapter / "adapter_model.safetensors").write_bytes(b"made-up")
+    (adapter / "adapter_model.safetensors").write_bytes(TINY_SAFETENSORS)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -47,21 +47,16 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     node (torch/distributed/run.py), then sets 1; `start` sets that value before re-executing."""
     import os
 
-    from torch.distributed import run as torch_run
-
     from qlora_nli import distributed
 
     started = {}
 
-    def execv(path, command):
-        started.update(command=command, omp=os.environ.get("OMP_NUM_THREADS"))
-        raise SystemExit  # instead of becoming torchrun
+    def launch(arguments):
+        started.update(arguments=arguments, omp=os.environ.get("OMP_NUM_THREADS"))
+        raise SystemExit  # instead of starting torchrun
 
-    def run_here(arguments):  # several nodes: torchrun runs in the stage's process (distributed.run_across_nodes)
-        execv(None, [None, "-m", "torch.distributed.run"])
-
-    monkeypatch.setattr(os, "execv", execv)
-    monkeypatch.setattr(torch_run, "run", run_here)
+    monkeypatch.setattr(distributed, "launch", launch)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: (8, "8 CPUs (made up)"))  # room for 4 ranks
     monkeypatch.setenv("OMP_NUM_THREADS", "unset below")  # recorded, so that the test leaves it as it found it
     monkeypatch.delenv("OMP_NUM_THREADS")
     if preset is not None:
@@ -70,7 +65,8 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", switch)
     with pytest.raises(SystemExit):
         distributed.start("cpu")
-    assert started["command"][1:3] == ["-m", "torch.distributed.run"] and started["omp"] == expected
+    given = torchrun_arguments(switch)  # several nodes: a per-stage --rdzv-id follows (test_multinode.py)
+    assert started["arguments"][:len(given)] == given and started["omp"] == expected
 
 
 def test_backend_is_nccl_only_with_a_gpu_per_rank():

@@ -186,7 +186,8 @@ def test_a_node_killed_after_an_epoch_resumes_with_the_other(nodes, tmp_path):
         assert code != 0, f"node {node}:\n{output[-3000:]}"
         assert sorted(p.name for p in (roots[node] / "checkpoints").iterdir()) == ["epoch-1"], node
         assert not (roots[node] / "models/adapter").exists()
-    assert re.search(r"finetune: rank [01] was killed \(SIGKILL\) on this node", killed[1][1]), killed[1][1][-3000:]
+    assert re.search(r"QLORA_NLI_TORCHRUN: rank [01] failed \(killed by SIGKILL\); its output is above; rerun `dvc "
+                     r"repro` on every node", killed[1][1]), killed[1][1][-3000:]
     resumed = _repro(roots, "finetune")
     uninterrupted = nodes[0][0]
     for node, (code, output, _) in enumerate(resumed):

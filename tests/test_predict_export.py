@@ -124,7 +124,9 @@ ERRORS = {
     "not an object": (["predict", "--input", "in.jsonl"], '["a", "b"]\n', "in.jsonl line 1: expected an object"),
     "export of a missing adapter": (["export", "--adapter", "no-such-dir", "--out", "merged"], None,
                                     "--adapter no-such-dir: no such directory; train one with `dvc repro finetune` (it "
-                                    "writes models/adapter), or leave --adapter out to export the base model"),
+                                    "writes models/adapter) or restore the committed one with `dvc checkout "
+                                    "models/adapter` (without --adapter, nli-export exports the base model as "
+                                    "evaluate@baseline scores it, not fine-tuned)"),
     "export over a directory": (["export", "--adapter", "no-such-dir", "--out", "."], None, "--out .: already exists"),
 }
 

@@ -10,6 +10,7 @@ import yaml
 
 from qlora_nli.stats import classification_metrics
 from test_failure_cases_and_report import ROOT, read, run_ok, train_metrics, write
+from tiny import TINY_SAFETENSORS
 
 # (id, premise, hypothesis, gold, baseline pred, fine-tuned pred); made up, not SNLI. Slices by hand (overlap of the
 # hypothesis' content words with the premise; negation word; hypothesis length in words):
@@ -67,7 +68,7 @@ def workdir(tmp_path):
         (tmp_path / "evidence" / which / "probes.jsonl").write_text("")  # evaluate.probes: []
     write(tmp_path / "metrics/train.json", train_metrics())
     write(tmp_path / "models/adapter/adapter_config.json", {"peft_type": "LORA"})  # the card names its hash
-    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(b"made-up adapter weights")
+    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(TINY_SAFETENSORS)
     write(tmp_path / "data/manifest.json", {"source": "made-up", "read_from": "made-up", "raw_sha256": {},
                                             "counts": {}})
     run_ok("failure_cases", tmp_path)

@@ -6,6 +6,7 @@ import torch
 
 from qlora_nli.distributed import SINGLE
 from qlora_nli.training import Checkpoints, TrainingSetup, carried_epoch_seconds, train_metrics
+from tiny import TINY_SAFETENSORS
 
 PARAMS = {"model": {"name": "tiny", "load_in_4bit": True}}
 RECORD = {"epoch_seconds": {"1": 12.3456, "2": 7.25}, "device": "cpu (earlier machine)", "world_size": 2,
@@ -75,6 +76,7 @@ def test_resume_false_deletes_the_checkpoints_of_this_very_run(tmp_path, resume)
     directory.mkdir(parents=True)
     (directory / "run.json").write_text(json.dumps({"fingerprint": "run-a", "epoch": 1}))
     torch.save({"fingerprint": "run-a", "epoch": 1}, directory / "state.pt")
+    (directory / "adapter_model.safetensors").write_bytes(TINY_SAFETENSORS)
     found = Checkpoints(root, "run-a", resume=resume).latest()
     if resume:
         assert found[0] == 1 and found[1] == directory

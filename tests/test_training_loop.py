@@ -13,7 +13,7 @@ from qlora_nli import modeling, training
 from qlora_nli.prompts import TEMPLATE
 from qlora_nli.scoring import encode_answers, encode_prompts
 from qlora_nli.training import Checkpoints, epoch_batches, make_scheduler, train_one_epoch, train_remaining_epochs
-from tiny import made_up_pairs
+from tiny import TINY_SAFETENSORS, made_up_pairs
 
 
 def _lora_model(path, dropout=0.0):
@@ -99,6 +99,7 @@ def _write_checkpoint(root, epoch, fingerprint="run-a"):
     directory.mkdir(parents=True)
     (directory / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "epoch": epoch}))
     torch.save({"fingerprint": fingerprint, "epoch": epoch}, directory / "state.pt")
+    (directory / "adapter_model.safetensors").write_bytes(TINY_SAFETENSORS)
 
 
 def test_latest_is_the_newest_epoch_by_number(tmp_path):

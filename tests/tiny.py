@@ -70,6 +70,12 @@ def make_tiny_model(arch, path, seed=0, **overrides):
     return Path(path)
 
 
+# The smallest valid safetensors file, written by hand from the format (8-byte little-endian header length, the JSON
+# header, the data): one float32 zero named "w". For fixtures whose weights are checked as readable, not loaded.
+_HEADER = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+TINY_SAFETENSORS = len(_HEADER).to_bytes(8, "little") + _HEADER + bytes(4)
+
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": "all"}
 
 

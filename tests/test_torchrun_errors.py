@@ -1,0 +1,119 @@
+"""Under QLORA_NLI_TORCHRUN: a bad switch or process count is one line before any rank starts, and a rank's one-line
+error is printed once, by the launcher, without torchrun's ChildFailedError traceback."""
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import make_project, run
+from qlora_nli import distributed, errors, threads
+from qlora_nli.distributed import check_process_count, torchrun_arguments
+from qlora_nli.errors import ParamsError
+
+
+def one_line(call):
+    with pytest.raises(ParamsError) as e:
+        call()
+    message = str(e.value)
+    assert message and "\n" not in message and message.startswith("QLORA_NLI_TORCHRUN")
+    return message
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend this process may run on `n` CPUs (affinity) under cgroup quota `quota` (None: no quota)."""
+    def set_cores(n, quota=None):
+        monkeypatch.setattr(threads, "affinity_cpus", lambda: list(range(n)))
+        monkeypatch.setattr(threads, "cgroup_quota", lambda *args, **kwargs: quota)
+    return set_cores
+
+
+@pytest.mark.parametrize("value, fragment", [("-1", "-1 is negative"), ("0", "0 is zero"), ("-0", "is zero")])
+def test_a_count_below_one_says_what_is_wrong(value, fragment):
+    message = one_line(lambda: torchrun_arguments(value))
+    assert fragment in message and "unset it for one process" in message and "names no" not in message
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--standalone", "--nproc-per-node=0"], "--nproc-per-node=0: a process count must be at least 1"),
+    (["--nnodes", "2", "--nproc-per-node", "0"], "--nproc-per-node=0: a process count must be at least 1"),
+    (["--nproc_per_node=-3"], "--nproc-per-node=-3: a process count must be at least 1"),
+    (["--nproc-per-node=two"], "--nproc-per-node='two' is not a process count"),
+    (["--nproc-per-node"], "--nproc-per-node='' is not a process count"),
+])
+def test_a_bad_nproc_per_node_is_one_line(arguments, fragment, cores):
+    cores(2)
+    assert fragment in one_line(lambda: check_process_count(arguments, "cpu"))
+
+
+@pytest.mark.parametrize("n_cpus, quota, count, refused_above", [
+    (2, None, 2, None),
+    (2, None, 3, 2),
+    (2, None, 64, 2),
+    (16, 1.5, 2, None),   # a fraction of a core still runs a rank: 1.5 is rounded up to 2
+    (16, 1.5, 3, 2),
+    (4, None, "auto", None),  # torchrun resolves the words from the machine's devices
+])
+def test_more_ranks_than_usable_cores_are_refused(cores, n_cpus, quota, count, refused_above):
+    cores(n_cpus, quota)
+    arguments = ["--standalone", f"--nproc-per-node={count}"]
+    if refused_above is None:
+        check_process_count(arguments, "cpu")
+        return
+    message = one_line(lambda: check_process_count(arguments, "cpu"))
+    assert f"{count} processes on this machine, which has {refused_above} usable CPU cores" in message
+    assert f"use at most {refused_above}" in message
+
+
+def test_start_refuses_64_ranks_on_2_cores_before_launching(cores, monkeypatch):
+    cores(2)
+    launched = []
+    monkeypatch.setattr(distributed, "launch", launched.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("QLORA_NLI_TORCHRUN", "64")
+    one_line(lambda: distributed.start("cpu"))
+    assert launched == []
+    monkeypatch.setenv("QLORA_NLI_TORCHRUN", "2")
+    distributed.start("cpu")
+    assert launched == [["--standalone", "--nproc-per-node=2"]]
+
+
+def test_a_rank_leaves_its_line_to_the_launcher(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(errors.RANK_LINES, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        errors.run_stage(lambda: (_ for _ in ()).throw(ParamsError("train.epochs = 0 is out of range")))
+    assert e.value.code == 1 and capsys.readouterr().err == ""
+    assert (tmp_path / "rank-1").read_text() == "train.epochs = 0 is out of range"
+
+
+def test_the_launcher_prints_the_lowest_ranks_line_once(tmp_path):
+    failures = {0: SimpleNamespace(exitcode=1), 1: SimpleNamespace(exitcode=1)}
+    (tmp_path / "rank-1").write_text("line of rank 1")
+    (tmp_path / "rank-0").write_text("line of rank 0")
+    assert distributed._failure(failures, tmp_path) == (1, "line of rank 0")
+    # rank 1 failed first and torchrun stopped rank 0 (SIGTERM) after it had left its line: the status is rank 1's
+    assert distributed._failure({0: SimpleNamespace(exitcode=-15), 1: SimpleNamespace(exitcode=1)},
+                                tmp_path) == (1, "line of rank 0")
+    (tmp_path / "rank-0").unlink()
+    assert distributed._failure({1: SimpleNamespace(exitcode=1)}, tmp_path) == (1, "line of rank 1")
+
+
+def test_a_killed_rank_is_named_with_the_shells_exit_status(tmp_path):
+    status, line = distributed._failure({1: SimpleNamespace(exitcode=-9), 3: SimpleNamespace(exitcode=1)}, tmp_path)
+    assert status == 128 + 9 and line == "QLORA_NLI_TORCHRUN: rank 1 failed (killed by SIGKILL); its output is above"
+
+
+@pytest.mark.slow
+def test_a_ranks_error_is_one_line_without_torchruns_traceback(tmp_path):
+    """compute_dtype float16 passes params.yaml's value checks and is refused on the CPU by every rank after they
+    start: the launcher prints the line once and exits 1."""
+    root = make_project(tmp_path / "project", overrides={"model.compute_dtype": "float16"})
+    run(["python", "-m", "stages.prepare"], root)
+    result = run(["python", "-m", "stages.evaluate", "baseline"], root, check=False,
+                 extra_env={"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
+    line = "params.yaml model.compute_dtype = float16 on CPU"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count(line) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(line)
+    assert not (root / "metrics").exists() and not (root / "predictions").exists()
