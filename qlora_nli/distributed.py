@@ -105,13 +105,15 @@ def _this_program():
     return sys.argv
 
 
-def start(device):
+def start(device, weights_bytes=None):
     """First call of a stage: re-execute under torchrun if the switch asks for it (this call then never returns),
-    else join the process group when torchrun started this process. Returns this process's Ranks."""
+    else join the process group when torchrun started this process. Returns this process's Ranks. `weights_bytes`
+    (a callable, asked only when the switch is set): about how much memory one rank's copy of the model takes, for
+    the check of the process count against this machine's memory."""
     if "LOCAL_RANK" not in os.environ:
         arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
         if arguments:
-            check_process_count(arguments, device)
+            check_process_count(arguments, device, weights_bytes() if weights_bytes else None)
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
                 # one OpenMP thread, and threads.configure gives it its share of the cores (or train.num_threads).
@@ -149,7 +151,22 @@ def usable_cpus():
     return cpus, f"{cpus} CPUs in this process's affinity"
 
 
-def check_process_count(arguments, device):
+def available_memory(device, n_gpus=0):
+    """(bytes a rank may use, where): the free memory of the emptiest GPU, or the machine's MemAvailable on CPU;
+    (None, why) where it cannot be read."""
+    if device == "cuda":
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)]
+        return (min(free), "free on the emptiest GPU") if free else (None, "no GPU")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "/proc/meminfo unreadable"
+
+
+def check_process_count(arguments, device, weights_bytes=None):
     """Before torchrun starts anything: a --nproc-per-node that torchrun would fail on with a traceback (0, negative,
     not a number), and more ranks on this machine than it has usable cores, are one ParamsError line. Every rank holds
     a whole copy of the model and computes with at least one core of its own; ranks beyond the cores only time-share
@@ -176,6 +193,15 @@ def check_process_count(arguments, device):
     if device == "cuda" and count > n_gpus:
         log.warning("%s: %d ranks on %d GPU(s): ranks share GPUs, each holding its own copy of the model in that GPU's "
                     "memory (correct, not faster)", SWITCH, count, n_gpus)
+    # Memory: every rank holds the weights; activations come on top, so `weights_bytes` is a floor of what a rank
+    # needs, and a count whose floor does not fit is refused (one that fits may still run out, later)
+    sharing = math.ceil(count / n_gpus) if device == "cuda" and n_gpus else count
+    available, where = available_memory(device, n_gpus)
+    if weights_bytes and available is not None and sharing * weights_bytes > available:
+        fit = max(1, available // weights_bytes) * (n_gpus if device == "cuda" and n_gpus else 1)
+        raise ParamsError(f"{SWITCH}: {count} processes need at least {sharing} x {weights_bytes / 2**30:.1f} GiB for "
+                          f"their copies of the model's weights{' on one GPU' if device == 'cuda' else ''}, more than "
+                          f"the {available / 2**30:.1f} GiB {where}; use at most {fit} (or unset it for one process)")
 
 
 def launch(arguments):

@@ -237,6 +237,20 @@ def config_context(config):
     return None
 
 
+def weights_bytes(model_params, device):
+    """A floor of the memory the model's weights take once loaded as `model_params` says, from its config alone (no
+    weights load): per layer the attention's query and output projections (2 h^2) and two MLP matrices (2 h i), in
+    4-bit NF4 or the compute dtype, plus one embedding matrix in the compute dtype. Grouped key/value heads, a third
+    MLP matrix, an untied output layer, activations, optimizer state and the frozen-block states all come on top."""
+    config = load_config(model_params["name"], model_params["trust_remote_code"])
+    config = getattr(config, "text_config", None) or config
+    h, layers = getattr(config, "hidden_size", 0), getattr(config, "num_hidden_layers", 0)
+    vocab, inner = getattr(config, "vocab_size", 0), getattr(config, "intermediate_size", None) or 4 * h
+    compute = torch.tensor([], dtype=pick_compute_dtype(device, model_params["compute_dtype"])).element_size()
+    linear = layers * (2 * h * h + 2 * h * inner) * (0.5 if model_params["load_in_4bit"] else compute)
+    return int(linear + vocab * h * compute)
+
+
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
 

@@ -133,7 +133,7 @@ def main(name):
     params = load_params()
     p = params["evaluate"]
     device = modeling.pick_device(params["model"]["device"])
-    ranks = distributed.start(device)
+    ranks = distributed.start(device, lambda: modeling.weights_bytes(params["model"], device))
     threads.configure(params["train"]["num_threads"], ranks.local_world_size)
     test_rows = read_rows("data/test.jsonl", data_row_problem)
     val_rows = read_rows("data/validation.jsonl", data_row_problem)

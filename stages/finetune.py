@@ -45,7 +45,7 @@ def main():
     params = load_params()
     t = params["train"]
     device = modeling.pick_device(params["model"]["device"])
-    ranks = distributed.start(device)
+    ranks = distributed.start(device, lambda: modeling.weights_bytes(params["model"], device))
     threads.configure(t["num_threads"], ranks.local_world_size)
     dtype = modeling.pick_compute_dtype(device, params["model"]["compute_dtype"])
     train_rows = read_rows("data/train.jsonl", data_row_problem)

@@ -497,18 +497,3 @@ def test_a_mirror_that_is_a_file(tmp_path, monkeypatch):
     assert one_line_error(lambda: resolve_source("stanfordnlp/snli")) == (
         f"data.source: NLI_DATA_MIRROR={tmp_path / 'mirror.tar'} is a file, not a directory; set it to the directory "
         f"that holds one folder per dataset (snli/, mnli/ ...), or unset it to use the Hub")
-
-
-MIRROR = Path("/work/shared/data")
-
-
-@pytest.mark.skipif(not (MIRROR / "snli").is_dir(), reason="no offline mirror of the real data on this machine")
-def test_the_real_data_pass_the_text_rules():
-    """The text rules refuse nothing of SNLI or the MultiNLI set, and the longest pair is far below the bounds."""
-    from qlora_nli.prompts import MAX_TEXT_CHARS
-
-    splits, info = load_splits(str(MIRROR / "snli"))
-    rows, counts, _ = data.Source(str(MIRROR / "mnli"), wanted=["validation_matched"]).read("validation_matched")
-    every = [r for split in splits.values() for r in split] + rows
-    assert len(every) == 18000 + 9842 + 9824 + 9815  # nothing refused or dropped (the manifest's raw counts)
-    assert max(len(r["premise"]) + len(r["hypothesis"]) for r in every) < MAX_TEXT_CHARS / 30

@@ -77,6 +77,52 @@ def test_start_refuses_64_ranks_on_2_cores_before_launching(cores, monkeypatch):
     assert launched == [["--standalone", "--nproc-per-node=2"]]
 
 
+def test_the_weights_floor_counts_the_config_by_hand(tmp_path):
+    import json
+
+    from tiny import make_tiny_model
+
+    from qlora_nli.modeling import weights_bytes
+
+    path = make_tiny_model("llama", tmp_path / "m")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    model = {"name": str(path), "trust_remote_code": False, "compute_dtype": "auto", "load_in_4bit": True}
+    # hidden 64, intermediate 128, 2 layers: 2 * (2 * 64 * 64 + 2 * 64 * 128) = 49,152 linear weights; float32 on CPU
+    assert weights_bytes(model, "cpu") == 49152 // 2 + vocab * 64 * 4        # NF4: half a byte each
+    assert weights_bytes({**model, "load_in_4bit": False}, "cpu") == 49152 * 4 + vocab * 64 * 4
+
+
+@pytest.mark.parametrize("device, gpus, free_gib, count, refused", [
+    ("cpu", 0, 10, 2, False),      # 2 x 4 GiB fit in 10
+    ("cpu", 0, 10, 3, True),       # 3 x 4 GiB do not
+    ("cuda", 2, 10, 4, False),     # 2 ranks per GPU: 2 x 4 GiB in 10 GiB each
+    ("cuda", 2, 10, 6, True),      # 3 ranks on one GPU
+    ("cuda", 2, 3, 2, True),       # one rank per GPU, and its 4 GiB do not fit in 3
+])
+def test_more_ranks_than_the_memory_holds_are_refused(cores, monkeypatch, device, gpus, free_gib, count, refused):
+    cores(16)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed.torch.cuda, "mem_get_info", lambda i: (free_gib * 2**30, 80 * 2**30))
+    monkeypatch.setattr(distributed, "available_memory",
+                        lambda device, n_gpus=0: (free_gib * 2**30, "made up") if device == "cpu" or n_gpus else
+                        (None, "no GPU"))
+    arguments = ["--standalone", f"--nproc-per-node={count}"]
+    if not refused:
+        check_process_count(arguments, device, 4 * 2**30)
+        return
+    message = one_line(lambda: check_process_count(arguments, device, 4 * 2**30))
+    assert f"x 4.0 GiB" in message and f"the {free_gib:.1f} GiB made up" in message
+
+
+def test_available_memory_reads_meminfo_and_the_emptiest_gpu(monkeypatch):
+    free = {0: 7 * 2**30, 1: 5 * 2**30}
+    monkeypatch.setattr(distributed.torch.cuda, "mem_get_info", lambda i: (free[i], 80 * 2**30))
+    assert distributed.available_memory("cuda", 2) == (5 * 2**30, "free on the emptiest GPU")
+    available, where = distributed.available_memory("cpu")
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+    assert available == int(meminfo["MemAvailable"].split()[0]) * 1024 and "MemAvailable" in where
+
+
 def test_a_rank_leaves_its_line_to_the_launcher(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(errors.RANK_LINES, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
