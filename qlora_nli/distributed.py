@@ -88,12 +88,8 @@ def torchrun_arguments(value):
 def _processes_per_node(arguments):
     """torchrun's --nproc-per-node among `arguments` as a number; 0 where it is a word torchrun resolves itself
     (auto, gpu, cpu, xpu)."""
-    for i, argument in enumerate(arguments):
-        name, _, value = argument.partition("=")
-        if name in ("--nproc-per-node", "--nproc_per_node"):
-            value = value or (arguments[i + 1] if i + 1 < len(arguments) else "")
-            return int(value) if value.isdigit() else 0
-    return 0
+    _, value = _value_of(arguments, *NPROC_OPTIONS)
+    return int(value) if value and value.isdigit() else 0
 
 
 def _this_program():
@@ -173,8 +169,7 @@ def check_process_count(arguments, device, weights_bytes=None):
     them, adding memory and communication, never speed, and the result is the same at any count (docs/distributed.md).
     On a GPU, ranks beyond the GPU count share GPUs (correct, each with its own copy of the model in that GPU's
     memory): a warning."""
-    value = next((argument.partition("=")[2] or (arguments[i + 1] if i + 1 < len(arguments) else "")
-                  for i, argument in enumerate(arguments) if argument.partition("=")[0] in NPROC_OPTIONS), None)
+    _, value = _value_of(arguments, *NPROC_OPTIONS)
     if value is None or value in NPROC_WORDS:
         return
     fix = "give a positive count (e.g. --nproc-per-node=2), or unset it for one process"

@@ -246,7 +246,7 @@ def weights_bytes(model_params, device):
     config = getattr(config, "text_config", None) or config
     h, layers = getattr(config, "hidden_size", 0), getattr(config, "num_hidden_layers", 0)
     vocab, inner = getattr(config, "vocab_size", 0), getattr(config, "intermediate_size", None) or 4 * h
-    compute = torch.tensor([], dtype=pick_compute_dtype(device, model_params["compute_dtype"])).element_size()
+    compute = pick_compute_dtype(device, model_params["compute_dtype"]).itemsize
     linear = layers * (2 * h * h + 2 * h * inner) * (0.5 if model_params["load_in_4bit"] else compute)
     return int(linear + vocab * h * compute)
 
