@@ -9,10 +9,10 @@ Reads data/train.jsonl and data/test.jsonl: run `dvc repro prepare` first. For e
 --busy (each `python -c 'while True: pass'`, started by this script before the sides and killed after them), every
 side runs in its own child process (benchmarks/common.run_child), the competitors running from its start (model
 loading included) to its end:
-  ours    params.yaml as it is (train.num_threads: 0, auto threads: chosen from the free cores, adapted while
+  ours    params.yaml as it is (compute.num_threads: 0, auto threads: chosen from the free cores, adapted while
           running): the package's training step (training.build_training, train_one_epoch per batch) and scoring
           (scoring.score_labels by label log-likelihood on the trained model)
-  fixed   the same code with train.num_threads: 2 (a fixed count, never adapted; the OpenMP runtime's default
+  fixed   the same code with compute.num_threads: 2 (a fixed count, never adapted; the OpenMP runtime's default
           waiting), what the default was before the auto choice
   naive   benchmarks/train_naive.py: transformers.Trainer with fixed-length padding, evaluation by generate + parse;
           torch's default threads (2 here), nothing adapted
@@ -26,7 +26,7 @@ Measured per side and number of competitors:
                      and the faster run counts, for each measure: other work on the machine only slows a run.
   scoring pairs/s    the first --n-test test pairs / seconds of one scoring call (ours, fixed: score_labels after a
                      2-pair warm-up; naive: generate + parse)
-  threads            the torch threads the side used (ours: the record of qlora_nli.threads.describe)
+  threads            the torch threads the side used (ours: the record of qlora_nli.runtime.threads.describe)
   idle pairs         first of all, --idle-pairs pairs of ours and fixed on the idle machine, back to back, the order
                      alternating (fixed first, then ours first, ...), each run timing all --max-batches steps (no
                      --train-seconds limit). A pair's ratio is ours / fixed over the same steps (the first left out);
@@ -51,9 +51,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
 from common import REPO, enter_repo, fmt, machine_info, run_child, target_lines  # noqa: E402
-from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
-from qlora_nli.io import write_json  # noqa: E402  (light imports: the parent never loads torch itself)
-from qlora_nli.params import check_params  # noqa: E402
+
+from qlora_nli.config import check_params
+from qlora_nli.runtime.errors import ArgumentParser, NLIError
+from qlora_nli.runtime.files import write_json
 
 log = logging.getLogger("bench_contention")
 
@@ -131,8 +132,8 @@ def side_params(side):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["epochs"] = 1
     if side == "fixed":
-        params["train"]["num_threads"] = FIXED_THREADS
-    return check_params(params, "params.yaml" + (f" + train.num_threads={FIXED_THREADS}" if side == "fixed" else ""))
+        params["compute"]["num_threads"] = FIXED_THREADS
+    return check_params(params, "params.yaml" + (f" + compute.num_threads={FIXED_THREADS}" if side == "fixed" else ""))
 
 
 def rate(examples, seconds, first, k):
@@ -300,14 +301,17 @@ def main(args):
 
 def child_pipeline(spec):
     """ours / fixed: the package's training step per batch and its scoring, threads by qlora_nli.threads."""
-    from qlora_nli import modeling, threads
-    from qlora_nli.training import build_training, epoch_batches, train_one_epoch
     from train_shared import predict, start_side
+
+    from qlora_nli.model import loading
+    from qlora_nli.runtime import threads
+    from qlora_nli.train.batches import epoch_batches
+    from qlora_nli.train.loop import build_training, train_one_epoch
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, _, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = start_side(spec)
     choice = threads.configure(t["num_threads"])
-    dtype = modeling.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
+    dtype = loading.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
     pad = tokenizer.pad_token_id
     setup = build_training(params, "cpu", dtype, prompt_ids, answer_ids, pad)
     result["frozen_pass_seconds"] = round(setup.frozen.seconds, 3) if setup.frozen is not None else None

@@ -44,8 +44,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
-from common import (REPO, PausedSweep, child_matmul, fmt, machine_info, matmul_peak, run_child,  # noqa: E402
-                    set_threads)
+from common import (  # noqa: E402
+    REPO,
+    PausedSweep,
+    child_matmul,
+    fmt,
+    machine_info,
+    matmul_peak,
+    run_child,
+    set_threads,
+)
 
 log = logging.getLogger("bench_eval")
 SIDES = ("this", "rev")
@@ -60,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--n", type=int, default=100, help="first N pairs of data/test.jsonl (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of this, REV (default 3)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads, both sides (default params train.num_threads; 0 = torch's default)")
+                    help="torch threads, both sides (default params compute.num_threads; 0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/eval.json", help="JSON results")
     # internal: how the parent starts a child
     ap.add_argument("--child", choices=("side", "matmul", "prompts"), help=argparse.SUPPRESS)
@@ -130,7 +138,7 @@ def main(args):
     test_file, adapter = REPO / "data/test.jsonl", REPO / "models/adapter"
     if not test_file.exists():
         raise SystemExit(f"{test_file} is missing: run `dvc repro prepare` first")
-    threads = params["train"]["num_threads"] if args.threads is None else args.threads
+    threads = params["compute"]["num_threads"] if args.threads is None else args.threads
     models = {"baseline": None}
     if adapter.exists():
         models["finetuned"] = str(adapter)
@@ -204,6 +212,8 @@ def main(args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def _load(modeling, model_params, adapter):
+    """`modeling`: the tree's model-loading namespace (qlora_nli.modeling in flat trees, a namespace of
+    qlora_nli.model.loading and qlora_nli.model.adapters in packaged ones)."""
     if hasattr(modeling, "load_for_inference"):
         model, loader = modeling.load_for_inference(model_params, "cpu", adapter), "load_for_inference"
     else:
@@ -221,7 +231,10 @@ def _load(modeling, model_params, adapter):
 
 def _counts(tokenizer, prompts):
     """Token counts of the useful-FLOP definition, with this tree's tokenization."""
-    from qlora_nli.scoring import encode_answers, encode_prompts
+    try:
+        from qlora_nli.prompts import encode_answers, encode_prompts
+    except ImportError:  # a flat tree
+        from qlora_nli.scoring import encode_answers, encode_prompts
 
     answers = encode_answers(tokenizer)
     prompt_tokens = sum(len(p) for p in encode_prompts(tokenizer, prompts))
@@ -243,7 +256,7 @@ def _dims(model):
 def child_prompts(spec):
     """The prompts both sides score, built once by this checkout's code: {"prompts": [...], "parts": {part: n}}."""
     sys.path.insert(0, str(REPO))  # stages/ is not part of the installed package
-    from qlora_nli.artifacts import data_row_problem, read_rows
+    from qlora_nli.data.artifacts import data_row_problem, read_rows
     from qlora_nli.prompts import format_prompt
     from stages.evaluate import SETS_DIR, build_jobs
 
@@ -266,8 +279,16 @@ def child_side(spec):
     import torch
 
     import qlora_nli
-    from qlora_nli import modeling
-    from qlora_nli.scoring import score_labels
+    try:  # a tree with the packaged layout, else a flat one (qlora_nli/modeling.py, qlora_nli/scoring.py)
+        from types import SimpleNamespace
+
+        from qlora_nli.infer.scoring import score_labels
+        from qlora_nli.model import adapters, loading
+        modeling = SimpleNamespace(**{**vars(loading), **vars(adapters)})
+    except ImportError:
+        from qlora_nli.scoring import score_labels
+
+        from qlora_nli import modeling
 
     prompts = spec["prompts"]
     result = {"qlora_nli_from": str(Path(qlora_nli.__file__).parent), "torch_threads": set_threads(spec["threads"]),

@@ -18,7 +18,6 @@ Targets (pass/fail in the JSON): the largest size's peak RSS and seconds per exa
 the smallest size's. Try it at tiny sizes first, e.g. --n-train 16 24 --set model.name=<tiny model dir>
 --set data.source=<dir> --set data.n_val=6 --set data.n_test=6.
 """
-import json
 import logging
 import os
 import shutil
@@ -35,9 +34,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, parse_value  # noqa: E402
-from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
-from qlora_nli.io import read_json, write_json  # noqa: E402
-from qlora_nli.params import check_params  # noqa: E402
+
+from qlora_nli.config import check_params
+from qlora_nli.runtime.errors import ArgumentParser, NLIError
+from qlora_nli.runtime.files import read_json, write_json
 
 log = logging.getLogger("bench_frozen_states_memory")
 TOLERANCE = 0.10  # the targets: within 10% of the smallest size

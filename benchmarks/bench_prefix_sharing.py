@@ -36,10 +36,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PausedSweep, machine_info  # noqa: E402
-from qlora_nli.errors import ArgumentParser  # noqa: E402
-from qlora_nli.io import read_jsonl, write_json  # noqa: E402
-from qlora_nli.params import load_params  # noqa: E402
-from qlora_nli.prompts import format_prompt  # noqa: E402
+
+from qlora_nli.config import load_params
+from qlora_nli.prompts import format_prompt
+from qlora_nli.runtime.errors import ArgumentParser
+from qlora_nli.runtime.files import read_jsonl, write_json
 
 log = logging.getLogger("bench_prefix_sharing")
 PATHS = {"plain": False, "grouped": True}
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--n-pairs", type=int, default=100)
     ap.add_argument("--slice-pairs", type=int, default=10, help="pairs per timed score_labels call")
     ap.add_argument("--gap", type=float, default=5.0, help="seconds between timed calls (the sweep runs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = params.yaml train.num_threads)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = params.yaml compute.num_threads)")
     ap.add_argument("--no-pause", action="store_true", help="do not pause the experiment sweep while timing")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/prefix_sharing.json"))
     return ap.parse_args(argv)
@@ -72,7 +73,7 @@ def original_prompts(template, rows):
 
 def timed_run(model, tokenizer, prompts, batch_size, group_prefixes, pause, counter):
     """score_labels timed, other jobs on the CPU paused if asked (common.PausedSweep)."""
-    from qlora_nli.scoring import score_labels
+    from qlora_nli.infer.scoring import score_labels
 
     counter[0] = 0
     with PausedSweep() if pause else contextlib.nullcontext():
@@ -87,11 +88,13 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from qlora_nli.modeling import load_for_inference, load_tokenizer
-    from qlora_nli.scoring import body_and_head, score_labels
+    from qlora_nli.forward import body_and_head
+    from qlora_nli.infer.scoring import score_labels
+    from qlora_nli.model.adapters import load_for_inference
+    from qlora_nli.model.loading import load_tokenizer
 
     params = load_params(REPO / "params.yaml")
-    threads = args.threads or params["train"]["num_threads"]
+    threads = args.threads or params["compute"]["num_threads"]
     if threads:
         torch.set_num_threads(threads)
     rows = read_jsonl(args.data)[: args.n_pairs]

@@ -10,7 +10,7 @@ torch thread count, one run. Reads data/train.jsonl and data/test.jsonl: run `dv
                                      [--out benchmarks/results/train.json]
 Levers (ours only, each a params.yaml key): --set train.micro_batch_tokens=384, --set train.gradient_checkpointing=true,
 --set lora.dropout=0, --set 'lora.target_modules=[q_proj,v_proj]', --set 'prompt.template=...',
---set train.num_threads=1 (--threads N sets both sides). Develop with e.g. --n-train 32 --n-test 8 --max-batches 2.
+--set compute.num_threads=1 (--threads N sets both sides). Develop with e.g. --n-train 32 --n-test 8 --max-batches 2.
 
 Sides (each runs in its own subprocess, so its peak RSS is its own):
   ours   the `finetune` and `evaluate` code paths of the package (params.yaml lora/train/evaluate values, plus any
@@ -26,7 +26,7 @@ Measured per side:
                         with the package's tokenization (identical definition both sides; the naive side's
                         tokenization of the joined text is checked to give the same count, see `tokenization`)
   peak RSS (MB)         ru_maxrss of the child process after its main evaluation (load + train + eval); the
-                        psutil-sampled peak (qlora_nli.resources.ResourceMonitor) is reported beside it
+                        psutil-sampled peak (qlora_nli.runtime.resources.ResourceMonitor) is reported beside it
   eval pairs/s          test pairs / wall seconds of prediction (score_labels, resp. generate + parse)
   test accuracy         after the same number of epochs (--epochs, default 1); with --cross-eval (default) each
                         trained model is also evaluated the other side's way, so that an accuracy gap can be put
@@ -54,14 +54,26 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
-from common import (MATMUL_SIZE, REPO, child_matmul, enter_repo, fmt, machine_info, matmul_peak,  # noqa: E402
-                    parse_value, run_child, target_lines, time_dvc_noop)
-from qlora_nli.io import write_json  # noqa: E402  (light imports: the parent never loads torch)
-from qlora_nli.errors import ArgumentParser, NLIError  # noqa: E402
-from qlora_nli.params import check_params  # noqa: E402
+from common import (  # noqa: E402
+    MATMUL_SIZE,
+    REPO,
+    child_matmul,
+    enter_repo,
+    fmt,
+    machine_info,
+    matmul_peak,
+    parse_value,
+    run_child,
+    target_lines,
+    time_dvc_noop,
+)
 from flops import FLOPS_FORMULA, flops  # noqa: E402
 from train_naive import child_naive  # noqa: E402  (the sides import torch only when their child runs)
 from train_ours import child_ours  # noqa: E402
+
+from qlora_nli.config import check_params
+from qlora_nli.runtime.errors import ArgumentParser, NLIError
+from qlora_nli.runtime.files import write_json
 
 log = logging.getLogger("bench_train")
 
@@ -82,7 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-batches", type=int, default=None, help="debug: at most N optimizer steps per epoch")
     ap.add_argument("--sides", default="ours,naive", help="comma-separated subset of ours,naive")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for both sides and the matmul peak (default params train.num_threads; "
+                    help="torch threads for both sides and the matmul peak (default params compute.num_threads; "
                          "0 = torch's default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
                     help="override a params.yaml value for the ours side only (YAML value), repeatable, "
@@ -111,11 +123,11 @@ def parse_args(argv=None):
 
 def build_params(overrides, epochs, threads):
     """(naive params, ours params): params.yaml with --epochs/--threads on both, --set on ours only, both checked
-    by qlora_nli.params.check_params (same messages as the pipeline for a bad key or value)."""
+    by qlora_nli.config.check_params (same messages as the pipeline for a bad key or value)."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     base["train"]["epochs"] = epochs
     if threads is not None:
-        base["train"]["num_threads"] = threads
+        base["compute"]["num_threads"] = threads
     ours = json.loads(json.dumps(base))
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -211,7 +223,7 @@ def main(args):
     if args.naive_eval_batch_size:
         naive_params["evaluate"]["batch_size"] = args.naive_eval_batch_size
     params = {"ours": ours_params, "naive": naive_params}
-    threads = sorted({params[s]["train"]["num_threads"] for s in args.sides})
+    threads = sorted({params[s]["compute"]["num_threads"] for s in args.sides})
     report = {
         "benchmark": "bench_train",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -243,7 +255,7 @@ def main(args):
     peaks = matmul_peak((peak_before, peak_after), threads)
     for side, result in sides.items():
         if "error" not in result:
-            peak = peaks.get(str(params[side]["train"]["num_threads"]), {}).get("peak_flops_per_second")
+            peak = peaks.get(str(params[side]["compute"]["num_threads"]), {}).get("peak_flops_per_second")
             result["flops"] = flops(result, peak)
     report["matmul_peak"] = peaks
     report["machine"]["torch_threads"] = {s: r.get("torch_threads") for s, r in sides.items()}

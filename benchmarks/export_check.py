@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_nli.errors import ArgumentParser  # noqa: E402
-from qlora_nli.export import export_merged  # noqa: E402
-from qlora_nli.lm_eval_tasks import pipeline_sets  # noqa: E402
-from qlora_nli.params import load_params  # noqa: E402
-from qlora_nli.prompts import format_prompt  # noqa: E402
-from qlora_nli.scoring import score_labels  # noqa: E402
+from qlora_nli.config import load_params
+from qlora_nli.infer.export import export_merged
+from qlora_nli.infer.lm_eval_tasks import pipeline_sets
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.prompts import format_prompt
+from qlora_nli.runtime.errors import ArgumentParser
 
 EXPORTS = {  # name: (adapter, --merge-into, --gguf)
     "fine-tuned, merged into the trained (dequantized NF4) weights": ("models/adapter", "trained", True),

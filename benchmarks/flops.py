@@ -92,7 +92,7 @@ def model_dims(model, parameters_total, n_lora, params):
     """The sizes the FLOP estimate needs, from the model with its adapters attached."""
     import torch
 
-    from qlora_nli.training import first_trainable_block
+    from qlora_nli.train.states import first_trainable_block
 
     head = model.get_output_embeddings()
     cfg = model.config

@@ -34,7 +34,7 @@ Recorded per run:
                    GPU, fp32 2048^3 on CPU) and of the chip's datasheet dense bf16 peak where known
   eval pairs/s     metrics/<model>.json pairs_per_second (all pairs scored / scoring seconds)
   1 vs 2 processes every step loss of both runs (unrounded, from the last checkpoint's history): the largest relative
-                   difference against the CPU test's tolerance (qlora_nli.distributed.SAME_RESULT_RELATIVE); not
+                   difference against the CPU test's tolerance (qlora_nli.runtime.distributed.SAME_RESULT_RELATIVE); not
                    comparable under dropout in the frozen base (Phi-2's resid_pdrop): each rank draws its own masks
 Also: the versions of torch, transformers, peft, accelerate, bitsandbytes, tokenizers and safetensors found, against
 requirements.txt.
@@ -59,9 +59,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, when run from anywhere
 
 from common import REPO, fmt, parse_value  # noqa: E402
-from qlora_nli.distributed import SAME_RESULT_RELATIVE  # noqa: E402
-from qlora_nli.errors import ArgumentParser  # noqa: E402
-from qlora_nli.io import write_json  # noqa: E402
+
+from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE
+from qlora_nli.runtime.errors import ArgumentParser
+from qlora_nli.runtime.files import write_json
 
 log = logging.getLogger("gpu_check")
 
@@ -130,12 +131,12 @@ def pinned_versions():
 def pack(args):
     from transformers import AutoConfig, AutoTokenizer
 
-    from qlora_nli import modeling
-    from qlora_nli.data import mirror_directory
+    from qlora_nli.data.sources import mirror_directory
+    from qlora_nli.model import loading
 
     out = Path(args.pack)
     out.mkdir(parents=True, exist_ok=True)
-    gguf = modeling.embedded_gguf_path(EMBEDDED)
+    gguf = loading.embedded_gguf_path(EMBEDDED)
     log.info("tokenizer and config of %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
@@ -357,7 +358,7 @@ def base_params(overrides):
 
 def prepare_data(workdir, params, env):
     """stages.prepare once, in workdir/data-prep; every run copies its data/."""
-    from qlora_nli.params import check_params
+    from qlora_nli.config import check_params
 
     root = workdir / "data-prep"
     root.mkdir(parents=True, exist_ok=True)
@@ -374,28 +375,27 @@ def prepare_data(workdir, params, env):
 def model_dims(config, lora, train):
     """benchmarks/flops.py's sizes of `config` with the params' LoRA, from a meta-device copy (no weights)."""
     import torch
+    from flops import model_dims as dims_of
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flops import model_dims as dims_of
-    from qlora_nli import modeling
+    from qlora_nli.model import adapters, loading
 
     config = dict(config)
     config = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        total = modeling.count_parameters(model)["total"]
-        model = modeling.attach_lora(model, lora, train["gradient_checkpointing"])
-    return dims_of(model, total, modeling.count_parameters(model)["trainable"], {"train": train})
+        total = loading.count_parameters(model)["total"]
+        model = adapters.attach_lora(model, lora, train["gradient_checkpointing"])
+    return dims_of(model, total, loading.count_parameters(model)["trainable"], {"train": train})
 
 
 def epoch_counts(tokenizer_dir, data_dir, template):
     """The useful-FLOP counts of one epoch over data/train.jsonl, with the stages' tokenization."""
-    from qlora_nli import modeling
-    from qlora_nli.artifacts import data_row_problem, read_rows
-    from qlora_nli.prompts import format_prompt
-    from qlora_nli.scoring import encode_answers, encode_prompts
+    from qlora_nli.data.artifacts import data_row_problem, read_rows
+    from qlora_nli.model import loading
+    from qlora_nli.prompts import encode_answers, encode_prompts, format_prompt
 
-    tokenizer = modeling.load_tokenizer(str(tokenizer_dir))
+    tokenizer = loading.load_tokenizer(str(tokenizer_dir))
     rows = read_rows(data_dir / "train.jsonl", data_row_problem)
     answers = encode_answers(tokenizer)
     prompts = encode_prompts(tokenizer, [format_prompt(template, r) for r in rows])

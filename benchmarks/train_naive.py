@@ -17,24 +17,29 @@ log = logging.getLogger("bench_train")
 
 def _load_model(params):
     """The naive side's model: 4-bit base + LoRA with the same seed, config and loaders as the pipeline's."""
-    from qlora_nli import modeling
-    from qlora_nli.training import set_seed
+    from qlora_nli.model import adapters, loading
+    from qlora_nli.train.loop import set_seed
 
     set_seed(params["train"]["seed"])  # LoRA init is random: same seed, same start on both sides
-    model = modeling.load_base_model(params["model"], "cpu")
-    total = modeling.count_parameters(model)["total"]
-    model = modeling.attach_lora(model, params["lora"], params["train"]["gradient_checkpointing"])
-    return model, model_dims(model, total, modeling.count_parameters(model)["trainable"], params)
+    model = loading.load_base_model(params["model"], "cpu")
+    total = loading.count_parameters(model)["total"]
+    model = adapters.attach_lora(model, params["lora"], params["train"]["gradient_checkpointing"])
+    return model, model_dims(model, total, loading.count_parameters(model)["trainable"], params)
 
 
 
 def child_naive(spec):
     """The notebook recipe: HF Trainer, fixed-length padding, loss over all tokens, generate + parse."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from qlora_nli.prompts import answer_text
-    from qlora_nli.resources import ResourceMonitor
+    from qlora_nli.runtime.resources import ResourceMonitor
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, train_rows, (prompts, prompt_ids, answer_ids, lengths), test_rows, test_prompts = \

@@ -18,16 +18,17 @@ log = logging.getLogger("bench_train")
 def child_ours(spec):
     """The finetune + evaluate code paths of the pipeline, timed: the run is built and trained by the stage's own
     functions (training.build_training, train_remaining_epochs), without checkpoints or per-epoch validation."""
-    from qlora_nli import modeling
-    from qlora_nli.resources import ResourceMonitor
-    from qlora_nli.scoring import shared_prefix_length
-    from qlora_nli.training import build_training, epoch_batches, micro_batches, train_remaining_epochs
+    from qlora_nli.forward import shared_prefix_length
+    from qlora_nli.model import loading
+    from qlora_nli.runtime.resources import ResourceMonitor
+    from qlora_nli.train.batches import epoch_batches, micro_batches
+    from qlora_nli.train.loop import build_training, train_remaining_epochs
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, train_rows, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = start_side(spec)
 
     with ResourceMonitor() as monitor:
-        dtype = modeling.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
+        dtype = loading.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
         # Keeping the frozen blocks' states is part of training (it replaces their forward in every epoch): timed.
         setup = build_training(params, "cpu", dtype, prompt_ids, answer_ids, tokenizer.pad_token_id)
         result["model_dims"] = model_dims(setup.model, setup.base_parameters["total"],

@@ -8,7 +8,8 @@ import statistics
 import time
 
 from common import rss_peak_mb, set_threads
-from qlora_nli.io import read_jsonl
+
+from qlora_nli.runtime.files import read_jsonl
 
 log = logging.getLogger("bench_train")
 
@@ -23,8 +24,7 @@ def load_rows(spec):
 
 def encode(tokenizer, template, rows):
     """Prompt ids, answer ids and real lengths with the package's tokenization (the definition of a real token)."""
-    from qlora_nli.prompts import format_prompt
-    from qlora_nli.scoring import encode_answers, encode_prompts
+    from qlora_nli.prompts import encode_answers, encode_prompts, format_prompt
 
     prompts = [format_prompt(template, r) for r in rows]
     answers = encode_answers(tokenizer)
@@ -36,12 +36,12 @@ def encode(tokenizer, template, rows):
 def start_side(spec):
     """What both sides start from: threads set, the rows, the tokenizer and the package's tokenization of them.
     Returns (result dict, tokenizer, train rows, encode(train rows), test rows, test prompts)."""
-    from qlora_nli import modeling
+    from qlora_nli.model import loading
 
     params = spec["params"]
-    result = {"torch_threads": set_threads(params["train"]["num_threads"]), "rss_mb_after_imports": rss_peak_mb()}
+    result = {"torch_threads": set_threads(params["compute"]["num_threads"]), "rss_mb_after_imports": rss_peak_mb()}
     train_rows, test_rows = load_rows(spec)
-    tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
+    tokenizer = loading.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     template = params["prompt"]["template"]
     return (result, tokenizer, train_rows, encode(tokenizer, template, train_rows), test_rows,
             encode(tokenizer, template, test_rows)[0])
@@ -54,7 +54,8 @@ def accuracy(preds, rows):
 
 def predict(method, model, tokenizer, prompts, evaluate_params):
     """(predictions, seconds, invalid count, a few raw generations) by label scoring or by generation + parsing."""
-    from qlora_nli.scoring import generate_answers, parse_label, score_labels
+    from qlora_nli.infer.generate import generate_answers, parse_label
+    from qlora_nli.infer.scoring import score_labels
 
     model.eval()  # dropout off
     start = time.perf_counter()

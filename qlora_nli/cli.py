@@ -11,14 +11,27 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import lm_eval_tasks, threads
-from qlora_nli.artifacts import check_adapter_dir
-from qlora_nli.errors import ArgumentParser, DataError, RunError, run_stage
-from qlora_nli.export import DTYPES, EXPORT_WITHOUT_ADAPTER, MERGE_INTO, check_out_dir, export_merged
-from qlora_nli.io import write_jsonl
-from qlora_nli.modeling import pick_device
-from qlora_nli.params import check_params, load_params
-from qlora_nli.predict import WITHOUT_ADAPTER, check_given_pair, load_model, predict_rows, read_pairs
+from qlora_nli.config import check_params, load_params
+from qlora_nli.infer import lm_eval_tasks
+from qlora_nli.infer.export import (
+    DTYPES,
+    EXPORT_WITHOUT_ADAPTER,
+    MERGE_INTO,
+    check_out_dir,
+    export_merged,
+)
+from qlora_nli.infer.predict import (
+    WITHOUT_ADAPTER,
+    check_given_pair,
+    load_model,
+    predict_rows,
+    read_pairs,
+)
+from qlora_nli.model.adapters import check_adapter_dir
+from qlora_nli.model.loading import pick_device
+from qlora_nli.runtime import threads
+from qlora_nli.runtime.errors import ArgumentParser, DataError, RunError, run_stage
+from qlora_nli.runtime.files import write_jsonl
 
 log = logging.getLogger("nli-export")
 DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
@@ -40,7 +53,7 @@ def _params(args, **overrides):
 
 
 def predict_main(args):
-    params = _params(args, **{"prompt.template": args.template, "model.device": args.device,
+    params = _params(args, **{"prompt.template": args.template, "compute.device": args.device,
                               "model.load_in_4bit": args.load_in_4bit, "evaluate.batch_size": args.batch_size})
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter", WITHOUT_ADAPTER)  # before reading stdin, which may take long
@@ -53,8 +66,8 @@ def predict_main(args):
     else:
         rows, where = read_pairs("<stdin>", sys.stdin.buffer.read())
 
-    threads.configure(params["train"]["num_threads"])
-    model, tokenizer = load_model(params["model"], args.adapter, pick_device(params["model"]["device"]))
+    threads.configure(params["compute"]["num_threads"])
+    model, tokenizer = load_model(params["model"], args.adapter, pick_device(params["compute"]["device"]))
     batch_size = params["evaluate"]["batch_size"]
     try:
         predictions = predict_rows(model, tokenizer, params["prompt"]["template"], rows, batch_size, where)
@@ -98,7 +111,7 @@ def predict_parser():
     parser.add_argument("--output", metavar="FILE", help="write the JSONL here instead of stdout")
     _params_options(parser)
     parser.add_argument("--template", help="override prompt.template (must match the one the adapter was trained on)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override model.device")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override compute.device")
     parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                         help="override model.load_in_4bit")
     parser.add_argument("--batch-size", type=int, help="override evaluate.batch_size")

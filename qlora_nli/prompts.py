@@ -1,5 +1,11 @@
 """The prompt and the label words: one definition shared by training, scoring and generation."""
+import logging
 import re
+
+from qlora_nli.runtime.errors import DataError
+
+log = logging.getLogger(__name__)
+
 
 LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
@@ -38,3 +44,28 @@ def text_problem(text):
     if control:
         return f"holds the control character U+{ord(control.group()):04X} at character {control.start() + 1}"
     return None
+
+
+def encode_prompts(tokenizer, prompts):
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def encode_answers(tokenizer):
+    """Token ids of each label's answer, index = label id."""
+    return [tokenizer(answer_text(k), add_special_tokens=False).input_ids for k in range(len(LABELS))]
+
+
+def check_prompt_lengths(tokenizer, prompts, context, where, fix, extra_tokens=0, prompt_ids=None):
+    """Every prompt, with `extra_tokens` after it (the longest answer, or the tokens to generate), must fit the model's
+    `context` (modeling.context_length; None = unknown, nothing checked). `where(i)` names prompt i in the message,
+    `fix` ends it. The prompts' texts are already bounded in characters (prompts.MAX_TEXT_CHARS), so tokenizing them
+    here is cheap; `prompt_ids` (their token ids) saves even that."""
+    if context is None:
+        return
+    for start in range(0, len(prompts if prompt_ids is None else prompt_ids), 256):
+        ids = prompt_ids[start:start + 256] if prompt_ids is not None else \
+            tokenizer(list(prompts[start:start + 256])).input_ids
+        for i, sequence in enumerate(ids, start):
+            if len(sequence) + extra_tokens > context:
+                raise DataError(f"{where(i)}: its prompt is {len(sequence):,} tokens, {len(sequence) + extra_tokens:,} "
+                                f"with the answer, more than the model's context of {context:,} tokens; {fix}")

@@ -5,7 +5,7 @@ already lost them (git-tracked metrics and plots included). Every other stage de
 runs this stage first, and a failure here stops `dvc repro` with every output as it was. params.checked has the
 same bytes for every valid params.yaml: a changed param still reruns only the stages that declare its group.
 
-Checked here: each value (params.check_params); model.device and model.compute_dtype against the machine;
+Checked here: each value (params.check_params); compute.device and model.compute_dtype against the machine;
 lora.target_modules and lora.layers against the model's config (no weights load); data.n_* against the split
 sizes recorded in data/manifest.json, when it describes the same data.source; data.source and every source of
 data.extra_sets with their splits, as far as that needs no reading of the data (data.check_source: the split's file
@@ -15,11 +15,11 @@ import json
 import logging
 from pathlib import Path
 
-from qlora_nli import modeling
-from qlora_nli.data import check_source
-from qlora_nli.errors import run_stage, stage_arguments
-from qlora_nli.io import write_text
-from qlora_nli.params import check_split_size, load_params
+from qlora_nli.config import load_params
+from qlora_nli.data.sources import check_source, check_split_size
+from qlora_nli.model import loading
+from qlora_nli.runtime.errors import run_stage, stage_arguments
+from qlora_nli.runtime.files import write_text
 
 log = logging.getLogger("check_params")
 
@@ -49,8 +49,8 @@ def data_sources(p):
 
 def main():
     params = load_params()
-    device = modeling.pick_device(params["model"]["device"])
-    modeling.check_model_params(params, device)
+    device = loading.pick_device(params["compute"]["device"])
+    loading.check_model_params(params, device)
     available = recorded_split_sizes(params["data"]["source"])
     for split, key in SIZES.items():
         n = params["data"][key.split(".")[1]]

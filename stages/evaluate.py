@@ -17,23 +17,31 @@ import hashlib
 import io
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qlora_nli import distributed, modeling, threads
-from qlora_nli.artifacts import check_adapter_dir, data_row_problem, read_rows
-from qlora_nli.calibration import calibration_summary
-from qlora_nli.code import code_sha256
-from qlora_nli.errors import ParamsError, RunError, run_stage, stage_arguments
-from qlora_nli.io import all_or_none, file_sha256, write_json, write_jsonl, write_text
-from qlora_nli.params import load_params
-from qlora_nli.probes import perturb, probe_summary
-from qlora_nli.prompts import LABELS, format_prompt
-from qlora_nli.scoring import check_prompt_lengths, encode_answers, generate_answers, parse_label, score_labels
-from qlora_nli.stats import classification_metrics
+from qlora_nli.analysis.calibration import calibration_summary
+from qlora_nli.analysis.probes import perturb, probe_summary
+from qlora_nli.analysis.stats import classification_metrics
+from qlora_nli.config import load_params
+from qlora_nli.data.artifacts import data_row_problem, read_rows
+from qlora_nli.infer.generate import generate_answers, parse_label
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import adapters, loading
+from qlora_nli.model.adapters import check_adapter_dir
+from qlora_nli.prompts import (
+    LABELS,
+    check_prompt_lengths,
+    encode_answers,
+    format_prompt,
+)
+from qlora_nli.runtime import distributed, launch, threads
+from qlora_nli.runtime.code import code_sha256
+from qlora_nli.runtime.errors import ParamsError, RunError, run_stage, stage_arguments
+from qlora_nli.runtime.files import file_sha256, write_json, write_jsonl, write_text
+from qlora_nli.runtime.io import all_or_none
 
 log = logging.getLogger("evaluate")
 ADAPTERS = {"baseline": None, "finetuned": "models/adapter"}
@@ -132,15 +140,15 @@ def main(name):
         raise ParamsError(f"evaluate: unknown model '{name}'; use one of {', '.join(ADAPTERS)}")
     params = load_params()
     p = params["evaluate"]
-    device = modeling.pick_device(params["model"]["device"])
-    ranks = distributed.start(device, lambda: modeling.weights_bytes(params["model"], device))
-    threads.configure(params["train"]["num_threads"], ranks.local_world_size)
+    device = loading.pick_device(params["compute"]["device"])
+    ranks = launch.start(device, lambda: loading.weights_bytes(params["model"], device))
+    threads.configure(params["compute"]["num_threads"], ranks.local_world_size)
     test_rows = read_rows("data/test.jsonl", data_row_problem)
     val_rows = read_rows("data/validation.jsonl", data_row_problem)
     sets = {path.stem: read_rows(path, data_row_problem) for path in sorted(SETS_DIR.glob("*.jsonl"))}
     if ADAPTERS[name]:
         check_adapter_dir(ADAPTERS[name])  # before the base model loads
-    modeling.check_model_params({"model": params["model"]}, device)
+    loading.check_model_params({"model": params["model"]}, device)
     jobs = build_jobs(test_rows, val_rows, sets, p["probes"], params["prompt"]["template"],
                       p["hypothesis_only_template"])
     if ranks.world_size > 1:  # every node's checkout must hold the same params, data, adapter and code
@@ -149,15 +157,15 @@ def main(name):
 
     log.info("evaluating %s (%s) by %s: %s", name, params["model"]["name"], p["method"],
              ", ".join(f"{len(rows)} {group}" for group, rows, _, _ in jobs))
-    tokenizer = modeling.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
+    tokenizer = loading.load_tokenizer(params["model"]["name"], params["model"]["trust_remote_code"])
     every_prompt = [q for _, _, prompts, _ in jobs for q in prompts]
     # Before the weights load: a pair longer than the model's context would run for minutes and mean nothing.
     after = max(map(len, encode_answers(tokenizer))) if p["method"] == "score" else p["max_new_tokens"]
-    check_prompt_lengths(tokenizer, every_prompt, modeling.context_length(params["model"]["name"],
+    check_prompt_lengths(tokenizer, every_prompt, loading.context_length(params["model"]["name"],
                                                                           params["model"]["trust_remote_code"]),
                          lambda i: prompt_origin(jobs, i), "remove the pair from data.source and rerun `dvc repro "
                          "prepare`, or use a model with a longer context (model.name)", after)
-    model = modeling.load_for_inference(params["model"], device, ADAPTERS[name])
+    model = adapters.load_for_inference(params["model"], device, ADAPTERS[name])
 
     # One call for everything: batches then mix the sets, and prompts that share a prefix can share its computation.
     start = time.perf_counter()

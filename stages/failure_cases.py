@@ -11,15 +11,26 @@ import logging
 import math
 from pathlib import Path
 
-from qlora_nli import markdown as md
-from qlora_nli.errors import ArtifactError, run_stage, stage_arguments
-from qlora_nli.features import (EVIDENCE_MIN_GAP, EVIDENCE_MIN_N, LENGTH_BOUNDS, OVERLAP_BOUNDS, confusion_pairs,
-                                error_rates_by_slice, explain, pair_features, slices_of, tag_features)
-from qlora_nli.artifacts import prediction_row_problem, read_rows
-from qlora_nli.io import all_or_none, write_json, write_text
-from qlora_nli.params import load_params
+from qlora_nli.analysis.features import (
+    EVIDENCE_MIN_GAP,
+    EVIDENCE_MIN_N,
+    LENGTH_BOUNDS,
+    OVERLAP_BOUNDS,
+    confusion_pairs,
+    error_rates_by_slice,
+    explain,
+    pair_features,
+    slices_of,
+    tag_features,
+)
+from qlora_nli.analysis.stats import paired_accuracy_difference
+from qlora_nli.config import load_params
+from qlora_nli.data.artifacts import prediction_row_problem, read_rows
 from qlora_nli.prompts import LABELS
-from qlora_nli.stats import paired_accuracy_difference
+from qlora_nli.report import markdown as md
+from qlora_nli.runtime.errors import ArtifactError, run_stage, stage_arguments
+from qlora_nli.runtime.files import write_json, write_text
+from qlora_nli.runtime.io import all_or_none
 
 log = logging.getLogger("failure_cases")
 
@@ -247,7 +258,7 @@ def report_markdown(result, comparison, examples):
 
 def main():
     params = load_params()
-    n_examples = params["report"]["n_examples"]
+    n_examples = params["failure_cases"]["n_examples"]
 
     log.info("joining %s and %s", BASELINE, FINETUNED)
     cases = join(load_predictions(BASELINE), load_predictions(FINETUNED))

@@ -6,10 +6,11 @@ data/manifest.json saying where the data came from, the hash of each raw split a
 """
 import logging
 
-from qlora_nli.data import SPLITS, Source, evenly_spaced, load_splits
-from qlora_nli.errors import run_stage, stage_arguments
-from qlora_nli.io import all_or_none, write_json, write_jsonl
-from qlora_nli.params import load_params
+from qlora_nli.config import load_params
+from qlora_nli.data.sources import SPLITS, Source, evenly_spaced, load_splits
+from qlora_nli.runtime.errors import run_stage, stage_arguments
+from qlora_nli.runtime.files import write_json, write_jsonl
+from qlora_nli.runtime.io import all_or_none
 
 log = logging.getLogger("prepare")
 

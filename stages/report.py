@@ -8,13 +8,16 @@ temperature), models/adapter (the hash the card names), and the params groups th
 import logging
 from pathlib import Path
 
-from qlora_nli import artifacts, figures, model_card
-from qlora_nli import markdown as md
-from qlora_nli.errors import ArtifactError, run_stage, stage_arguments
-from qlora_nli.features import EVIDENCE_MIN_N, error_change
-from qlora_nli.io import all_or_none, write_text
-from qlora_nli.params import load_params
+from qlora_nli.analysis.features import EVIDENCE_MIN_N, error_change
+from qlora_nli.config import load_params
+from qlora_nli.data import artifacts
+from qlora_nli.model import adapters
 from qlora_nli.prompts import LABELS
+from qlora_nli.report import figures, model_card
+from qlora_nli.report import markdown as md
+from qlora_nli.runtime.errors import ArtifactError, run_stage, stage_arguments
+from qlora_nli.runtime.files import write_text
+from qlora_nli.runtime.io import all_or_none
 
 log = logging.getLogger("report")
 
@@ -327,7 +330,7 @@ def main():
     card_params = {"model": params["model"], "prompt": params["prompt"], "lora": params["lora"],
                    "train": params["train"]}
     predictions = {m: artifacts.read_rows(p, artifacts.prediction_row_problem) for m, p in PREDICTIONS.items()}
-    sha = artifacts.adapter_sha256(artifacts.check_adapter_dir(ADAPTER))
+    sha = adapters.adapter_sha256(adapters.check_adapter_dir(ADAPTER))
     drawn = figures.report_figures(art, predictions)
     base, tuned, train, comparison = art["baseline"], art["finetuned"], art["train"], art["comparison"]
     lines = [

@@ -1,7 +1,6 @@
 """Shared test setup: one tiny random model per test session (pyproject.toml puts the repository root and tests/ on
 sys.path, so the checkout's code is what runs)."""
 import pytest
-
 from tiny import make_tiny_model
 
 
@@ -17,7 +16,7 @@ def torch_threads_as_they_were():
     `threads.adapt` would follow in later tests: both are undone after each test."""
     import torch
 
-    from qlora_nli import threads
+    from qlora_nli.runtime import threads
 
     before = torch.get_num_threads()
     yield

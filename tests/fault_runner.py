@@ -3,13 +3,13 @@
     QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py stages/finetune.py
 
 SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
-  rename   os.replace / os.rename onto `path`, or qlora_nli.io.exchange_paths swapping a new directory in: before
+  rename   os.replace / os.rename onto `path`, or qlora_nli.runtime.io.exchange_paths swapping a new directory in: before
            the call (the new version is complete but not in place)
   moveaway os.replace / os.rename of `path` itself to elsewhere, just after the call (the old version was moved away)
   rmtree   shutil.rmtree of `path`: just after the call (the old version was deleted)
   close    the close of a file opened for writing whose name is the name of `path` (the file it writes to, the
            output itself or a temporary): before the close, so buffered text is not yet on disk
-It tests the contract of the writes, not one implementation: whichever way qlora_nli.io writes, these are the calls
+It tests the contract of the writes, not one implementation: whichever way qlora_nli.runtime.io writes, these are the calls
 at which a killed run must still leave either the previous or the new complete version.
 
 With "raise": "ENOSPC" (any errno name) the call fails with that OSError instead of the kill, as on a full disk:
@@ -20,8 +20,8 @@ signal just before the call and goes on, as if the user pressed Ctrl-C at that m
 
 `python tests/fault_runner.py -m qlora_nli.cli predict ...` runs a module instead of a script.
 """
-import errno
 import builtins
+import errno
 import io
 import json
 import os
@@ -120,8 +120,9 @@ def _opening(real):
 
 
 os.replace, os.rename = _renaming(os.replace), _renaming(os.rename)
-import qlora_nli.io  # noqa: E402  (after os is patched; the stage imports the same module object)
-qlora_nli.io.exchange_paths = _renaming(qlora_nli.io.exchange_paths)
+import qlora_nli.runtime.io  # noqa: E402  (after os is patched; the stage imports the same module object)
+
+qlora_nli.runtime.io.exchange_paths = _renaming(qlora_nli.runtime.io.exchange_paths)
 shutil.rmtree = _removing(shutil.rmtree)
 builtins.open = io.open = _opening(io.open)
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from tiny import make_tiny_model, write_nli_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,8 @@ def make_project(root, arch="phi", overrides=None):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=str(data_dir), n_train=24, n_val=6, n_test=9, extra_sets={})
     params["model"]["name"] = str(model_dir)
-    params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, num_threads=1)
+    params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256)
+    params["compute"]["num_threads"] = 1
     params["evaluate"]["batch_size"] = 4
     params["lora"]["layers"] = 1  # the tiny models have 2 blocks; adapting the last one mirrors the default
     for key, value in (overrides or {}).items():

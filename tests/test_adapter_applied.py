@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 import yaml
+from pipeline import REPO, make_project, run
 from transformers import AutoTokenizer
 
-from pipeline import REPO, make_project, run
-from qlora_nli import modeling
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import loading
 from qlora_nli.prompts import format_prompt
-from qlora_nli.scoring import score_labels
 
 
 def read_jsonl(path):
@@ -36,9 +36,9 @@ def test_finetuned_evaluation_applies_the_adapter(tmp_path):
     assert (tuned_scores - base_scores).abs().max() > 1e-2, "fine-tuned scores equal the baseline's"
 
     params = yaml.safe_load((root / "params.yaml").read_text())
-    tokenizer = modeling.load_tokenizer(params["model"]["name"])
+    tokenizer = loading.load_tokenizer(params["model"]["name"])
     prompts = [format_prompt(params["prompt"]["template"], r) for r in read_jsonl(root / "data/test.jsonl")]
-    model = modeling.load_base_model(params["model"], "cpu")
+    model = loading.load_base_model(params["model"], "cpu")
     plain = score_labels(model, tokenizer, prompts, params["evaluate"]["batch_size"])
     adapted = PeftModel.from_pretrained(model, root / "models/adapter").eval()
     by_hand = score_labels(adapted, tokenizer, prompts, params["evaluate"]["batch_size"])
@@ -68,7 +68,8 @@ def _project(root, model_dir, **train):
     params["prompt"]["template"] = TEMPLATE
     params["evaluate"].update(batch_size=4, probes=["hypothesis_only"])
     params["lora"]["layers"] = "all"
-    params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, num_threads=1, **train)
+    params["train"].update(epochs=2, batch_size=8, micro_batch_tokens=256, **train)
+    params["compute"]["num_threads"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     splits = {"train": made_up_pairs(24, 1), "test": made_up_pairs(12, 3)}
     # validation: 15, 10 and 5 pairs of the three labels, so that models answering one label score by that label
@@ -133,8 +134,9 @@ def llama_dir(tmp_path_factory):
 def test_finetuned_evaluation_scores_as_the_base_with_the_adapter_merged_by_hand(llama_dir, tmp_path, monkeypatch):
     """evaluate@finetuned's scores equal the base model's with W + B A alpha / r merged by hand, and evaluate@baseline's
     the plain base model's; the two differ by far more than the rounding."""
-    from stages import evaluate
     from tiny import make_adapter
+
+    from stages import evaluate
 
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, llama_dir)

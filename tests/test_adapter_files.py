@@ -8,14 +8,14 @@ import signal
 import pytest
 import torch
 import yaml
-
 from pipeline import REPO, make_project, run
-from qlora_nli import cli
-from qlora_nli.artifacts import check_adapter_dir
-from qlora_nli.errors import ArtifactError, CheckpointError
-from qlora_nli.training import Checkpoints
 from test_bad_input import exit_message, run_failure_cases, stage_dir, workdir  # noqa: F401  (fixtures)
 from tiny import TINY_SAFETENSORS, make_adapter, make_tiny_model
+
+from qlora_nli import cli
+from qlora_nli.model.adapters import check_adapter_dir
+from qlora_nli.runtime.errors import ArtifactError, CheckpointError
+from qlora_nli.train.checkpoints import Checkpoints
 
 WEIGHTS = "adapter_model.safetensors"
 

@@ -14,16 +14,16 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from pipeline import dvc, make_project, run, set_param, stages_run
 from test_failure_cases_and_report import prediction_rows, workdir, write  # noqa: F401  (workdir: a fixture)
 from test_predict_export import project  # noqa: F401  (a fixture: a tiny model and params.yaml naming it)
 from tiny import TINY_SAFETENSORS, made_up_pairs, make_tiny_model
 
-from qlora_nli import errors, hub, modeling
-from qlora_nli.data import load_splits
-from qlora_nli.errors import DataError, ModelLoadError, ParamsError
-from qlora_nli.params import load_params
+from qlora_nli.config import load_params
+from qlora_nli.data.sources import load_splits
+from qlora_nli.model import adapters, loading
+from qlora_nli.runtime import errors, hub
+from qlora_nli.runtime.errors import DataError, ModelLoadError, ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_MODEL = "/nonexistent/qlora-nli-test-model"  # a stage that gets past its input checks stops here, at once
@@ -259,7 +259,7 @@ def lora_params(model, **lora):
     {"target_modules": ["self_attn.o_proj", "down_proj"], "layers": 1},
 ])
 def test_lora_params_that_fit_the_model(config_only_model, lora):
-    modeling.check_model_params(lora_params(config_only_model, **lora), "cpu")
+    loading.check_model_params(lora_params(config_only_model, **lora), "cpu")
 
 
 @pytest.mark.parametrize("lora, fragment", [
@@ -270,7 +270,7 @@ def test_lora_params_that_fit_the_model(config_only_model, lora):
     ({"layers": 3}, "lora.layers = 3 is more than the model's 2 blocks; allowed: an integer from 1 to 2"),
 ])
 def test_lora_params_checked_against_the_config(config_only_model, lora, fragment):
-    message = one_line(ParamsError, lambda: modeling.check_model_params(lora_params(config_only_model, **lora), "cpu"))
+    message = one_line(ParamsError, lambda: loading.check_model_params(lora_params(config_only_model, **lora), "cpu"))
     assert fragment in message
     if "target_modules" in lora:
         assert message.endswith("down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
@@ -280,9 +280,9 @@ def test_lora_params_checked_against_the_config(config_only_model, lora, fragmen
 def test_half_precision_on_cpu_is_refused(config_only_model, dtype):
     params = lora_params(config_only_model)
     params["model"]["compute_dtype"] = dtype
-    message = one_line(ParamsError, lambda: modeling.check_model_params(params, "cpu"))
+    message = one_line(ParamsError, lambda: loading.check_model_params(params, "cpu"))
     assert f"model.compute_dtype = {dtype} on CPU" in message and "auto or float32" in message
-    modeling.check_model_params(params, "cuda")  # on a GPU it is the right choice
+    loading.check_model_params(params, "cuda")  # on a GPU it is the right choice
 
 
 def test_unreachable_hub_model_fails_fast(monkeypatch):
@@ -293,9 +293,9 @@ def test_unreachable_hub_model_fails_fast(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
-    monkeypatch.setattr(modeling, "_HUB_LOCATED", {})
+    monkeypatch.setattr(loading, "_HUB_LOCATED", {})
     start = time.monotonic()
-    message = one_line(ModelLoadError, lambda: modeling.load_tokenizer("made-up-owner/no-such-model"))
+    message = one_line(ModelLoadError, lambda: loading.load_tokenizer("made-up-owner/no-such-model"))
     assert time.monotonic() - start < 5
     assert message.startswith("params.yaml model.name: cannot reach the Hugging Face Hub for "
                               "'made-up-owner/no-such-model' and it is not in the local Hugging Face cache")
@@ -313,8 +313,8 @@ def test_hub_probe_tells_not_found_from_unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", not_found)
     assert hub.probe("owner/name", "model") == hub.NOT_FOUND
-    monkeypatch.setattr(modeling, "_HUB_LOCATED", {})
-    message = one_line(ModelLoadError, lambda: modeling.load_tokenizer("owner/name"))
+    monkeypatch.setattr(loading, "_HUB_LOCATED", {})
+    message = one_line(ModelLoadError, lambda: loading.load_tokenizer("owner/name"))
     assert "'owner/name' is neither a local directory nor a model on the Hugging Face Hub" in message
 
 
@@ -324,7 +324,7 @@ def test_hub_probe_tells_not_found_from_unreachable(monkeypatch):
     ("embedded:gpt-5", ParamsError, "unknown embedded model 'embedded:gpt-5'; allowed: embedded:smollm2-135m-instruct"),
 ])
 def test_model_name_that_is_no_hub_id(name, error, fragment):
-    message = one_line(error, lambda: modeling.load_tokenizer(name))
+    message = one_line(error, lambda: loading.load_tokenizer(name))
     assert fragment in message and "Repo id" not in message
 
 
@@ -459,7 +459,7 @@ def test_data_text_a_stage_refuses(stage_dir, stage, text, problem):
 
 
 def token_count(model, text):
-    return len(modeling.load_tokenizer(str(model))(text).input_ids)
+    return len(loading.load_tokenizer(str(model))(text).input_ids)
 
 
 @pytest.mark.parametrize("stage, split, row", [(("evaluate", "baseline"), "test", 3),
@@ -476,8 +476,8 @@ def test_a_pair_longer_than_the_context_stops_the_stage_before_the_weights_load(
     tokens = token_count(tiny_model, format_prompt(TEMPLATE, pair))
     answer = max(token_count(tiny_model, " " + w) for w in ("entailment", "neutral", "contradiction"))
     assert tokens > 256
-    monkeypatch.setattr(modeling, "load_for_inference", lambda *a, **k: pytest.fail("the weights were loaded"))
-    monkeypatch.setattr("qlora_nli.training.build_training", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(adapters, "load_for_inference", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr("qlora_nli.train.loop.build_training", lambda *a, **k: pytest.fail("the weights were loaded"))
     fix = ("remove the pair from data.source and rerun `dvc repro prepare`, or use a model with a longer context"
            + (" (model.name)" if stage[0] == "evaluate" else ""))
     assert exit_message(*stage) == (f"data/{split}.jsonl row {row}: its prompt is {tokens:,} tokens, "
@@ -530,7 +530,7 @@ def run_nli_predict(project, *args):
 ])
 def test_nli_predict_refuses_text_the_prompt_cannot_take(project, tmp_path, monkeypatch, pair, expected):
     (tmp_path / "in.jsonl").write_text(json.dumps({"premise": "a", "hypothesis": "b"}) + "\n" + json.dumps(pair) + "\n")
-    monkeypatch.setattr(modeling, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(adapters, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
     assert run_nli_predict(project, "--input", tmp_path / "in.jsonl") == f"{tmp_path / 'in.jsonl'} {expected}"
 
 

@@ -45,12 +45,12 @@ def test_bench_eval_scores_an_older_tree_without_the_bfloat16_repacking(tiny_mod
     import torch
 
     from benchmarks import bench_eval
-    from qlora_nli import modeling
+    from qlora_nli.model import loading
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
 
     def older_load_base_model(model_params, device):  # as before keep_4bit_weights_as_loaded
-        model = modeling.load_base_model(model_params, device)
+        model = loading.load_base_model(model_params, device)
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = True

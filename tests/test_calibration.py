@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 
-from qlora_nli.calibration import (LOG_T_BOUNDS, calibration_summary, ece_interval, expected_calibration_error,
-                                   fit_temperature, label_probabilities, mean_nll, reliability_bins)
+from qlora_nli.analysis.calibration import (
+    LOG_T_BOUNDS,
+    calibration_summary,
+    ece_interval,
+    expected_calibration_error,
+    fit_temperature,
+    label_probabilities,
+    mean_nll,
+    reliability_bins,
+)
 
 # n_bins = 5: edges 0, 0.2, 0.4, 0.6, 0.8, 1; bins [0, 0.2], (0.2, 0.4], (0.4, 0.6], (0.6, 0.8], (0.8, 1]
 CONF = [0.1, 0.2, 0.5, 0.9, 1.0, 0.85]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_nli.code import code_sha256, import_closure
+from qlora_nli.runtime.code import code_sha256, import_closure
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "stages/finetune.py"

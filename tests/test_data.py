@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_nli import data
-from qlora_nli.data import evenly_spaced, load_splits, resolve_source
-from qlora_nli.errors import NLIError
+from qlora_nli.data import sources
+from qlora_nli.data.sources import evenly_spaced, load_splits, resolve_source
+from qlora_nli.runtime.errors import NLIError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def test_mirror_finds_a_conventional_short_name(tmp_path, monkeypatch):
     (tmp_path / "mirror" / "mnli").mkdir(parents=True)
     write_split(tmp_path / "mirror" / "mnli" / "validation_matched.jsonl", RAW, "jsonl")
     monkeypatch.setenv("NLI_DATA_MIRROR", str(tmp_path / "mirror"))
-    source = data.Source("nyu-mll/multi_nli", "data.extra_sets.m.source", ["validation_matched"])
+    source = sources.Source("nyu-mll/multi_nli", "data.extra_sets.m.source", ["validation_matched"])
     rows, counts, _ = source.read("validation_matched")
     assert source.read_from == "mirror:$NLI_DATA_MIRROR/mnli" and rows == KEPT and counts == COUNTS
 
@@ -277,7 +277,7 @@ def test_split_names_other_than_train_validation_test(tmp_path):
     message = one_line_error(lambda: load_splits(str(root)))  # the default names are not there
     assert message.startswith("data.source: ") and "has no validation split" in message
     snli1 = snli1_dir(tmp_path / "snli_1.0")
-    message = one_line_error(lambda: data.Source(str(snli1), "data.extra_sets.x.source").read("validation_matched"))
+    message = one_line_error(lambda: sources.Source(str(snli1), "data.extra_sets.x.source").read("validation_matched"))
     assert message.startswith("data.extra_sets.x.source: ") and "SNLI 1.0 layout" in message
 
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qlora_nli.data import load_splits
-from qlora_nli.errors import DataError
+from qlora_nli.data.sources import load_splits
+from qlora_nli.runtime.errors import DataError
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GOOD_ROW = {"premise": "A made-up premise.", "hypothesis": "A made-up claim.", "label": 1}

@@ -5,17 +5,18 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from pipeline import dvc, make_project, run
-from qlora_nli import modeling
-from qlora_nli.distributed import SAME_RESULT_RELATIVE, Ranks, pick_backend, torchrun_arguments
-from qlora_nli.errors import ParamsError
-from qlora_nli.prompts import TEMPLATE
-from qlora_nli.scoring import encode_answers, encode_prompts, length_sorted_batches
-from qlora_nli.training import FrozenBlockStates
+from safetensors.torch import load_file
 from test_training import _lora_model
 from tiny import made_up_pairs
+
+from qlora_nli.infer.scoring import length_sorted_batches
+from qlora_nli.model import loading
+from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE, Ranks, pick_backend
+from qlora_nli.runtime.errors import ParamsError
+from qlora_nli.runtime.launch import torchrun_arguments
+from qlora_nli.train.states import FrozenBlockStates
 
 # one torch thread per rank: the 2 ranks then use what 1 process uses, and runs are repeatable
 TWO = {"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"}
@@ -47,7 +48,7 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     node (torch/distributed/run.py), then sets 1; `start` sets that value before re-executing."""
     import os
 
-    from qlora_nli import distributed
+    from qlora_nli.runtime import distributed
 
     started = {}
 
@@ -64,7 +65,7 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", switch)
     with pytest.raises(SystemExit):
-        distributed.start("cpu")
+        launch.start("cpu")
     given = torchrun_arguments(switch)  # several nodes: a per-stage --rdzv-id follows (test_multinode.py)
     assert started["arguments"][:len(given)] == given and started["omp"] == expected
 
@@ -92,10 +93,11 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
     """Fast version of the two-process run: each rank of 2 computes its share of one batch (its examples, in its own
     micro-batches, weighted by the whole batch's answer tokens); their gradients and losses, summed as
     `sum_gradients` does (test_training_loop: summed, not averaged), are the one-process gradient and loss."""
-    from qlora_nli import training
-    from qlora_nli.scoring import answer_loss
+    from qlora_nli.forward import answer_loss
+    from qlora_nli.model import loading
+    from qlora_nli.train import loop
 
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    tokenizer = loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(7, 4)])
     answers = encode_answers(tokenizer)
     answer_ids = [answers[k % 3] for k in range(7)]
@@ -110,7 +112,7 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         with pytest.raises(_Captured):
-            training.train_one_epoch(model, batch, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
+            loop.train_one_epoch(model, batch, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
                                      scheduler, scaler, t, torch.float32, on_step=lambda *a: None, ranks=ranks)
         return captured.pop("grads"), captured.pop("loss", None), model
 
@@ -122,7 +124,7 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
         captured.update(grads=[p.grad.clone() for p in parameters])
         raise _Captured
 
-    monkeypatch.setattr(training, "sum_gradients", at_the_all_reduce)
+    monkeypatch.setattr(loop, "sum_gradients", at_the_all_reduce)
     shares = [run(Ranks(rank=r, world_size=2)) for r in (0, 1)]
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", at_the_clip)
     one, _, model = run(Ranks())
@@ -138,9 +140,11 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
 def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_model_dir, monkeypatch):
     """Fast version of the sharded evaluation: each rank of 2 scores its share of the passes; gathered (all_gather
     replaced by handing each rank both ranks' pieces), every rank holds the one-process scores, row for row."""
-    from qlora_nli import distributed, scoring
+    from qlora_nli.infer import scoring
+    from qlora_nli.model import loading
+    from qlora_nli.runtime import distributed
 
-    model, tokenizer = _lora_model(tiny_model_dir).eval(), modeling.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = _lora_model(tiny_model_dir).eval(), loading.load_tokenizer(str(tiny_model_dir))
     prompts = [TEMPLATE.format(**r) for r in made_up_pairs(11, 6)]
     one = scoring.score_labels(model, tokenizer, prompts, batch_size=2)
     pieces = {}
@@ -166,7 +170,7 @@ def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_m
 
 
 def test_frozen_states_in_a_file_are_the_in_memory_bits(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir, layers=1), modeling.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = _lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(9, 5)])
     answers = encode_answers(tokenizer)
     sequences = [p + answers[k % 3] for k, p in enumerate(prompt_ids)]

@@ -6,11 +6,10 @@ import importlib
 import runpy
 import shlex
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import yaml
-
 from pipeline import REPO, make_project
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline import REPO, dvc, make_project, run, stages_run
-from qlora_nli import modeling
-from qlora_nli.data import resolve_source
-from qlora_nli.errors import DataError
 from tiny import make_tiny_model, write_nli_dir
+
+from qlora_nli.data.sources import resolve_source
+from qlora_nli.model import adapters, loading
+from qlora_nli.runtime.errors import DataError
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a new shell: no virtual environment on PATH
 QUEUE_TIMEOUT_S = 600  # celery workers start slowly, and two experiments share the cores with everything else
@@ -60,17 +60,17 @@ def test_saved_adapter_config_is_sorted_and_names_the_embedded_alias(tmp_path, m
     """peft writes target_modules in hash order and the base model as the per-user cache path of the conversion."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     alias = "embedded:smollm2-135m-instruct"
-    converted = modeling._cache_dir() / alias.split(":", 1)[1]
+    converted = loading._cache_dir() / alias.split(":", 1)[1]
     make_tiny_model("llama", converted)  # stands in for the converted GGUF: resolve_model_path finds it, no export
-    model = modeling.load_base_model({"name": alias, "load_in_4bit": False, "compute_dtype": "auto"}, "cpu")
-    model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+    model = loading.load_base_model({"name": alias, "load_in_4bit": False, "compute_dtype": "auto"}, "cpu")
+    model = adapters.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
                                          "layers": 1})
-    modeling.save_adapter(model, tmp_path / "adapter")
+    adapters.save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert len(config["target_modules"]) == 7 and config["target_modules"] == sorted(config["target_modules"])
     assert config["base_model_name_or_path"] == alias
     assert str(tmp_path) not in (tmp_path / "adapter" / "README.md").read_text()
-    reloaded = modeling.load_adapter(modeling.load_base_model(
+    reloaded = adapters.load_adapter(loading.load_base_model(
         {"name": alias, "load_in_4bit": False, "compute_dtype": "auto"}, "cpu"), tmp_path / "adapter")
     assert sorted(reloaded.peft_config["default"].target_modules) == config["target_modules"]
 
@@ -200,7 +200,7 @@ def project(tmp_path_factory):
     (its activate script puts this interpreter's environment first on PATH); no DVC remote, as in a fresh clone."""
     base = tmp_path_factory.mktemp("experiments")
     write_nli_dir(base / "mirror" / "tiny-nli")
-    root = make_project(base / "project", overrides={"data.source": "made-up/tiny-nli", "train.num_threads": 0})
+    root = make_project(base / "project", overrides={"data.source": "made-up/tiny-nli", "compute.num_threads": 0})
     make_venv_to_activate(root)
     run([sys.executable, "-m", "dvc", "repro"], root, extra_env={"NLI_DATA_MIRROR": "../mirror"})
     run(["git", "add", "-A"], root)
@@ -218,9 +218,9 @@ def project(tmp_path_factory):
 
 @pytest.mark.slow
 def test_documented_commands_work_as_typed_after_activation(project):
-    without = shell(project, "dvc exp run -S report.n_examples=3")
+    without = shell(project, "dvc exp run -S failure_cases.n_examples=3")
     assert without.returncode == 127 and "dvc: command not found" in without.stderr
-    typed = shell(project, ". .venv/bin/activate\ndvc exp run -S report.n_examples=3")
+    typed = shell(project, ". .venv/bin/activate\ndvc exp run -S failure_cases.n_examples=3")
     assert typed.returncode == 0, typed.stderr[-3000:]
     assert "failure_cases" in stages_run(typed.stdout)  # the stage that reads report.* ran, with the venv's python
     run(["git", "reset", "-q", "--hard"], project)  # back to the committed run for the tests below

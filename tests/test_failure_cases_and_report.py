@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from qlora_nli.prompts import LABELS
-from qlora_nli.stats import classification_metrics
 from tiny import TINY_SAFETENSORS
+
+from qlora_nli.analysis.stats import classification_metrics
+from qlora_nli.prompts import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def write(path, obj):
 @pytest.fixture
 def workdir(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["report"]["n_examples"] = 2
+    params["failure_cases"]["n_examples"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for which in ("baseline", "finetuned"):
         rows = prediction_rows(which)
@@ -442,7 +442,7 @@ def test_model_card_claims_no_hub_base_for_a_local_model(workdir):
 
 
 def test_hub_base_model_names_only_hub_ids(tmp_path, monkeypatch):
-    from qlora_nli.model_card import hub_base_model
+    from qlora_nli.report.model_card import hub_base_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "base").mkdir(parents=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline import REPO, dvc, make_project, run, set_param
 
 FAULT_RUNNER = Path(__file__).resolve().parent / "fault_runner.py"
@@ -326,7 +325,7 @@ def test_ctrl_c_in_nli_predict_and_export_is_one_line_and_writes_nothing(changed
 def test_ctrl_c_before_a_stage_starts_is_one_line_too():
     """While an entry point still imports (torch takes seconds): the same line and status, from sys.excepthook."""
     script = ("import os, signal, sys, time\n"
-              "import qlora_nli.errors\n"
+              "import qlora_nli.runtime.errors\n"
               "sys.argv[0] = 'stages/report.py'\n"
               "os.kill(os.getpid(), signal.SIGINT)\n"
               "time.sleep(30)\n")
@@ -340,8 +339,9 @@ def test_a_failed_swap_puts_back_the_outputs_swapped_before_it(tmp_path, monkeyp
     import errno
     import os
 
-    import qlora_nli.io as io
-    from qlora_nli.errors import OutputError
+    import qlora_nli.runtime.io as io
+
+    from qlora_nli.runtime.errors import OutputError
 
     monkeypatch.chdir(tmp_path)
     Path("a.json").write_text("old a")

@@ -1,7 +1,16 @@
 import pytest
 
-from qlora_nli.features import (confusion_pairs, error_rates_by_slice, explain, has_negation, length_bucket,
-                                overlap_bucket, pair_features, slices_of, tag_features)
+from qlora_nli.analysis.features import (
+    confusion_pairs,
+    error_rates_by_slice,
+    explain,
+    has_negation,
+    length_bucket,
+    overlap_bucket,
+    pair_features,
+    slices_of,
+    tag_features,
+)
 
 # made-up pairs, not from SNLI
 

@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
-
 from pipeline import env, make_project, run, set_param
-from qlora_nli.errors import RunError
+
+from qlora_nli.runtime.errors import RunError
 
 pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
 
@@ -96,8 +96,8 @@ def test_parameter_counts_are_dense_counts(uninterrupted):
     assert p["numel_as_stored"] < p["total"]
     assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["total"], abs=1e-3)
     assert train["adapter_bytes"] > 0 and train["optimizer"] == "adamw" and train["compute_dtype"] == "float32"
-    # the thread choice of train.num_threads: 1 (tests/pipeline.py), recorded in the device line
-    assert train["device"].endswith(", 1 torch threads (train.num_threads; OpenMP default waiting (spin, then sleep))")
+    # the thread choice of compute.num_threads: 1 (tests/pipeline.py), recorded in the device line
+    assert train["device"].endswith(", 1 torch threads (compute.num_threads; OpenMP default waiting (spin, then sleep))")
 
 
 def test_unknown_target_module_is_one_line(tmp_path):
@@ -147,8 +147,8 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
     run(["python", "stages/prepare.py"], root)
     monkeypatch.chdir(root)
     stage = _load_stage(root)
-    from qlora_nli import training  # the stage's epochs run through training.train_remaining_epochs
-    real_epoch, calls = training.train_one_epoch, []
+    from qlora_nli.train import loop
+    real_epoch, calls = loop.train_one_epoch, []
 
     def fails_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -156,7 +156,7 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
             raise error()
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", fails_in_epoch_2)
+    monkeypatch.setattr(loop, "train_one_epoch", fails_in_epoch_2)
     with pytest.raises(expected) as e:
         stage.main()
     if expected is RunError:

@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from tiny import make_tokenizer, write_nli_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ BODY_LINEAR = 2 * 36_864
 # LoRA r=16 on the last block (lora.layers=1) only: r * (in + out) summed = 16 * (128 + 96 + 96 + 128 + 3 * 192)
 LORA = 16 * 1_024
 SMALL = ["data.n_train=24", "data.n_val=6", "data.n_test=9", "data.extra_sets=null", "train.batch_size=8",
-         "train.num_threads=1", "evaluate.batch_size=4", "evaluate.probes=[]", "lora.layers=1"]
+         "compute.num_threads=1", "evaluate.batch_size=4", "evaluate.probes=[]", "lora.layers=1"]
 EPOCHS = 2
 
 

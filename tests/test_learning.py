@@ -5,12 +5,18 @@ import random
 
 import pytest
 import torch
-
-from qlora_nli import modeling
-from qlora_nli.prompts import LABELS
-from qlora_nli.scoring import encode_answers, encode_prompts, score_labels
-from qlora_nli.training import length_grouped_batches, make_optimizer, make_scheduler, set_seed, train_one_epoch
 from tiny import OBJECTS, SUBJECTS, make_tiny_model
+
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import adapters, loading
+from qlora_nli.prompts import LABELS, encode_answers, encode_prompts
+from qlora_nli.train.batches import length_grouped_batches
+from qlora_nli.train.loop import (
+    make_optimizer,
+    make_scheduler,
+    set_seed,
+    train_one_epoch,
+)
 
 # The label is given away by the verb of the hypothesis (one short word each); premises are noise.
 CUE_VERBS = ("runs", "paints", "climbs")
@@ -38,11 +44,11 @@ def learnable_model_dir(tmp_path_factory):
 def test_training_learns_a_task_given_away_by_one_word(learnable_model_dir):
     set_seed(0)
     # not 4-bit: the same training loop, several times faster on CPU
-    model = modeling.load_base_model({"name": str(learnable_model_dir), "load_in_4bit": False,
+    model = loading.load_base_model({"name": str(learnable_model_dir), "load_in_4bit": False,
                                       "compute_dtype": "float32"}, "cpu")
-    model = modeling.attach_lora(model, {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+    model = adapters.attach_lora(model, {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
                                          "layers": "all"})
-    tokenizer = modeling.load_tokenizer(str(learnable_model_dir))
+    tokenizer = loading.load_tokenizer(str(learnable_model_dir))
     answers = encode_answers(tokenizer)
     train, val = cue_pairs(48, seed=1), cue_pairs(30, seed=2)
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in train])

@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import (
+    base_plus_adapter,
+    made_up_pairs,
+    make_adapter,
+    make_tiny_model,
+    model_params,
+)
 
-from qlora_nli.export import export_merged
+from qlora_nli.infer.export import export_merged
+from qlora_nli.infer.scoring import score_labels
 from qlora_nli.prompts import TEMPLATE, format_prompt
-from qlora_nli.scoring import score_labels
-from tiny import base_plus_adapter, made_up_pairs, make_adapter, make_tiny_model, model_params
 
 pytestmark = pytest.mark.slow
 

@@ -5,21 +5,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qlora_nli import modeling
-from qlora_nli.errors import ModelLoadError, ParamsError
+from qlora_nli.model import adapters, loading
+from qlora_nli.runtime.errors import ModelLoadError, ParamsError
 
 
 @pytest.mark.slow  # converts the real embedded GGUF file
 def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     name = "embedded:smollm2-135m-instruct"
-    path = modeling.resolve_model_path(name)
+    path = loading.resolve_model_path(name)
     assert (tmp_path / "qlora-nli/models/smollm2-135m-instruct/config.json").exists() and path.startswith(str(tmp_path))
-    tokenizer = modeling.load_tokenizer(name)
+    tokenizer = loading.load_tokenizer(name)
     assert tokenizer.pad_token is not None and len(tokenizer("Premise: a dog runs.").input_ids) > 3
-    model = modeling.load_base_model({"name": name, "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
+    model = loading.load_base_model({"name": name, "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    counts = modeling.count_parameters(model)
+    counts = loading.count_parameters(model)
     assert counts["total"] == 134_515_008  # SmolLM2-135M, embeddings tied
     assert counts["numel_as_stored"] < counts["total"]  # packed 4-bit halves numel()
     with torch.no_grad():
@@ -28,8 +28,8 @@ def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
 
 
 def test_compute_dtype_choice():
-    assert modeling.pick_compute_dtype("cpu") == torch.float32
-    assert modeling.pick_compute_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert loading.pick_compute_dtype("cpu") == torch.float32
+    assert loading.pick_compute_dtype("cpu", "bfloat16") == torch.bfloat16
 
 
 @pytest.mark.parametrize("capability, expected", [
@@ -49,23 +49,23 @@ def test_gpu_compute_dtype_follows_the_capability(monkeypatch, capability, expec
     properties = SimpleNamespace(major=capability[0], minor=capability[1], name="fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
-    assert modeling.pick_compute_dtype("cuda") == expected
-    assert modeling.pick_compute_dtype("cuda", "float32") == torch.float32  # an explicit choice is kept
+    assert loading.pick_compute_dtype("cuda") == expected
+    assert loading.pick_compute_dtype("cuda", "float32") == torch.float32  # an explicit choice is kept
 
 
 def test_cuda_requested_without_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ParamsError, match="model.device"):
-        modeling.pick_device("cuda")
-    assert modeling.pick_device("auto") == "cpu"
+    with pytest.raises(ParamsError, match="compute.device"):
+        loading.pick_device("cuda")
+    assert loading.pick_device("auto") == "cpu"
 
 
 def test_lora_attaches_to_tiny_models(tiny_model_dir):
-    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
-    base = modeling.count_parameters(model)
-    model = modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+    model = loading.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}, "cpu")
+    base = loading.count_parameters(model)
+    model = adapters.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
                                        "layers": "all"})
-    after = modeling.count_parameters(model)
+    after = loading.count_parameters(model)
     # r (in + out) per adapted linear layer, r = 4, hidden 64, key/value 32 (2 of 4 heads), intermediate 128, 2 blocks:
     # Llama q, k, v, o, gate, up, down: 4 (128 + 96 + 96 + 128 + 192 + 192 + 192) = 4096 per block;
     # Phi q, k, v, dense, fc1, fc2: 4 (128 + 96 + 96 + 128 + 192 + 192) = 3328 per block
@@ -77,7 +77,7 @@ def test_unloadable_model_is_one_line(tmp_path):
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     with pytest.raises(ModelLoadError) as e:
-        modeling.load_tokenizer(str(broken))
+        loading.load_tokenizer(str(broken))
     message = str(e.value)
     assert "model.name" in message and str(broken) in message and "\n" not in message
 
@@ -93,21 +93,21 @@ def _adapted_names(model):
 def test_lora_on_the_last_blocks_only(tiny_model_dir):
     params = {"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"}
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
-    every = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "layers": "all"})
-    last = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "layers": 1})
+    every = adapters.attach_lora(loading.load_base_model(params, "cpu"), {**lora, "layers": "all"})
+    last = adapters.attach_lora(loading.load_base_model(params, "cpu"), {**lora, "layers": 1})
     assert _adapted_blocks(every) == {0, 1} and _adapted_blocks(last) == {1}
     assert _adapted_names(last) == _adapted_names(every)  # "all-linear" means the same layers within a block
-    assert modeling.count_parameters(last)["trainable"] * 2 == modeling.count_parameters(every)["trainable"]
-    listed = modeling.attach_lora(modeling.load_base_model(params, "cpu"), {**lora, "target_modules": ["q_proj"],
+    assert loading.count_parameters(last)["trainable"] * 2 == loading.count_parameters(every)["trainable"]
+    listed = adapters.attach_lora(loading.load_base_model(params, "cpu"), {**lora, "target_modules": ["q_proj"],
                                                                            "layers": 1})
     assert _adapted_blocks(listed) == {1} and _adapted_names(listed) == {"q_proj"}
 
 
 def test_more_lora_layers_than_blocks_is_one_line(tiny_model_dir):
-    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
+    model = loading.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
                                      "cpu")
     with pytest.raises(ParamsError) as e:
-        modeling.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 3})
+        adapters.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 3})
     message = str(e.value)
     assert "lora.layers = 3" in message and "from 1 to 2" in message and "\n" not in message
 
@@ -120,7 +120,7 @@ def test_4bit_weights_stay_as_loaded_through_inference_on_any_cpu(tiny_model_dir
     import bitsandbytes.nn.modules
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
-    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
+    model = loading.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
                                      "cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     before = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers]
@@ -135,7 +135,7 @@ def test_4bit_weights_stay_as_loaded_through_inference_on_any_cpu(tiny_model_dir
 def test_cpu_description_names_the_vector_width_of_torchs_kernels(monkeypatch):
     """The same run on AVX2 and on AVX-512 kernels differs in the last digits: metrics/train.json says which ran."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert modeling.describe_device("cpu").startswith(f"cpu: {os.cpu_count()} logical cores (AVX512 kernels), ")
+    assert loading.describe_device("cpu").startswith(f"cpu: {os.cpu_count()} logical cores (AVX512 kernels), ")
 
 
 # What loading printed that asks for nothing (qlora_nli/__init__.py says why each is harmless); the bitsandbytes one
@@ -144,13 +144,13 @@ HARMLESS = ["Failed to load CPU gemm_4bit_forward from kernels-community", "`is_
             "Could not find a config file in embedded:smollm2-135m-instruct"]
 LOAD_SAVE_RELOAD = """
 import logging, sys
-from qlora_nli import modeling
+from qlora_nli.model import adapters, loading
 logging.basicConfig(level=logging.INFO)  # as a stage does (errors.run_stage)
 params = {"name": "embedded:smollm2-135m-instruct", "load_in_4bit": True, "compute_dtype": "auto"}
-model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
+model = adapters.attach_lora(loading.load_base_model(params, "cpu"),
                              {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "layers": 1})
-modeling.save_adapter(model, sys.argv[1])
-modeling.load_for_inference(params, "cpu", sys.argv[1])  # reads the alias back from the saved adapter
+adapters.save_adapter(model, sys.argv[1])
+adapters.load_for_inference(params, "cpu", sys.argv[1])  # reads the alias back from the saved adapter
 bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
 bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
             "`pip install kernels` and the kernels >= 0.11.1", "offline")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline import dvc, env, make_project, run
 from safetensors.torch import load_file
 
-from pipeline import dvc, env, make_project, run
-from qlora_nli.distributed import SAME_RESULT_RELATIVE, node_count, per_stage_rendezvous, stage_name
+from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE
+from qlora_nli.runtime.launch import node_count, per_stage_rendezvous, stage_name
 
 JOIN_TIMEOUT = 20  # seconds the first node waits for the others in tests (torchrun's default: 600)
 ADAPTER = "models/adapter/adapter_model.safetensors"
@@ -57,12 +58,13 @@ class _HeldCheckpoints:
     ({0: [1, 2], 1: []}, "nothing"),  # a fresh checkout: every node starts over
 ])
 def test_every_rank_resumes_the_newest_epoch_all_hold(monkeypatch, held, expected):
-    from qlora_nli import distributed, training
+    from qlora_nli.runtime import distributed
+    from qlora_nli.train.checkpoints import newest_common_checkpoint
 
     monkeypatch.setattr(distributed, "gather_by_index", lambda ranks, pieces: held)
     checkpoints = _HeldCheckpoints(held[0])
     newest = (held[0][-1], Path(f"checkpoints/epoch-{held[0][-1]}"), {})
-    chosen = training.newest_common_checkpoint(checkpoints, newest, distributed.Ranks(rank=0, world_size=2))
+    chosen = newest_common_checkpoint(checkpoints, newest, distributed.Ranks(rank=0, world_size=2))
     if expected == "nothing":
         assert chosen is None and checkpoints.loaded == []
     elif expected is None:

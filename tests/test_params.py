@@ -5,8 +5,10 @@ import pytest
 import torch
 import yaml
 
-from qlora_nli.errors import ParamsError
-from qlora_nli.params import SCHEMA, check_split_size, check_target_modules, load_params
+from qlora_nli.config import SCHEMA, load_params
+from qlora_nli.data.sources import check_split_size
+from qlora_nli.model.loading import check_target_modules
+from qlora_nli.runtime.errors import ParamsError
 
 COMMITTED = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -52,9 +54,9 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("train", "weight_decay", 0, 0.0),
     ("train", "seed", 0, 0),
     ("train", "seed", 2**32 - 1, 2**32 - 1),  # NumPy's seed range is 0..2**32-1
-    ("train", "num_threads", 0, 0),
+    ("compute", "num_threads", 0, 0),
     ("train", "resume", False, False),
-    ("report", "n_examples", 0, 0),
+    ("failure_cases", "n_examples", 0, 0),
     ("model", "trust_remote_code", True, True),
     ("prompt", "template", "{hypothesis} | {premise}", "{hypothesis} | {premise}"),
     ("prompt", "template", "P: {premise} {{literal}} H: {hypothesis}", "P: {premise} {{literal}} H: {hypothesis}"),
@@ -88,7 +90,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("train", "warmup_ratio", 1.0, "train.warmup_ratio = 1.0 is out of range"),
     ("train", "max_grad_norm", 0.0, "train.max_grad_norm = 0.0 is out of range"),
     ("train", "gradient_checkpointing", "no", "train.gradient_checkpointing = 'no' has the wrong type"),
-    ("train", "num_threads", -1, "train.num_threads = -1 is out of range"),
+    ("compute", "num_threads", -1, "compute.num_threads = -1 is out of range"),
     ("train", "resume", "no", "train.resume = 'no' has the wrong type"),
     ("train", "seed", None, "train.seed = None has the wrong type"),
     ("train", "seed", -3, "train.seed = -3 is out of range; allowed: an integer from 0 to 4294967295"),
@@ -103,7 +105,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("model", "name", "", "model.name = '' is out of range"),
     ("model", "load_in_4bit", "yes", "model.load_in_4bit = 'yes' has the wrong type"),
     ("model", "compute_dtype", "fp16", "model.compute_dtype = 'fp16' is out of range; allowed: one of auto, float32"),
-    ("model", "device", "tpu", "model.device = 'tpu' is out of range; allowed: one of auto, cpu, cuda"),
+    ("compute", "device", "tpu", "compute.device = 'tpu' is out of range; allowed: one of auto, cpu, cuda"),
     ("model", "trust_remote_code", "yes", "model.trust_remote_code = 'yes' has the wrong type (str); allowed: true or false"),
     ("model", "trust_remote_code", 1, "model.trust_remote_code = 1 has the wrong type"),
     ("prompt", "template", "Premise: {premise}", "prompt.template = 'Premise: {premise}' is out of range"),
@@ -125,7 +127,7 @@ def test_exponent_without_dot_is_read_as_float(tmp_path):
     ("lora", "layers", 0, "lora.layers = 0 is out of range"),
     ("lora", "layers", "last", "lora.layers = 'last' has the wrong type"),
     ("lora", "layers", True, "lora.layers = True has the wrong type"),
-    ("report", "n_examples", -1, "report.n_examples = -1 is out of range"),
+    ("failure_cases", "n_examples", -1, "failure_cases.n_examples = -1 is out of range"),
     ("data", "splits", {"train": "train", "test": "test"}, "data.splits is missing the key validation; allowed: a mapping of train, validation and test"),
     ("data", "splits", {"train": "train", "validation": "", "test": "test"}, "data.splits"),
     ("data", "extra_sets", [], "data.extra_sets = [] has the wrong type"),
@@ -165,11 +167,11 @@ def test_unknown_and_missing_groups(tmp_path):
     params["trian"] = params.pop("train")
     assert "unknown group 'trian'" in one_line_error(lambda: load_params(write(tmp_path, params)))
     params = committed()
-    del params["report"]
-    assert "group report is missing" in one_line_error(lambda: load_params(write(tmp_path, params)))
+    del params["failure_cases"]
+    assert "group failure_cases is missing" in one_line_error(lambda: load_params(write(tmp_path, params)))
     params = committed()
-    params["report"] = 5
-    assert "group report = 5 is not a mapping" in one_line_error(lambda: load_params(write(tmp_path, params)))
+    params["failure_cases"] = 5
+    assert "group failure_cases = 5 is not a mapping" in one_line_error(lambda: load_params(write(tmp_path, params)))
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -246,8 +248,8 @@ def test_alias_bomb_is_refused_before_it_is_built(tmp_path):
     assert len(text.encode()) < COMMITTED.stat().st_size + 600
     (tmp_path / "params.yaml").write_text(text)
     out = run_with_timeout(f"""
-from qlora_nli.errors import ParamsError
-from qlora_nli.params import load_params
+from qlora_nli.runtime.errors import ParamsError
+from qlora_nli.config import load_params
 try:
     load_params({str(tmp_path / 'params.yaml')!r})
 except ParamsError as e:
@@ -261,7 +263,7 @@ def test_a_message_about_an_alias_bomb_value_is_short_and_quick():
     # Past the size bound (checking a value built in Python): the message quotes the value without expanding it.
     out = run_with_timeout(f"""
 import yaml
-from qlora_nli.params import check_params
+from qlora_nli.config import check_params
 raw = yaml.safe_load(open("params.yaml").read())
 raw["lora"]["target_modules"] = yaml.safe_load({ALIAS_BOMB!r})["i"]
 try:
@@ -286,7 +288,7 @@ def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
     text = text.replace("report:\n  n_examples: 5", "report:\n  <<: {n_examples: 3}\n  n_examples: 7")
     (tmp_path / "params.yaml").write_text(text)
     params = load_params(tmp_path / "params.yaml")
-    assert params["lora"]["target_modules"] == ["q_proj", "v_proj"] and params["report"]["n_examples"] == 7
+    assert params["lora"]["target_modules"] == ["q_proj", "v_proj"] and params["failure_cases"]["n_examples"] == 7
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -297,7 +299,7 @@ def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
      "line 14: data.extra_sets is given a second time (first at line 13)"),
     # a key twice in one flow mapping, on one line
     (lambda t: t.replace("report:\n  n_examples: 5", "report: {n_examples: 5, n_examples: 6}"),
-     "line 65: report.n_examples is given a second time (first at line 65)"),
+     "line 65: failure_cases.n_examples is given a second time (first at line 65)"),
     (lambda t: t.replace("  epochs: 5\n", "  epochs: 5\n  epochs: 6\n"),
      "line 51: train.epochs is given a second time (first at line 50)"),
 ])
@@ -388,7 +390,7 @@ def test_far_off_values_warn_and_are_used(tmp_path, caplog):
     params = committed()
     params["train"]["micro_batch_tokens"] = 1
     params["train"]["learning_rate"] = 5.0
-    with caplog.at_level("WARNING", logger="qlora_nli.params"):
+    with caplog.at_level("WARNING", logger="qlora_nli.config"):
         loaded = load_params(write(tmp_path, params))
     assert loaded["train"]["micro_batch_tokens"] == 1 and loaded["train"]["learning_rate"] == 5.0
     assert [r.getMessage() for r in caplog.records] == [
@@ -402,6 +404,6 @@ def test_far_off_values_warn_and_are_used(tmp_path, caplog):
 
 
 def test_committed_params_are_within_their_typical_ranges(caplog):
-    with caplog.at_level("WARNING", logger="qlora_nli.params"):
+    with caplog.at_level("WARNING", logger="qlora_nli.config"):
         load_params(COMMITTED)
     assert caplog.records == []

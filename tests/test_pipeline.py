@@ -3,7 +3,6 @@ import json
 
 import pytest
 import yaml
-
 from pipeline import dvc, make_project, set_param, stages_run
 from test_evaluate_outputs import _reference_temperature
 from tiny import write_nli_dir

@@ -5,20 +5,21 @@ import io
 import json
 import subprocess
 import sys
-import tomllib
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 import yaml
-
 from pipeline import REPO, env
-from qlora_nli import cli, modeling
-from qlora_nli.export import export_merged
-from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
-from qlora_nli.scoring import score_labels
 from tiny import base_plus_adapter, made_up_pairs, make_adapter, make_tiny_model
 from tiny import model_params as _model_params
+
+from qlora_nli import cli
+from qlora_nli.infer.export import export_merged
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import adapters, loading
+from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
 
 BATCH = 3
 def _prompts(pairs):
@@ -48,8 +49,8 @@ def run_predict(capsys, project, *args):
 
 def test_adapter_is_not_a_no_op(project):
     prompts = _prompts(project.pairs)
-    tokenizer = modeling.load_tokenizer(str(project.model))
-    base = modeling.load_base_model(_model_params(project.model, True), "cpu")
+    tokenizer = loading.load_tokenizer(str(project.model))
+    base = loading.load_base_model(_model_params(project.model, True), "cpu")
     adapted, _ = base_plus_adapter(project.model, project.adapter, True)
     differ = score_labels(base, tokenizer, prompts, BATCH) - score_labels(adapted, tokenizer, prompts, BATCH)
     assert differ.abs().max() > 0.1
@@ -61,7 +62,7 @@ def test_cpu_inference_merges_the_adapter_into_the_dequantized_weights(project):
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
-    merged = modeling.load_for_inference(_model_params(project.model, True), "cpu", str(project.adapter))
+    merged = adapters.load_for_inference(_model_params(project.model, True), "cpu", str(project.adapter))
     assert not any(isinstance(m, (LoraLayer, bnb.nn.Linear4bit)) for m in merged.modules())
     adapted, tokenizer = base_plus_adapter(project.model, project.adapter, load_in_4bit=True)
     prompts = _prompts(project.pairs)
@@ -174,7 +175,7 @@ def test_adapter_of_another_architecture_is_one_line(project, tmp_path):
 LOAD_WITHOUT_PEFT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from qlora_nli.scoring import score_labels
+from qlora_nli.infer.scoring import score_labels
 model, tokenizer = AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])
 scores = score_labels(model.eval(), tokenizer, json.loads(sys.argv[2]), int(sys.argv[3]))
 assert "peft" not in sys.modules, "loading the export imported peft"
@@ -271,10 +272,10 @@ def test_export_without_adapter_is_the_base_evaluate_scores(project, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = export_merged(_model_params(project.model, load_in_4bit=True), None, tmp_path / "base", "float32")
-    got = score_labels(AutoModelForCausalLM.from_pretrained(out).eval(), modeling.load_tokenizer(str(out)),
+    got = score_labels(AutoModelForCausalLM.from_pretrained(out).eval(), loading.load_tokenizer(str(out)),
                        _prompts(made_up_pairs(6, 14)), BATCH)
-    base = modeling.load_base_model(_model_params(project.model, load_in_4bit=True), "cpu")  # 4-bit layers kept
-    reference = score_labels(base, modeling.load_tokenizer(str(project.model)), _prompts(made_up_pairs(6, 14)), BATCH)
+    base = loading.load_base_model(_model_params(project.model, load_in_4bit=True), "cpu")  # 4-bit layers kept
+    reference = score_labels(base, loading.load_tokenizer(str(project.model)), _prompts(made_up_pairs(6, 14)), BATCH)
     assert torch.allclose(got, reference, atol=1e-4), (got - reference).abs().max()
     assert json.loads((out / "EXPORT.json").read_text())["adapter"] is None and not (out / "README.md").exists()
 
@@ -292,7 +293,7 @@ def test_gguf_half_precision_keeps_norms_in_f32(project, tmp_path):
 
 
 def test_gguf_export_of_another_architecture_is_one_line_before_merging(tmp_path):
-    from qlora_nli.errors import ArtifactError
+    from qlora_nli.runtime.errors import ArtifactError
 
     phi = make_tiny_model("phi", tmp_path / "phi")
     adapter = make_adapter(phi, tmp_path / "adapter")
@@ -304,7 +305,7 @@ def test_gguf_export_of_another_architecture_is_one_line_before_merging(tmp_path
 def test_export_carries_the_model_card_of_its_adapter_only(project, tmp_path):
     import hashlib
 
-    from qlora_nli.errors import ArtifactError
+    from qlora_nli.runtime.errors import ArtifactError
 
     sha = hashlib.sha256((project.adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
     card = tmp_path / "card.md"
@@ -322,7 +323,7 @@ def test_lm_eval_task_renders_our_prompt(tmp_path):
     template with literal braces; the task names our three answers after a space."""
     import jinja2
 
-    from qlora_nli import lm_eval_tasks
+    from qlora_nli.infer import lm_eval_tasks
 
     row = {"premise": "  A dog {runs}. ", "hypothesis": "A dog moves.\n"}
     for template in (TEMPLATE, "{{literal}} P: {premise} | H: {hypothesis} {{x}}"):

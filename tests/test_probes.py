@@ -1,9 +1,16 @@
 """The probes of qlora_nli/probes.py on hand-made pairs: exact strings and constructed labels."""
 import pytest
 
-from qlora_nli.params import PROBES, template_has_fields
-from qlora_nli.probes import (PERTURBATIONS, negation_tautology, perturb, premise_as_hypothesis, probe_summary,
-                              swap_contradiction, tautology)
+from qlora_nli.analysis.probes import (
+    PERTURBATIONS,
+    negation_tautology,
+    perturb,
+    premise_as_hypothesis,
+    probe_summary,
+    swap_contradiction,
+    tautology,
+)
+from qlora_nli.config import PROBES, template_has_fields
 
 ENT = {"id": 7, "premise": "A man sleeps on a bench.", "hypothesis": "A man rests.", "label": 0}
 NEU = {"id": 8, "premise": "A dog runs.", "hypothesis": "A dog runs to its owner", "label": 1}

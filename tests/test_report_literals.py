@@ -7,10 +7,10 @@ interval from Newcombe (1998), method 10, written out separately from qlora_nli.
 """
 import pytest
 import yaml
-
-from qlora_nli.stats import classification_metrics
 from test_failure_cases_and_report import ROOT, read, run_ok, train_metrics, write
 from tiny import TINY_SAFETENSORS
+
+from qlora_nli.analysis.stats import classification_metrics
 
 # (id, premise, hypothesis, gold, baseline pred, fine-tuned pred); made up, not SNLI. Slices by hand (overlap of the
 # hypothesis' content words with the premise; negation word; hypothesis length in words):

@@ -3,10 +3,12 @@ import json
 
 import pytest
 import torch
-
-from qlora_nli.distributed import SINGLE
-from qlora_nli.training import Checkpoints, TrainingSetup, carried_epoch_seconds, train_metrics
 from tiny import TINY_SAFETENSORS
+
+from qlora_nli.runtime.distributed import SINGLE
+from qlora_nli.train.checkpoints import Checkpoints
+from qlora_nli.train.loop import TrainingSetup
+from qlora_nli.train.record import carried_epoch_seconds, train_metrics
 
 PARAMS = {"model": {"name": "tiny", "load_in_4bit": True}}
 RECORD = {"epoch_seconds": {"1": 12.3456, "2": 7.25}, "device": "cpu (earlier machine)", "world_size": 2,

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-
 from pipeline import dvc, make_project, run
 
 pytestmark = pytest.mark.slow

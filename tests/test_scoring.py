@@ -1,16 +1,19 @@
 import pytest
 import torch
-
-from qlora_nli import modeling, scoring
-from qlora_nli.prompts import LABELS, TEMPLATE
-from qlora_nli.scoring import (answer_loss, encode_answers, encode_prompts, generate_answers, mean_answer_nll,
-                               parse_label, score_labels)
 from tiny import made_up_pairs
+
+from qlora_nli import forward
+from qlora_nli.forward import answer_loss, mean_answer_nll
+from qlora_nli.infer import scoring
+from qlora_nli.infer.generate import generate_answers, parse_label
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import loading
+from qlora_nli.prompts import LABELS, TEMPLATE, encode_answers, encode_prompts
 
 
 def _model(path, load_in_4bit):
     params = {"name": str(path), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
-    return modeling.load_base_model(params, "cpu"), modeling.load_tokenizer(str(path))
+    return loading.load_base_model(params, "cpu"), loading.load_tokenizer(str(path))
 
 
 def _prompts(n):
@@ -59,9 +62,9 @@ def test_the_prefix_all_prompts_share_runs_once_per_call(tiny_model_dir):
     """The prefix pass is the only call of the body without an attention mask (one row, nothing padded): once per
     score_labels call on the grouped path, once per batch on the plain one."""
     model, tokenizer = _model(tiny_model_dir, False)
-    body, _ = scoring.body_and_head(model)
+    body, _ = forward.body_and_head(model)
     prompts = _prompts(9)  # 3 batches of 3
-    assert scoring.shared_prefix_length(encode_prompts(tokenizer, prompts)) > 0
+    assert forward.shared_prefix_length(encode_prompts(tokenizer, prompts)) > 0
     unmasked = []
     hook = body.register_forward_pre_hook(lambda module, args, kwargs: unmasked.append("attention_mask" not in kwargs),
                                           with_kwargs=True)
@@ -162,9 +165,9 @@ def test_token_trees_give_the_per_prompt_scores(tiny_model_dir, batch_size, monk
 
 
 def test_prompt_trees_merge_shared_tokens_and_keep_unrelated_prompts_apart(tiny_model_dir):
-    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    tokenizer = loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, _related_prompts()[:9])  # those of the template: it is the common prefix
-    prefix = scoring.shared_prefix_length(prompt_ids)
+    prefix = forward.shared_prefix_length(prompt_ids)
     answers = [[5], [6, 7], [8, 9, 10]]  # 3 leading answer tokens get nodes after each prompt
     trees = scoring.prompt_trees(prompt_ids, prefix, answers, max_nodes=10_000)
     assert sorted(i for tree in trees for i in tree.reads) == list(range(len(prompt_ids)))

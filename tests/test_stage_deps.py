@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_nli.code import import_closure
+from qlora_nli.runtime.code import import_closure
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -3,7 +3,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from qlora_nli.stats import classification_metrics, mcnemar_exact, paired_accuracy_difference, wilson_interval
+from qlora_nli.analysis.stats import (
+    classification_metrics,
+    mcnemar_exact,
+    paired_accuracy_difference,
+    wilson_interval,
+)
 
 
 def test_wilson_known_values():

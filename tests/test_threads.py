@@ -3,7 +3,8 @@ ranks), the load of other processes, the changes while running, and the record i
 import pytest
 import torch
 
-from qlora_nli import modeling, threads
+from qlora_nli.model import loading
+from qlora_nli.runtime import threads
 
 WAIT = "OpenMP default waiting (spin, then sleep)"
 
@@ -59,7 +60,7 @@ def test_explicit_threads_are_fixed_and_never_read_the_load(monkeypatch):
     for _ in range(3):
         threads.adapt()
     assert (choice.threads, torch.get_num_threads(), machine.readings) == (3, 3, 0)
-    assert threads.describe() == f"3 torch threads (train.num_threads; {WAIT})"
+    assert threads.describe() == f"3 torch threads (compute.num_threads; {WAIT})"
 
 
 def test_adapts_to_load_after_two_windows_in_a_row(monkeypatch):
@@ -73,7 +74,7 @@ def test_adapts_to_load_after_two_windows_in_a_row(monkeypatch):
         seen.append(torch.get_num_threads())
     assert seen == [1, 1, 2, 2, 2, 2, 1]
     assert machine.readings == 7
-    assert modeling.describe_device("cpu").endswith(
+    assert loading.describe_device("cpu").endswith(
         "1 torch threads at start (auto: 2 usable (2 CPUs in affinity, no cgroup quota, torch default 2); "
         f"1.0 cores busy elsewhere; 1-2 while running, 2 changes; {WAIT})")
 
@@ -93,7 +94,7 @@ def test_device_line_records_quota_environment_and_wait_policy(monkeypatch):
     Machine(monkeypatch, 8, quota=4.0, default=3, others=[0.2, 0.3])
     threads.configure(0, sample_seconds=0)
     threads.adapt()
-    assert modeling.describe_device("cpu").endswith(
+    assert loading.describe_device("cpu").endswith(
         "3 torch threads at start (auto: 3 usable (8 CPUs in affinity, cgroup quota 4 CPUs, torch default 3 "
         "(OMP_NUM_THREADS=3)); 0.2 cores busy elsewhere; 3 while running; OMP_WAIT_POLICY=PASSIVE)")
 

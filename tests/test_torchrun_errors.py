@@ -3,11 +3,11 @@ error is printed once, by the launcher, without torchrun's ChildFailedError trac
 from types import SimpleNamespace
 
 import pytest
-
 from pipeline import make_project, run
-from qlora_nli import distributed, errors, threads
-from qlora_nli.distributed import check_process_count, torchrun_arguments
-from qlora_nli.errors import ParamsError
+
+from qlora_nli.runtime import distributed, errors, launch, threads
+from qlora_nli.runtime.errors import ParamsError
+from qlora_nli.runtime.launch import check_process_count, torchrun_arguments
 
 
 def one_line(call):
@@ -70,10 +70,10 @@ def test_start_refuses_64_ranks_on_2_cores_before_launching(cores, monkeypatch):
     monkeypatch.setattr(distributed, "launch", launched.append)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", "64")
-    one_line(lambda: distributed.start("cpu"))
+    one_line(lambda: launch.start("cpu"))
     assert launched == []
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", "2")
-    distributed.start("cpu")
+    launch.start("cpu")
     assert launched == [["--standalone", "--nproc-per-node=2"]]
 
 
@@ -82,7 +82,7 @@ def test_the_weights_floor_counts_the_config_by_hand(tmp_path):
 
     from tiny import make_tiny_model
 
-    from qlora_nli.modeling import weights_bytes
+    from qlora_nli.model.loading import weights_bytes
 
     path = make_tiny_model("llama", tmp_path / "m")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -117,8 +117,8 @@ def test_more_ranks_than_the_memory_holds_are_refused(cores, monkeypatch, device
 def test_available_memory_reads_meminfo_and_the_emptiest_gpu(monkeypatch):
     free = {0: 7 * 2**30, 1: 5 * 2**30}
     monkeypatch.setattr(distributed.torch.cuda, "mem_get_info", lambda i: (free[i], 80 * 2**30))
-    assert distributed.available_memory("cuda", 2) == (5 * 2**30, "free on the emptiest GPU")
-    available, where = distributed.available_memory("cpu")
+    assert launch.available_memory("cuda", 2) == (5 * 2**30, "free on the emptiest GPU")
+    available, where = launch.available_memory("cpu")
     meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
     assert available == int(meminfo["MemAvailable"].split()[0]) * 1024 and "MemAvailable" in where
 
@@ -136,16 +136,16 @@ def test_the_launcher_prints_the_lowest_ranks_line_once(tmp_path):
     failures = {0: SimpleNamespace(exitcode=1), 1: SimpleNamespace(exitcode=1)}
     (tmp_path / "rank-1").write_text("line of rank 1")
     (tmp_path / "rank-0").write_text("line of rank 0")
-    assert distributed._failure(failures, tmp_path) == (1, "line of rank 0")
+    assert launch._failure(failures, tmp_path) == (1, "line of rank 0")
     # rank 1 failed first and torchrun stopped rank 0 (SIGTERM) after it had left its line: the status is rank 1's
-    assert distributed._failure({0: SimpleNamespace(exitcode=-15), 1: SimpleNamespace(exitcode=1)},
+    assert launch._failure({0: SimpleNamespace(exitcode=-15), 1: SimpleNamespace(exitcode=1)},
                                 tmp_path) == (1, "line of rank 0")
     (tmp_path / "rank-0").unlink()
-    assert distributed._failure({1: SimpleNamespace(exitcode=1)}, tmp_path) == (1, "line of rank 1")
+    assert launch._failure({1: SimpleNamespace(exitcode=1)}, tmp_path) == (1, "line of rank 1")
 
 
 def test_a_killed_rank_is_named_with_the_shells_exit_status(tmp_path):
-    status, line = distributed._failure({1: SimpleNamespace(exitcode=-9), 3: SimpleNamespace(exitcode=1)}, tmp_path)
+    status, line = launch._failure({1: SimpleNamespace(exitcode=-9), 3: SimpleNamespace(exitcode=1)}, tmp_path)
     assert status == 128 + 9 and line == "QLORA_NLI_TORCHRUN: rank 1 failed (killed by SIGKILL); its output is above"
 
 

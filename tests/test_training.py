@@ -1,12 +1,14 @@
 """Micro-batching by token budget and the shared-prefix forward: same loss and same LoRA gradients as the plain way."""
 import pytest
 import torch
-
-from qlora_nli import modeling
-from qlora_nli.prompts import TEMPLATE
-from qlora_nli.scoring import answer_loss, body_and_head, encode_answers, encode_prompts, shared_prefix_length
-from qlora_nli.training import FrozenBlockStates, make_scheduler, micro_batches, train_one_epoch
 from tiny import made_up_pairs
+
+from qlora_nli.forward import answer_loss, body_and_head, shared_prefix_length
+from qlora_nli.model import adapters, loading
+from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from qlora_nli.train.batches import micro_batches
+from qlora_nli.train.loop import make_scheduler, train_one_epoch
+from qlora_nli.train.states import FrozenBlockStates
 
 
 @pytest.mark.parametrize("lengths, budget, expected", [
@@ -36,7 +38,7 @@ def test_shared_prefix_length(sequences, expected):
 def _lora_model(path, layers="all"):
     params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
     torch.manual_seed(0)
-    model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
+    model = adapters.attach_lora(loading.load_base_model(params, "cpu"),
                                  {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
                                   "layers": layers})
     # peft starts lora_B at zero; random values make every adapter's gradient depend on the prefix path
@@ -51,7 +53,7 @@ def _grads(model):
 
 
 def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradient(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir), modeling.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = _lora_model(tiny_model_dir), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(6, 3)])
     answers = encode_answers(tokenizer)
     answer_ids = [answers[k % 3] for k in range(6)]
@@ -87,7 +89,7 @@ def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradien
 
 
 def test_frozen_block_states_give_the_full_forward_loss_and_gradient(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir, layers=1), modeling.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = _lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(7, 4)])
     answers = encode_answers(tokenizer)
     answer_ids = [answers[k % 3] for k in range(7)]

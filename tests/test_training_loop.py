@@ -8,18 +8,20 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from qlora_nli import modeling, training
-from qlora_nli.prompts import TEMPLATE
-from qlora_nli.scoring import encode_answers, encode_prompts
-from qlora_nli.training import Checkpoints, epoch_batches, make_scheduler, train_one_epoch, train_remaining_epochs
 from tiny import TINY_SAFETENSORS, made_up_pairs
+
+from qlora_nli.model import adapters, loading
+from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from qlora_nli.train import loop
+from qlora_nli.train.batches import epoch_batches
+from qlora_nli.train.checkpoints import Checkpoints
+from qlora_nli.train.loop import make_scheduler, train_one_epoch, train_remaining_epochs
 
 
 def _lora_model(path, dropout=0.0):
     params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
     torch.manual_seed(0)
-    model = modeling.attach_lora(modeling.load_base_model(params, "cpu"),
+    model = adapters.attach_lora(loading.load_base_model(params, "cpu"),
                                  {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear",
                                   "layers": "all"})
     for name, p in model.named_parameters():
@@ -29,7 +31,7 @@ def _lora_model(path, dropout=0.0):
 
 
 def _examples(path, n=6):
-    tokenizer = modeling.load_tokenizer(str(path))
+    tokenizer = loading.load_tokenizer(str(path))
     answers = encode_answers(tokenizer)
     rows = made_up_pairs(n, 5)
     return tokenizer, encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in rows]), [answers[r["label"]] for r in rows]
@@ -71,7 +73,7 @@ def test_each_optimizer_step_moves_the_schedule_and_clips_the_gradient(tiny_mode
     assert seen == pytest.approx([0.75, 0.5, 0.25, 0.0])  # the lr after each step: the schedule moves once per batch
     # the raw gradient of the first batch is far above max_norm (checked here), so each step moves by lr x max_norm
     model.zero_grad()
-    from qlora_nli.scoring import answer_loss
+    from qlora_nli.forward import answer_loss
     answer_loss(model, [prompt_ids[i] for i in (0, 1, 2)], [answer_ids[i] for i in (0, 1, 2)],
                 tokenizer.pad_token_id).backward()
     assert torch.sqrt(sum((p.grad ** 2).sum() for p in trainable)).item() > 100 * max_norm
@@ -82,8 +84,8 @@ def test_every_epoch_trains_its_own_batch_order(monkeypatch):
     lengths = [(7 * i) % 23 + 1 for i in range(100)]  # more than one length-sorting window (16 batches)
     t = {"batch_size": 4, "seed": 42, "epochs": 3, "micro_batch_tokens": 100}
     seen = []
-    monkeypatch.setattr(training, "train_one_epoch", lambda model, batches, *a, **k: seen.append(batches) or 1.0)
-    setup = training.TrainingSetup(None, None, "sgd", None, None, {}, {})
+    monkeypatch.setattr(loop, "train_one_epoch", lambda model, batches, *a, **k: seen.append(batches) or 1.0)
+    setup = loop.TrainingSetup(None, None, "sgd", None, None, {}, {})
     train_remaining_epochs(setup, t, torch.float32, [[0] * n for n in lengths], [[1]] * len(lengths), 0,
                            on_step=None, after_epoch=lambda *a: None)
     assert len(seen) == 3
@@ -121,7 +123,7 @@ def test_restore_gives_back_the_rng_states_of_the_save(tiny_model_dir, tmp_path)
     checkpoints.save(1, model, optimizer, scheduler, scaler, {"epochs": [], "steps": []})
     expected = (torch.rand(4), random.random(), np.random.rand())
     tokenizer, prompt_ids, answer_ids = _examples(tiny_model_dir, 2)
-    from qlora_nli.scoring import answer_loss
+    from qlora_nli.forward import answer_loss
     mask_loss = answer_loss(model, prompt_ids, answer_ids, tokenizer.pad_token_id).item()  # dropout after the draws
 
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
@@ -142,7 +144,7 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 def test_the_4bit_base_is_nf4_with_double_quantization(tiny_model_dir):
     import bitsandbytes as bnb
 
-    model = modeling.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
+    model = loading.load_base_model({"name": str(tiny_model_dir), "load_in_4bit": True, "compute_dtype": "auto"},
                                      "cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) >= 2 * 6  # Phi: q, k, v, dense, fc1, fc2 per block; Llama: q, k, v, o, gate, up, down
@@ -157,7 +159,7 @@ def test_the_4bit_base_is_nf4_with_double_quantization(tiny_model_dir):
 
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from qlora_nli import distributed
+from qlora_nli.runtime import distributed
 rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
 a, b, c = (torch.nn.Parameter(torch.zeros(*shape)) for shape in ((2, 2), (3,), (1,)))

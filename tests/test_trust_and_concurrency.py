@@ -6,18 +6,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+import qlora_nli.runtime.io
 import torch
-
 from pipeline import REPO, env, make_project, run
-import qlora_nli.io
-from qlora_nli import modeling
-from qlora_nli.errors import CheckpointError, ModelLoadError, OutputError
-from qlora_nli.io import atomic_path, write_text
-from qlora_nli.training import Checkpoints, _numpy_rng_from_plain, _numpy_rng_to_plain
+
+from qlora_nli.model import loading
+from qlora_nli.runtime.errors import CheckpointError, ModelLoadError, OutputError
+from qlora_nli.runtime.files import write_text
+from qlora_nli.runtime.io import atomic_path
+from qlora_nli.train.checkpoints import (
+    Checkpoints,
+    _numpy_rng_from_plain,
+    _numpy_rng_to_plain,
+)
 
 ALIAS = "embedded:smollm2-135m-instruct"
 
@@ -130,12 +134,12 @@ def test_trust_remote_code_reaches_from_pretrained(tiny_model_dir, monkeypatch):
         monkeypatch.setattr(auto_class, "from_pretrained", record)
     name = str(tiny_model_dir)  # a real model directory: any check before from_pretrained passes
     base = {"name": name, "load_in_4bit": False, "compute_dtype": "auto"}
-    for load in (lambda: modeling.load_tokenizer(name),
-                 lambda: modeling.load_tokenizer(name, False),
-                 lambda: modeling.load_base_model(base, "cpu"),
-                 lambda: modeling.load_base_model({**base, "trust_remote_code": False}, "cpu"),
-                 lambda: modeling.load_tokenizer(name, True),
-                 lambda: modeling.load_base_model({**base, "trust_remote_code": True}, "cpu")):
+    for load in (lambda: loading.load_tokenizer(name),
+                 lambda: loading.load_tokenizer(name, False),
+                 lambda: loading.load_base_model(base, "cpu"),
+                 lambda: loading.load_base_model({**base, "trust_remote_code": False}, "cpu"),
+                 lambda: loading.load_tokenizer(name, True),
+                 lambda: loading.load_base_model({**base, "trust_remote_code": True}, "cpu")):
         with pytest.raises(ModelLoadError):
             load()
     assert [c["trust_remote_code"] for c in calls] == [False, False, False, False, True, True]
@@ -156,7 +160,7 @@ def test_model_shipping_code_is_refused_and_its_code_never_runs(tiny_model_dir, 
     del config["model_type"]  # as for a model whose architecture transformers does not ship
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError) as e:
-        modeling.load_base_model({"name": str(model_dir), "load_in_4bit": False, "compute_dtype": "auto",
+        loading.load_base_model({"name": str(model_dir), "load_in_4bit": False, "compute_dtype": "auto",
                                   "trust_remote_code": False}, "cpu")
     assert str(model_dir) in one_line(e.value)
     assert not marker.exists()
@@ -169,7 +173,7 @@ FILES = {"config.json": "{}\n", "weights.bin": "w" * 4096, "tokenizer.json": "t"
 CONVERTER = """
 import os, sys, time
 from pathlib import Path
-from qlora_nli import modeling
+from qlora_nli.model import loading
 
 go, log, files = Path(sys.argv[1]), Path(sys.argv[2]), {files!r}
 
@@ -182,10 +186,10 @@ def slow_conversion(alias, out_dir):
         time.sleep(0.05)
         (out_dir / name).write_text(text)
 
-modeling.export_embedded_model = slow_conversion
+loading.export_embedded_model = slow_conversion
 while not go.exists():
     time.sleep(0.005)
-path = Path(modeling.resolve_model_path({alias!r}))
+path = Path(loading.resolve_model_path({alias!r}))
 assert {{p.name: p.read_text() for p in path.iterdir()}} == files, "incomplete directory returned"
 print(path)
 """
@@ -236,7 +240,7 @@ def test_four_processes_convert_into_an_empty_cache_once(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from qlora_nli.io import atomic_path
+from qlora_nli.runtime.io import atomic_path
 
 dest, ready, release = map(Path, sys.argv[1:4])
 with atomic_path(dest) as tmp:
@@ -297,7 +301,7 @@ def test_directory_replace_that_fails_puts_the_old_directory_back(tmp_path, monk
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 
-    monkeypatch.setattr(qlora_nli.io, "exchange_paths", lambda a, b: False)  # the two-rename fallback
+    monkeypatch.setattr(qlora_nli.runtime.io, "exchange_paths", lambda a, b: False)  # the two-rename fallback
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OutputError) as e:
         with atomic_path(dest) as tmp:
@@ -331,8 +335,8 @@ def test_a_write_beyond_the_file_size_limit_is_one_line_and_changes_nothing(tmp_
     dest.parent.mkdir()
     dest.write_text("old\n")
     script = ("import resource, signal, sys\n"
-              "from qlora_nli.errors import run_stage\n"
-              "from qlora_nli.io import write_text\n"
+              "from qlora_nli.runtime.errors import run_stage\n"
+              "from qlora_nli.runtime.files import write_text\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
               "run_stage(write_text, sys.argv[1], 'x' * 100000)\n")

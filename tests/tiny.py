@@ -83,10 +83,10 @@ def make_adapter(model_dir, out_dir, seed=0):
     """A LoRA adapter that changes the model: peft starts B at zero (a no-op), so B gets random values."""
     import torch
 
-    from qlora_nli import modeling
+    from qlora_nli.model import adapters, loading
 
-    base = modeling.load_base_model(model_params(model_dir, load_in_4bit=False), "cpu")
-    model = modeling.attach_lora(base, LORA)
+    base = loading.load_base_model(model_params(model_dir, load_in_4bit=False), "cpu")
+    model = adapters.attach_lora(base, LORA)
     generator = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -101,7 +101,7 @@ def model_params(model_dir, load_in_4bit):
 
 def base_plus_adapter(model_dir, adapter_dir, load_in_4bit):
     """(base + adapter, unmerged, tokenizer): 4-bit layers stay 4-bit, as on a GPU."""
-    from qlora_nli import modeling
+    from qlora_nli.model import adapters, loading
 
-    model = modeling.load_base_model(model_params(model_dir, load_in_4bit), "cpu")
-    return modeling.load_adapter(model, str(adapter_dir)), modeling.load_tokenizer(str(model_dir))
+    model = loading.load_base_model(model_params(model_dir, load_in_4bit), "cpu")
+    return adapters.load_adapter(model, str(adapter_dir)), loading.load_tokenizer(str(model_dir))

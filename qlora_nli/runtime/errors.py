@@ -12,15 +12,19 @@ import reprlib
 import sys
 from pathlib import Path
 
-MESSAGE_CHARS = 1000  # the longest message shown: a value or path in it never floods the terminal
+MESSAGE_CHARS = 1000  # the longest line shown: a value or path in it never floods the terminal
+MAX_LINES = 20  # the most problems one error lists (params.yaml checks report every bad value at once)
 
 
 class NLIError(Exception):
-    """Base class: the message is one line, ready to show to the user as it is (cut to MESSAGE_CHARS)."""
+    """Base class: the message is one line per problem, ready to show to the user as it is (cut to MESSAGE_CHARS)."""
 
     def __init__(self, message=""):
-        message = str(message)
-        super().__init__(message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 3] + "...")
+        lines = [line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS - 3] + "..."
+                 for line in str(message).split("\n")]
+        if len(lines) > MAX_LINES:
+            lines = lines[:MAX_LINES - 1] + [f"... and {len(lines) - MAX_LINES + 1} more problems of the same kind"]
+        super().__init__("\n".join(lines))
 
 
 class _Bounded(reprlib.Repr):

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import modeling
-from qlora_nli.artifacts import adapter_sha256, check_adapter_dir
-from qlora_nli.errors import ArtifactError
-from qlora_nli.io import atomic_path
+from qlora_nli.model import adapters, loading
+from qlora_nli.model.adapters import adapter_sha256, check_adapter_dir
+from qlora_nli.runtime.errors import ArtifactError
+from qlora_nli.runtime.io import atomic_path
 
 log = logging.getLogger(__name__)
+
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MERGE_INTO = {  # --merge-into: what EXPORT.json says the adapter was added to
@@ -50,11 +51,11 @@ def merged_model(model_params, adapter_dir, merge_into="trained"):
     params = {**model_params, "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}
     # On the CPU load_for_inference dequantizes the 4-bit layers (the very values bitsandbytes computes with) and
     # merges the adapter into them.
-    model = modeling.load_for_inference(params, "cpu", adapter_dir,
+    model = adapters.load_for_inference(params, "cpu", adapter_dir,
                                         adapter_fix=f"it was not trained on '{model_params['name']}': give that base "
                                                     f"model with --model or model.name")
-    tokenizer = modeling.load_tokenizer(model_params["name"], model_params.get("trust_remote_code", False))
-    return modeling.plain_copy(model, model_params.get("trust_remote_code", False)), tokenizer
+    tokenizer = loading.load_tokenizer(model_params["name"], model_params.get("trust_remote_code", False))
+    return loading.plain_copy(model, model_params.get("trust_remote_code", False)), tokenizer
 
 
 def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite=False, merge_into="trained",
@@ -62,13 +63,14 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
     """Write base + adapter, merged, as a model directory at `out_dir`: weights, config, tokenizer, EXPORT.json, the
     model card `card` (if given) as README.md, `model.gguf` if `gguf`, and lm-eval tasks for `task_sets` ({set name:
     JSONL path}) formatted with `template`. All of it appears at once, or nothing does."""
-    from qlora_nli import gguf_export, lm_eval_tasks
+    from qlora_nli.infer import gguf as gguf_export
+    from qlora_nli.infer import lm_eval_tasks
 
     out_dir = check_out_dir(out_dir, overwrite)
     card_text = read_card(card, adapter_dir) if card is not None and adapter_dir is not None else None
     if gguf:
         # before the merge, which takes a while
-        gguf_export.check_exportable(modeling.load_config(model_params["name"], model_params.get("trust_remote_code",
+        gguf_export.check_exportable(loading.load_config(model_params["name"], model_params.get("trust_remote_code",
                                                                                                     False)))
     model, tokenizer = merged_model(model_params, adapter_dir, merge_into)
     trained_on = "NF4 4-bit base, dequantized" if model_params["load_in_4bit"] else "base without quantization"
@@ -80,7 +82,7 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        source = {"base": model_params["name"], "base_path": modeling.resolve_model_path(model_params["name"]),
+        source = {"base": model_params["name"], "base_path": loading.resolve_model_path(model_params["name"]),
                   "adapter": None if adapter_dir is None else str(adapter_dir),
                   "adapter_sha256": None if adapter_dir is None else adapter_sha256(adapter_dir), "dtype": dtype,
                   "merge_into": merge_into, "merged_into": merged_into}

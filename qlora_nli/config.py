@@ -10,9 +10,11 @@ import string
 
 import yaml
 
-from qlora_nli.errors import ParamsError, show, shorten
+from qlora_nli.runtime.errors import ParamsError, shorten, show
+from qlora_nli.runtime.safe_yaml import _read_yaml
 
 log = logging.getLogger(__name__)
+
 
 # A float written without a dot, like `1e-3`, is a string to PyYAML (YAML 1.1); accept exactly that form.
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -202,7 +204,6 @@ SCHEMA = {
         "name": NONEMPTY_STR,
         "load_in_4bit": (_boolean, None, "true or false"),
         "compute_dtype": _one_of("auto", "float32", "bfloat16", "float16"),
-        "device": _one_of("auto", "cpu", "cuda"),
         "trust_remote_code": (_boolean, None, "true or false"),
     },
     "prompt": {
@@ -238,10 +239,14 @@ SCHEMA = {
         "warmup_ratio": FRACTION,
         "max_grad_norm": POSITIVE_NUMBER,
         "gradient_checkpointing": (_boolean, None, "true or false"),
-        "num_threads": (_integer, lambda v: v >= 0, "an integer >= 0 (0 = auto: the free cores)"),
+        "validation_batch_size": POSITIVE_INT,
         "resume": (_boolean, None, "true or false"),
     },
-    "report": {
+    "compute": {
+        "device": _one_of("auto", "cpu", "cuda"),
+        "num_threads": (_integer, lambda v: v >= 0, "an integer >= 0 (0 = auto: the free cores)"),
+    },
+    "failure_cases": {
         "n_examples": (_integer, lambda v: v >= 0, "an integer >= 0"),
     },
 }
@@ -263,84 +268,8 @@ TYPICAL = {
     "lora.alpha": (0.1, 1024, "alpha / r scales the adapter's update: far off, it learns nothing or diverges"),
     "evaluate.batch_size": (1, 4096, "above it one pass holds so many prompts that memory runs out"),
     "evaluate.max_new_tokens": (1, 64, "a label is a word or two: generating more only costs time"),
-    "report.n_examples": (0, 1000, "above it the Markdown reports grow long"),
+    "failure_cases.n_examples": (0, 1000, "above it the Markdown reports grow long"),
 }
-
-# Expanded size of params.yaml in YAML nodes (keys, values, list items, an alias counted as what it stands for). The
-# committed file has about 100; the bound stops a file whose aliases multiply it (an "alias bomb") before it is built.
-MAX_NODES = 10_000
-_MERGE = "tag:yaml.org,2002:merge"
-
-
-def _expanded_size(node, sizes, limit):
-    """Nodes of `node` with every alias expanded, computed once per shared node; stops above `limit`."""
-    key = id(node)
-    if key in sizes:
-        if sizes[key] is None:  # reached again while its own size is being computed
-            raise ParamsError("refers to itself")
-        return sizes[key]
-    sizes[key] = None
-    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
-                else node.value if isinstance(node, yaml.SequenceNode) else [])
-    total = 1
-    for child in children:
-        total += _expanded_size(child, sizes, limit)
-        if total > limit:
-            break
-    sizes[key] = total
-    return total
-
-
-def _no_duplicate_keys(loader, node, path, name=""):
-    """Refuse a key given twice in one mapping (YAML would keep only the last, silently)."""
-    if isinstance(node, yaml.SequenceNode):
-        for i, child in enumerate(node.value):
-            _no_duplicate_keys(loader, child, path, f"{name}[{i}]")
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen = {}
-    for key_node, value_node in node.value:
-        if key_node.tag == _MERGE:  # `<<: *base` merges on purpose, and keys written beside it override the base
-            continue
-        key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
-        dotted = f"{name}.{key}" if name else str(key)
-        line = key_node.start_mark.line + 1
-        try:
-            first = seen.get(key)
-        except TypeError:  # an unhashable key: check_params reports it
-            first = None
-        if first is not None:
-            raise ParamsError(f"{path} line {line}: {shorten(dotted, 60)} is given a second time (first at line "
-                              f"{first}); YAML would silently keep only the last, so delete one of them or merge "
-                              f"the two")
-        if key is not None and first is None:
-            try:
-                seen[key] = line
-            except TypeError:
-                pass
-        _no_duplicate_keys(loader, value_node, path, dotted)
-
-
-def _read_yaml(text, path):
-    """The YAML document of `text`, refusing what safe_load would accept silently or build forever: a key given twice
-    in a mapping, aliases that expand it beyond MAX_NODES or refer to themselves."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        try:
-            size = _expanded_size(node, {}, MAX_NODES)
-        except ParamsError:
-            raise ParamsError(f"{path}: a YAML alias (*name) refers to the value that holds it, which expands "
-                              f"forever; write the value out instead of the alias")
-        if size > MAX_NODES:
-            raise ParamsError(f"{path}: its YAML aliases (*name) expand it to more than {MAX_NODES:,} values (the "
-                              f"pipeline's params are about 100); write the values out instead of repeating aliases")
-        _no_duplicate_keys(loader, node, path)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
 
 
 def load_params(path="params.yaml", warn=True):
@@ -377,98 +306,55 @@ def far_off_values(params):
             yield name, value, low, high, consequence
 
 
+def _checked(name, given, key, check, path):
+    """(problem, None) or (None, the converted value) of `given[key]` under `check` (a SCHEMA entry)."""
+    convert, in_range, allowed = check
+    if key not in given:
+        return f"{path}: {name} is missing; add it ({allowed})", None
+    value = given[key]
+    try:
+        _not_finite(value)
+        converted = convert(value)
+    except _WrongCase:
+        return f"{path}: {name} = {show(value)} has the wrong case; allowed: {allowed} (lower case, without spaces)", None
+    except _Invalid as e:
+        return f"{path}: {name}{e.where} {e.what}; allowed: {allowed}", None
+    except TypeError:
+        return (f"{path}: {name} = {show(value)} has the wrong type ({type(value).__name__}); allowed: {allowed}",
+                None)
+    if in_range is not None and not in_range(converted):
+        return f"{path}: {name} = {show(value)} is out of range; allowed: {allowed}", None
+    return None, converted
+
+
 def check_params(raw, path="params.yaml", warn=True):
     """The checked and converted params from a mapping as read from YAML; `path` names its origin in messages."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of groups ({', '.join(SCHEMA)}); found {type(raw).__name__}")
 
+    problems = [f"{path}: unknown group {show(group)}; allowed groups: {', '.join(SCHEMA)}"
+                for group in raw if group not in SCHEMA]
     params = {}
-    for group in raw:
-        if group not in SCHEMA:
-            raise ParamsError(f"{path}: unknown group {show(group)}; allowed groups: {', '.join(SCHEMA)}")
     for group, keys in SCHEMA.items():
         given = raw.get(group)
         if not isinstance(given, dict):
             state = "is missing" if group not in raw else f"= {show(given)} is not a mapping"
-            raise ParamsError(f"{path}: group {group} {state}; it needs the keys {', '.join(keys)}")
-        for key in given:
-            if key not in keys:
-                raise ParamsError(f"{path}: unknown key {group}.{shorten(key, 60)}; allowed keys in {group}: "
-                                  f"{', '.join(keys)}")
+            problems.append(f"{path}: group {group} {state}; it needs the keys {', '.join(keys)}")
+            continue
+        problems += [f"{path}: unknown key {group}.{shorten(key, 60)}; allowed keys in {group}: {', '.join(keys)}"
+                     for key in given if key not in keys]
         params[group] = {}
-        for key, (convert, in_range, allowed) in keys.items():
-            name = f"{group}.{key}"
-            if key not in given:
-                raise ParamsError(f"{path}: {name} is missing; add it ({allowed})")
-            value = given[key]
-            try:
-                _not_finite(value)
-                converted = convert(value)
-            except _WrongCase:
-                raise ParamsError(f"{path}: {name} = {show(value)} has the wrong case; allowed: {allowed} "
-                                  f"(lower case, without spaces)")
-            except _Invalid as e:
-                raise ParamsError(f"{path}: {name}{e.where} {e.what}; allowed: {allowed}")
-            except TypeError:
-                raise ParamsError(f"{path}: {name} = {show(value)} has the wrong type "
-                                  f"({type(value).__name__}); allowed: {allowed}")
-            if in_range is not None and not in_range(converted):
-                raise ParamsError(f"{path}: {name} = {show(value)} is out of range; allowed: {allowed}")
-            params[group][key] = converted
+        for key, check in keys.items():
+            problem, value = _checked(f"{group}.{key}", given, key, check, path)
+            if problem:
+                problems.append(problem)
+            else:
+                params[group][key] = value
+    if problems:  # every bad value at once, one line each
+        raise ParamsError("\n".join(problems))
 
     if warn:
         for name, value, low, high, consequence in far_off_values(params):
             log.warning("%s: %s = %s is far outside its typical range (%s to %s): %s; it is used as given, set it "
                         "within the range unless that is meant", path, name, show(value), low, high, consequence)
     return params
-
-
-def _blocks(model):
-    """The name of the transformer blocks' list (e.g. model.layers): the longest ModuleList of the model."""
-    import torch
-
-    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    return max(lists)[1] if lists else None
-
-
-def _is_linear(module):
-    import torch
-
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # Conv1D: GPT-2's linear layer
-
-
-def check_target_modules(model, target_modules, path="params.yaml"):
-    """Each entry of lora.target_modules must name linear layers inside the transformer blocks, and only those,
-    matched the way peft matches a list (the last part or parts of a module name). "all-linear" is peft's own
-    choice of exactly those."""
-    if target_modules == "all-linear":
-        return
-    blocks = _blocks(model)
-    inside = [(name, module) for name, module in model.named_modules()
-              if blocks and name.startswith(blocks + ".")]
-    outside = [name for name, _ in model.named_modules()
-               if name and not (blocks and (name == blocks or name.startswith(blocks + ".")))]
-    allowed = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, module in inside if _is_linear(module)}))
-
-    def matches(name, wanted):
-        return name == wanted or name.endswith("." + wanted)
-
-    for wanted in target_modules:
-        hits = [module for name, module in inside if matches(name, wanted)]
-        stray = [name for name in outside if matches(name, wanted)]
-        if stray:
-            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' names {stray[0]}, outside the "
-                              f"transformer blocks, the only place this pipeline adapts (see lora.layers); allowed: "
-                              f"linear layers inside the blocks: {allowed or '(none found)'}")
-        if not hits or not all(_is_linear(m) for m in hits):
-            what = "matches no module of the model" if not hits else f"is not a linear layer ({type(hits[0]).__name__})"
-            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' {what}; allowed: linear layers "
-                              f"inside the blocks: {allowed or '(none found)'}")
-
-
-def check_split_size(key, requested, available, path="params.yaml"):
-    """Prepare samples without replacement: asking for more pairs than a split holds is a params error."""
-    if requested > available:
-        hint = ', or "all"' if key.endswith(("n_test", ".n")) else ""
-        raise ParamsError(f"{path}: {key} = {requested} is larger than the split ({available} labeled pairs); "
-                          f"allowed: an integer from 1 to {available}{hint}")

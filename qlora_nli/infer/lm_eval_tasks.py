@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from qlora_nli.errors import ArtifactError
 from qlora_nli.prompts import LABELS, answer_text
+from qlora_nli.runtime.errors import ArtifactError
 
 FOLDER = "lm_eval"  # in an export: lm_eval/<task>.yaml, for `lm_eval --include_path <export>/lm_eval`
 PREFIX = "qlora_nli_"  # task names: qlora_nli_test, qlora_nli_mnli_matched, ...

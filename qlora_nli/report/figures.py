@@ -12,8 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from qlora_nli.calibration import label_probabilities, reliability_bins  # noqa: E402
-from qlora_nli.prompts import LABELS  # noqa: E402
+from qlora_nli.analysis.calibration import label_probabilities, reliability_bins
+from qlora_nli.prompts import LABELS
 
 MODELS = (("baseline", "pretrained (zero-shot)"), ("finetuned", "fine-tuned (QLoRA)"))
 COLORS = {"baseline": "#7f7f7f", "finetuned": "#1f77b4"}

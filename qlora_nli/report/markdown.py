@@ -1,5 +1,5 @@
 """Markdown formatting shared by the report stages: one way to print a number, so reports match the metrics files."""
-from qlora_nli.features import error_change
+from qlora_nli.analysis.features import error_change
 
 
 def pct(x):

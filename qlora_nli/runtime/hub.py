@@ -4,6 +4,7 @@ import logging
 
 log = logging.getLogger(__name__)
 
+
 OK, OFFLINE, GATED, NOT_FOUND, UNREACHABLE = "ok", "offline", "gated", "not found", "unreachable"
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlora_nli.errors import ArtifactError
+from qlora_nli.runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
+
 
 # In a folder of its own inside the export: transformers' GGUF tokenizer reader, given a directory that also holds
 # tokenizer_config.json, takes the special tokens from neither file.

@@ -5,140 +5,23 @@ answer tokens of " <label>", so the model is scored on exactly the sequences it 
 """
 import copy
 import logging
-import re
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from qlora_nli import threads
-from qlora_nli.distributed import SINGLE, gather_by_index
-from qlora_nli.errors import DataError
-from qlora_nli.prompts import LABELS, answer_text
+from qlora_nli.forward import (
+    body_and_head,
+    common_prefix_cache,
+    common_prefix_length,
+    forward_body,
+    shared_prefix_length,
+)
+from qlora_nli.prompts import encode_answers, encode_prompts
+from qlora_nli.runtime import threads
+from qlora_nli.runtime.distributed import SINGLE, gather_by_index
 
 log = logging.getLogger(__name__)
-
-
-def encode_prompts(tokenizer, prompts):
-    return [tokenizer(p).input_ids for p in prompts]
-
-
-def encode_answers(tokenizer):
-    """Token ids of each label's answer, index = label id."""
-    return [tokenizer(answer_text(k), add_special_tokens=False).input_ids for k in range(len(LABELS))]
-
-
-def check_prompt_lengths(tokenizer, prompts, context, where, fix, extra_tokens=0, prompt_ids=None):
-    """Every prompt, with `extra_tokens` after it (the longest answer, or the tokens to generate), must fit the model's
-    `context` (modeling.context_length; None = unknown, nothing checked). `where(i)` names prompt i in the message,
-    `fix` ends it. The prompts' texts are already bounded in characters (prompts.MAX_TEXT_CHARS), so tokenizing them
-    here is cheap; `prompt_ids` (their token ids) saves even that."""
-    if context is None:
-        return
-    for start in range(0, len(prompts if prompt_ids is None else prompt_ids), 256):
-        ids = prompt_ids[start:start + 256] if prompt_ids is not None else \
-            tokenizer(list(prompts[start:start + 256])).input_ids
-        for i, sequence in enumerate(ids, start):
-            if len(sequence) + extra_tokens > context:
-                raise DataError(f"{where(i)}: its prompt is {len(sequence):,} tokens, {len(sequence) + extra_tokens:,} "
-                                f"with the answer, more than the model's context of {context:,} tokens; {fix}")
-
-
-def left_pad(sequences, pad_id, device):
-    """Left padding puts every sequence's last token in the last column, so answers line up at the end.
-    Position ids restart at 0 on the first real token, as if there were no padding."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), mask.to(device), positions.to(device)
-
-
-def body_and_head(model):
-    """The transformer body and the vocabulary projection of a causal LM (LoRA-wrapped or not). Calling them
-    separately lets us project only the rows that need logits, as one plain 2-D matmul: the model's own
-    `logits_to_keep` slice is not contiguous, and torch then runs the projection as a batched matmul over a copy
-    of the vocabulary matrix per row, a large share of a CPU training step (docs/performance.md)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.base_model, lm.get_output_embeddings()
-
-
-def common_prefix_length(a, b):
-    n = min(len(a), len(b))
-    return next((j for j in range(n) if a[j] != b[j]), n)
-
-
-def shared_prefix_length(sequences):
-    """Length of the token prefix all sequences share, leaving each at least one token of its own."""
-    if len(sequences) < 2:
-        return 0
-    return min(min(len(s) for s in sequences) - 1, *(common_prefix_length(sequences[0], s) for s in sequences[1:]))
-
-
-def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed=None):
-    """Hidden states of a batch, the shared prompt prefix computed once. Every prompt starts with the template's
-    fixed text: it runs once with batch size 1, its keys/values are repeated over the batch, and only each
-    sequence's own tokens (left-padded) run per row. Gradients flow through the repeated prefix, so training
-    is exact too. Gradient checkpointing recomputes without a cache, so it gets the plain forward.
-    `prefix` (at most the shared_prefix_length) is chosen by the caller, so that positions needing logits stay in
-    the per-row part. `embed(i, start, stop)`, if given, supplies the input vectors of positions start..stop-1 of
-    sequence i instead of the token embeddings (training.FrozenBlockStates).
-    Returns (hidden states of the per-row part, attention mask over prefix + part, cache)."""
-    if body.is_activation_checkpointing and body.training:
-        prefix = 0
-    cache = None
-    if prefix:
-        first = ({"inputs_embeds": embed(0, 0, prefix)[None]} if embed else
-                 {"input_ids": torch.tensor([sequences[0][:prefix]], device=device)})
-        cache = body(**first, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(sequences))
-    input_ids, mask, positions = left_pad([s[prefix:] for s in sequences], pad_id, device)
-    rows = {"input_ids": input_ids}
-    if embed:
-        width = input_ids.size(1)
-        own = [embed(i, prefix, len(s)) for i, s in enumerate(sequences)]
-        states = own[0].new_zeros(len(sequences), width, own[0].size(-1))  # padding: masked out, any value works
-        for i, x in enumerate(own):
-            states[i, width - len(x):] = x
-        rows = {"inputs_embeds": states}
-    mask = torch.cat([torch.ones(len(sequences), prefix, dtype=mask.dtype, device=device), mask], dim=1)
-    out = body(**rows, attention_mask=mask, position_ids=positions + prefix, past_key_values=cache,
-               use_cache=use_cache or cache is not None)
-    return out.last_hidden_state, mask, out.past_key_values
-
-
-def answer_loss(model, prompt_ids, answer_ids, pad_id, embed=None):
-    """Mean cross-entropy over the answer tokens only, with logits computed at exactly those positions."""
-    device = model.device
-    body, head = body_and_head(model)
-    sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
-    hidden, _, _ = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device, embed=embed)
-    # Left padding puts each answer in the last columns; position t predicts token t + 1.
-    width = hidden.size(1)
-    rows = [i for i, a in enumerate(answer_ids) for _ in a]
-    cols = [width - 1 - len(a) + j for a in answer_ids for j in range(len(a))]
-    targets = torch.tensor([t for a in answer_ids for t in a], device=device)
-    return F.cross_entropy(head(hidden[rows, cols]).float(), targets)
-
-
-def mean_answer_nll(scores, labels, answers):
-    """The validation loss (`answer_loss` over a whole set) from label scores already computed: the summed
-    log-likelihood of each true answer, per answer token."""
-    return -sum(scores[i, k].item() for i, k in enumerate(labels)) / sum(len(answers[k]) for k in labels)
-
-
-@torch.no_grad()
-def common_prefix_cache(body, prompt_ids, device):
-    """(length, cache) of the prefix every prompt shares (shared_prefix_length: the template's fixed text), run once
-    with batch size 1, so that the passes of a scoring call reuse it; (0, None) when they share nothing."""
-    length = shared_prefix_length(prompt_ids)
-    if not length:
-        return 0, None
-    return length, body(input_ids=torch.tensor([prompt_ids[0][:length]], device=device), use_cache=True).past_key_values
 
 
 @torch.no_grad()
@@ -148,7 +31,7 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     tokens of the longest answer (causal attention keeps the prompt's own positions blind to them), gives the first
     token of every answer and every token of the longest; a second, short pass over the KV cache of the prompts
     scores the other answers that have more than one token, all at once."""
-    device = model.device
+    device = compute.device
     body, head = body_and_head(model)
     batch = len(prompt_ids)
     longest = max(range(len(answers)), key=lambda k: len(answers[k]))
@@ -298,7 +181,7 @@ def _score_trees(model, rows, prefix, prefix_cache, pad_id):
     in one forward pass. Each node attends to the call's common prefix (`prefix_cache`, copied) and to its own
     ancestors only, and sits at the position it has in its prompt, so it computes what it would in an unpadded
     sequence of its own. Padding attends only to itself."""
-    device = model.device
+    device = compute.device
     body, head = body_and_head(model)
     width = max(sum(len(tree.tokens) for tree in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -347,7 +230,7 @@ def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SI
     if not prompts:
         return torch.empty(0, len(answers))
     if group_prefixes:
-        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
+        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, compute.device)
         leading = sum(len(a) - 1 for a in answers)  # answer tokens that get a node of their own after each prompt
         mean_nodes = -(-sum(len(p) - prefix for p in prompt_ids) // len(prompt_ids)) + leading
         budget = batch_size * mean_nodes
@@ -366,33 +249,3 @@ def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SI
         mine.update(score(work))
     every = gather_by_index(ranks, mine)
     return torch.stack([every[i] for i in range(len(prompts))])
-
-
-def parse_label(text):
-    """Label id from a generated answer, or None. Only the first word counts: "Entailment." -> 0, but
-    "not entailment" -> None, because a reader could not tell which of the other two labels was meant."""
-    words = re.findall(r"[a-z]+", (text or "").lower())
-    return LABELS.index(words[0]) if words and words[0] in LABELS else None
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generating", ranks=SINGLE):
-    """Greedy continuation of each prompt, decoded to text (special tokens dropped). Each rank generates its share
-    of the batches and every rank gets all the texts."""
-    device = model.device
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    mine = {}
-    for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):
-        threads.adapt()
-        input_ids, mask, _ = left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for i, row in zip(idx, out[:, input_ids.size(1):]):
-            mine[i] = tokenizer.decode(row, skip_special_tokens=True)
-    every = gather_by_index(ranks, mine)
-    return [every[i] for i in range(len(prompts))]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import threads
-from qlora_nli.errors import ModelLoadError, ParamsError
-from qlora_nli.params import check_target_modules
+from qlora_nli.runtime import threads
+from qlora_nli.runtime.errors import ModelLoadError, ParamsError
 
 log = logging.getLogger(__name__)
+
 
 EMBEDDED_MODELS = {
     # alias: (python package that ships the file, GGUF file name, the model's Hub id)
@@ -31,7 +31,7 @@ def pick_device(requested="auto"):
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("params.yaml model.device: 'cuda' requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise ParamsError("params.yaml compute.device: 'cuda' requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
     return requested
 
 
@@ -108,7 +108,7 @@ def plain_copy(loaded, trust_remote_code=False):
 def resolve_model_path(name):
     """Hub id or local directory as given; embedded aliases map to a converted directory in the user cache, converted
     by the first process that needs it while any others running at the same time wait for it."""
-    from qlora_nli.io import build_once
+    from qlora_nli.runtime.files import build_once
 
     if name in EMBEDDED_MODELS:
         out_dir = _cache_dir() / name.split(":", 1)[1]
@@ -151,7 +151,7 @@ def locate_model(name):
 def _locate_on_hub(name):
     from huggingface_hub import try_to_load_from_cache
 
-    from qlora_nli import hub
+    from qlora_nli.runtime import hub
 
     status = hub.probe(name, "model")
     if status == hub.NOT_FOUND:
@@ -310,92 +310,6 @@ def keep_4bit_weights_as_loaded(model):
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, lora_params, gradient_checkpointing=False):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    targets, layers = lora_params["target_modules"], None
-    if lora_params["layers"] != "all":
-        # Adapting only the last N blocks: backward stops at the lowest adapted block, and the blocks below it
-        # keep no activations for it: fewer adapted blocks, faster steps and less memory.
-        n_blocks = model.config.num_hidden_layers
-        check_lora_layers(lora_params["layers"], n_blocks)
-        layers = list(range(n_blocks - lora_params["layers"], n_blocks))
-        if targets == "all-linear":  # peft takes a layer subset only with named targets
-            targets = block_linear_names(model)
-    config = LoraConfig(
-        r=lora_params["r"],
-        lora_alpha=lora_params["alpha"],
-        lora_dropout=lora_params["dropout"],
-        target_modules=targets,
-        layers_to_transform=layers,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def block_linear_names(model):
-    """Short names of the linear layers inside the transformer blocks (what peft's "all-linear" adapts)."""
-    head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
-
-
-RETRAIN = "rerun `dvc repro finetune` with the current model.name"
-
-
-def load_adapter(model, adapter_dir, fix=RETRAIN):
-    """The saved LoRA adapter on `model`; check it first with artifacts.check_adapter_dir (before the base loads).
-    An adapter that does not fit raises ModelLoadError ending in `fix`."""
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged weights, or trained on another base model
-        reason = " ".join(str(e).split())[:160]
-        raise ModelLoadError(f"{adapter_dir}: does not fit the base model ({type(e).__name__}: {reason}); {fix}")
-    unused = adapter_weights_left_out(model, adapter_dir)
-    if unused:
-        raise ModelLoadError(f"{adapter_dir}: does not fit the base model ({len(unused)} of its weights match no "
-                             f"layer, e.g. {unused[0]}); {fix}")
-    return model
-
-
-def adapter_weights_left_out(model, adapter_dir):
-    """Saved LoRA weights that found no layer. peft attaches an adapter to every layer whose name matches and
-    skips the rest without an error, so an adapter of another architecture with some equal layer names and shapes
-    would load in part and predict quietly wrong."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():  # an older .bin adapter: nothing to compare by name without unpickling it
-        return []
-    with safe_open(weights, "pt") as f:
-        saved = set(f.keys())
-    return sorted(saved - set(get_peft_model_state_dict(model)))
-
-
-def load_for_inference(model_params, device, adapter_dir=None, adapter_fix=RETRAIN):
-    """The frozen base model (plus the adapter in `adapter_dir`, if given) ready to score or generate. On CPU the 4-bit
-    weights are dequantized once (bitsandbytes' CPU path dequantizes every weight on every call, into the very
-    values kept here) and the adapter is merged into them, so a forward pass is the base model's plain matmuls
-    without LoRA's small extra ones, at the cost of holding the block weights in the compute dtype. Merging changes
-    only the rounding of W x + B A x: scores move by about 1e-5 (docs/performance.md). On a GPU the weights stay
-    4-bit (memory is what QLoRA saves there) and the adapter stays separate."""
-    model = load_base_model(model_params, device)
-    if device == "cpu":
-        dequantize_4bit_layers(model)
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, adapter_fix)
-        if device == "cpu":
-            model = model.merge_and_unload(safe_merge=True)  # safe: a NaN in the sum stops the merge
-    model.eval()
-    return model
-
-
 def dequantize_4bit_layers(model):
     """Replace every bitsandbytes 4-bit Linear in `model` (also the base layers inside LoRA wrappers) by a plain
     frozen torch Linear holding its dequantized weight."""
@@ -436,32 +350,44 @@ def count_parameters(model):
     }
 
 
-def save_adapter(model, directory):
-    """`model.save_pretrained(directory)` (the LoRA weights only), written so that the same params and data give
-    byte-identical files on every run and machine, and so the same hash in dvc.lock: peft writes set-valued config
-    fields (target_modules) as a list in hash order, which changes from process to process, and names the base model by
-    the directory it was loaded from, which for an embedded model is a per-user cache path."""
-    model.save_pretrained(directory)
-    for name, config in model.peft_config.items():
-        adapter_dir = Path(directory) if name == "default" else Path(directory) / name  # peft's layout
-        base = config.base_model_name_or_path
-        portable = _portable_model_name(base)
-        config_path = adapter_dir / "adapter_config.json"
-        saved = json.loads(config_path.read_text())
-        for key, value in config.to_dict().items():
-            if isinstance(value, set):
-                saved[key] = sorted(saved[key])
-        if base:
-            saved["base_model_name_or_path"] = portable
-            card = adapter_dir / "README.md"  # peft's model card names the base model too
-            if card.is_file() and portable != base:
-                card.write_text(card.read_text().replace(base, portable))
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own format, keys sorted
+def _blocks(model):
+    """The name of the transformer blocks' list (e.g. model.layers): the longest ModuleList of the model."""
+    import torch
+
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return max(lists)[1] if lists else None
 
 
-def _portable_model_name(path):
-    """The alias of an embedded model for its converted directory in the user cache; any other name as it is."""
-    for alias in EMBEDDED_MODELS:
-        if path and Path(path) == _cache_dir() / alias.split(":", 1)[1]:
-            return alias
-    return path
+def _is_linear(module):
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # Conv1D: GPT-2's linear layer
+
+
+def check_target_modules(model, target_modules, path="params.yaml"):
+    """Each entry of lora.target_modules must name linear layers inside the transformer blocks, and only those,
+    matched the way peft matches a list (the last part or parts of a module name). "all-linear" is peft's own
+    choice of exactly those."""
+    if target_modules == "all-linear":
+        return
+    blocks = _blocks(model)
+    inside = [(name, module) for name, module in model.named_modules()
+              if blocks and name.startswith(blocks + ".")]
+    outside = [name for name, _ in model.named_modules()
+               if name and not (blocks and (name == blocks or name.startswith(blocks + ".")))]
+    allowed = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, module in inside if _is_linear(module)}))
+
+    def matches(name, wanted):
+        return name == wanted or name.endswith("." + wanted)
+
+    for wanted in target_modules:
+        hits = [module for name, module in inside if matches(name, wanted)]
+        stray = [name for name in outside if matches(name, wanted)]
+        if stray:
+            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' names {stray[0]}, outside the "
+                              f"transformer blocks, the only place this pipeline adapts (see lora.layers); allowed: "
+                              f"linear layers inside the blocks: {allowed or '(none found)'}")
+        if not hits or not all(_is_linear(m) for m in hits):
+            what = "matches no module of the model" if not hits else f"is not a linear layer ({type(hits[0]).__name__})"
+            raise ParamsError(f"{path}: lora.target_modules entry '{wanted}' {what}; allowed: linear layers "
+                              f"inside the blocks: {allowed or '(none found)'}")

@@ -98,7 +98,7 @@ class ResourceMonitor:
 
     def summary(self, outputs=()):
         """What was used so far: after the `with` block, or inside it (a sample is taken now)."""
-        from qlora_nli.io import tree_size_bytes
+        from qlora_nli.runtime.files import tree_size_bytes
 
         running = self._thread.is_alive()
         if running:

@@ -8,12 +8,18 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli import modeling
-from qlora_nli.artifacts import check_adapter_dir
-from qlora_nli.data import _json_lines
-from qlora_nli.errors import DataError
-from qlora_nli.prompts import LABELS, format_prompt, text_problem
-from qlora_nli.scoring import check_prompt_lengths, encode_answers, score_labels
+from qlora_nli.data.readers import _json_lines
+from qlora_nli.infer.scoring import score_labels
+from qlora_nli.model import adapters, loading
+from qlora_nli.model.adapters import check_adapter_dir
+from qlora_nli.prompts import (
+    LABELS,
+    check_prompt_lengths,
+    encode_answers,
+    format_prompt,
+    text_problem,
+)
+from qlora_nli.runtime.errors import DataError
 
 PAIR_KEYS = ("premise", "hypothesis")
 WITHOUT_ADAPTER = " (without --adapter the base model predicts, not fine-tuned)"  # ends a missing --adapter's line
@@ -25,8 +31,8 @@ def load_model(model_params, adapter_dir, device):
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir, "--adapter", WITHOUT_ADAPTER)
         adapter_dir = str(adapter_dir)
-    tokenizer = modeling.load_tokenizer(model_params["name"])
-    model = modeling.load_for_inference(model_params, device, adapter_dir,
+    tokenizer = loading.load_tokenizer(model_params["name"])
+    model = adapters.load_for_inference(model_params, device, adapter_dir,
                                         adapter_fix=f"it was not trained on '{model_params['name']}': give that base "
                                                     f"model with --model or model.name")
     return model, tokenizer
@@ -84,7 +90,7 @@ def predict_rows(model, tokenizer, template, rows, batch_size, where=None):
     """Each input record with "prediction" (the label word) and "probabilities" ({label word: p}) added. `where`
     names each row in messages (read_pairs); a pair longer than the model's context is refused before any is scored."""
     prompts = [format_prompt(template, r) for r in rows]
-    check_prompt_lengths(tokenizer, prompts, modeling.config_context(model.config),
+    check_prompt_lengths(tokenizer, prompts, loading.config_context(model.config),
                          lambda i: where[i] if where else f"pair {i + 1}",
                          "shorten the premise or hypothesis, or use a model with a longer context (--model)",
                          max(map(len, encode_answers(tokenizer))))

@@ -10,7 +10,7 @@ speed on an idle machine; the lever left while running is the thread count. torc
 parallel regions the calling thread starts next, so `adapt` runs between passes in the compute loops (training
 micro-batches, scoring passes, generation batches), never in a background thread.
 
-`train.num_threads` (read by `configure`):
+`compute.num_threads` (read by `configure`):
   N > 0   N threads for the whole run: the same count gives byte-identical results on a rerun (another count changes
           the last digits of the losses and weights).
   0       auto. Usable cores: the CPUs this process may run on (affinity), no more than the cgroup's CPU quota
@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
 
 START_SAMPLE_SECONDS = 0.25   # longer = a steadier first reading, a later start
 WINDOW_SECONDS = 2.0          # shorter = reacts sooner to a process that starts or stops, more changes on short bursts
@@ -207,13 +208,13 @@ def usable_cores(local_world_size=1):
 
 
 def configure(requested, local_world_size=1, sample_seconds=START_SAMPLE_SECONDS):
-    """Set torch's threads for this process from `train.num_threads` (module docstring) and remember the choice
+    """Set torch's threads for this process from `compute.num_threads` (module docstring) and remember the choice
     for `adapt` and `describe`. Returns the Choice."""
     import torch
 
     torch_default_threads()  # before the first set_num_threads
     if requested:
-        choice = Choice(requested, requested, "train.num_threads")
+        choice = Choice(requested, requested, "compute.num_threads")
     else:
         cap, cpus, why = usable_cores(local_world_size)
         meter = LoadMeter(cpus)

@@ -8,7 +8,6 @@ Pure Python (no torch), like stats.py, so the probes and their statistics run an
 """
 import re
 
-
 ENTAILMENT, NEUTRAL, CONTRADICTION = 0, 1, 2  # qlora_nli.prompts.LABELS order
 
 # Sentence-final punctuation at the end of a hypothesis: the appended clause goes before it, so the rewritten

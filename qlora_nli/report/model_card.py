@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from qlora_nli import markdown as md
-from qlora_nli.modeling import EMBEDDED_MODELS, looks_like_path
+from qlora_nli.model.loading import EMBEDDED_MODELS, looks_like_path
 from qlora_nli.prompts import LABELS
+from qlora_nli.report import markdown as md
 
 
 def hub_base_model(name):

@@ -21,6 +21,16 @@ def _imported_names(tree):
             yield from (f"{node.module}.{a.name}" for a in node.names)
 
 
+def _module_files(name, root):
+    """The files of the package that importing the dotted `name` runs: its module, if it is one; a package's
+    `__init__.py` is left out (each holds only a docstring, tests/test_layers.py checks it)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE or len(parts) < 2:
+        return []
+    module = "/".join(parts) + ".py"
+    return [module] if (root / module).is_file() else []
+
+
 def import_closure(script, root=None):
     """Paths, relative to `root`, of the files of qlora_nli/ that `script` imports, directly or through each other.
     `root` is the directory holding qlora_nli/ and stages/; by default the parent of the script's directory."""
@@ -28,13 +38,10 @@ def import_closure(script, root=None):
     seen, todo = set(), [Path(script)]
     while todo:
         for name in _imported_names(ast.parse(todo.pop().read_text())):
-            parts = name.split(".")
-            if parts[0] != PACKAGE or len(parts) < 2:
-                continue
-            module = f"{PACKAGE}/{parts[1]}.py"
-            if module not in seen and (root / module).is_file():
-                seen.add(module)
-                todo.append(root / module)
+            for module in _module_files(name, root):
+                if module not in seen:
+                    seen.add(module)
+                    todo.append(root / module)
     return seen
 
 

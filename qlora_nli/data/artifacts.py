@@ -4,13 +4,11 @@ Every problem (missing, truncated, malformed, a value of the wrong type) is an A
 names the file (and line), what is wrong, and the `dvc repro <stage>` that writes the file again. Raw data has the
 same treatment in data.py; these are the files between stages.
 """
-import hashlib
 import json
-import pickle
 from pathlib import Path
 
-from qlora_nli.errors import ArtifactError, show
 from qlora_nli.prompts import LABELS, text_problem
+from qlora_nli.runtime.errors import ArtifactError, show
 
 # Which stage writes each artifact: the fix named in every message.
 PRODUCERS = {
@@ -24,7 +22,6 @@ PRODUCERS = {
     "metrics/comparison.json": "failure_cases",
     "reports/failure_cases.json": "failure_cases",
 }
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def _rerun(path):
@@ -223,74 +220,3 @@ FAILURE_CASES = {
     "evidence.claims": "list", "evidence.claims.*": "string",
 }
 MANIFEST = {"counts": "mapping", "counts.*": "mapping"}
-
-
-ADAPTER_FIX = "rerun `dvc repro finetune`, or `dvc checkout models/adapter` for the one dvc.lock names"
-
-
-def check_adapter_dir(path, option=None, or_else=""):
-    """A LoRA adapter directory as `finetune` saves it, checked before any base model loads (which takes much longer):
-    adapter_config.json is a JSON object naming its peft_type, and the weights can be read (`check_weights_file`).
-    `option` is the command-line option that named the directory ("--adapter"), None for the pipeline's
-    models/adapter; `or_else` ends the line of a missing directory (what leaving the option out does instead).
-    Every problem is one ArtifactError line naming the file. Returns the directory as a Path."""
-    path = Path(path)
-    shown = f"{option} {path}" if option else str(path)
-    if not path.is_dir():
-        state = ("no such directory" if option else "missing") if not path.exists() else "not a directory"
-        fix = ("train one with `dvc repro finetune` (it writes models/adapter) or restore the committed one with "
-               "`dvc checkout models/adapter`" if option else ADAPTER_FIX)
-        raise ArtifactError(f"{shown}: {state}; {fix}{or_else}")
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        fix = "give the directory that `finetune` wrote (models/adapter)" if option else ADAPTER_FIX
-        raise ArtifactError(f"{shown}: no adapter_config.json in it, the adapter is incomplete; {fix}")
-    try:
-        document = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{config} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}), the file is "
-                            f"truncated or damaged; {ADAPTER_FIX}")
-    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, nested too deep
-        raise ArtifactError(f"{config}: cannot be read as JSON ({type(e).__name__}), the file is damaged; "
-                            f"{ADAPTER_FIX}")
-    if not isinstance(document, dict) or not isinstance(document.get("peft_type"), str):
-        raise ArtifactError(f"{config}: not a peft adapter config (no peft_type string); {ADAPTER_FIX}")
-    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
-    if weights is None:
-        raise ArtifactError(f"{shown}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}), the adapter is "
-                            f"incomplete; {ADAPTER_FIX}")
-    check_weights_file(weights, ADAPTER_FIX)
-    return path
-
-
-def check_weights_file(path, fix, error=ArtifactError):
-    """Raise `error` (one line, ending in `fix`) unless the weights file `path` can be read: for safetensors,
-    its header parses and the file is exactly as long as the header's last tensor ends (what safetensors itself checks
-    on opening, without reading the tensors); a .bin loads as tensors only (weights_only, nothing in it runs)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-            try:
-                with safe_open(path, "pt") as weights:
-                    n_tensors = len(list(weights.keys()))
-            except SafetensorError as e:
-                reason = " ".join(str(e).split())[:120]
-                raise error(f"{path}: cannot be read ({reason}), the file is truncated or damaged; {fix}")
-        else:
-            import torch
-            try:
-                n_tensors = len(torch.load(path, map_location="cpu", weights_only=True))
-            except (RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
-                raise error(f"{path}: cannot be read ({type(e).__name__}), the file is truncated, damaged or "
-                                    f"holds more than tensors; {fix}")
-    except OSError as e:
-        raise error(f"{path}: cannot read it ({e.strerror or type(e).__name__}); {fix}")
-    if not n_tensors:
-        raise error(f"{path}: holds no tensors; {fix}")
-
-
-def adapter_sha256(adapter_dir):
-    """sha256 of the adapter's weights file: what a model card names to say which adapter it describes."""
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS[0]
-    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
