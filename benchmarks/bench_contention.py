@@ -10,7 +10,7 @@ Reads data/train.jsonl and data/test.jsonl: run `dvc repro prepare` first. For e
 side runs in its own child process (benchmarks/common.run_child), the competitors running from its start (model
 loading included) to its end:
   ours    params.yaml as it is (compute.num_threads: 0, auto threads: chosen from the free cores, adapted while
-          running): the package's training step (training.build_training, train_one_epoch per batch) and scoring
+          running): the package's training step (train.loop.build_training, train_one_epoch per batch) and scoring
           (scoring.score_labels by label log-likelihood on the trained model)
   fixed   the same code with compute.num_threads: 2 (a fixed count, never adapted; the OpenMP runtime's default
           waiting), what the default was before the auto choice
@@ -306,21 +306,21 @@ def child_pipeline(spec):
     from qlora_nli.model import loading
     from qlora_nli.runtime import threads
     from qlora_nli.train.batches import epoch_batches
+    from qlora_nli.train.examples import Examples
     from qlora_nli.train.loop import build_training, train_one_epoch
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, _, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = start_side(spec)
-    choice = threads.configure(t["num_threads"])
+    choice = threads.configure(params["compute"]["num_threads"])
     dtype = loading.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
-    pad = tokenizer.pad_token_id
-    setup = build_training(params, "cpu", dtype, prompt_ids, answer_ids, pad)
+    examples = Examples(prompt_ids, answer_ids, tokenizer.pad_token_id)
+    setup = build_training(params, "cpu", dtype, examples)
     result["frozen_pass_seconds"] = round(setup.frozen.seconds, 3) if setup.frozen is not None else None
 
     steps, begun = [], time.perf_counter()
     for batch in epoch_batches(lengths, t, 1)[: spec["max_batches"]]:
         start = time.perf_counter()
-        train_one_epoch(setup.model, [batch], prompt_ids, answer_ids, pad, setup.optimizer, setup.scheduler,
-                        setup.scaler, t, dtype, on_step=lambda loss, lr: None, frozen=setup.frozen)
+        train_one_epoch(setup, examples, [batch], t, dtype)
         steps.append((len(batch), time.perf_counter() - start))
         log.info("step %d: %d examples, %.2f s, %d threads", len(steps), len(batch), steps[-1][1], choice.threads)
         if len(steps) >= 2 and time.perf_counter() - begun > spec["train_seconds_limit"]:

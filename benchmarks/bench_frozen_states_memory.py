@@ -37,7 +37,8 @@ from common import machine_info, parse_value  # noqa: E402
 
 from qlora_nli.config import check_params
 from qlora_nli.runtime.errors import ArgumentParser, NLIError
-from qlora_nli.runtime.files import read_json, write_json
+from qlora_nli.runtime.files import write_json
+from common import read_json
 
 log = logging.getLogger("bench_frozen_states_memory")
 TOLERANCE = 0.10  # the targets: within 10% of the smallest size

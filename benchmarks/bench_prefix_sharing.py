@@ -1,5 +1,5 @@
 """Label scoring of related prompts: token trees, every token that related prompts share computed once (the default
-path of scoring.score_labels, "grouped" in the output) against the plain path (`group_prefixes=False`: length-sorted
+path of scoring.score_labels, "grouped" in the output) against the plain path (`score_labels_plain`: length-sorted
 batches, only the prefix common to a whole batch computed once), on the embedded model (params.yaml model.*,
 evaluate.batch_size).
 
@@ -40,7 +40,8 @@ from common import PausedSweep, machine_info  # noqa: E402
 from qlora_nli.config import load_params
 from qlora_nli.prompts import format_prompt
 from qlora_nli.runtime.errors import ArgumentParser
-from qlora_nli.runtime.files import read_jsonl, write_json
+from qlora_nli.runtime.files import write_json
+from common import read_jsonl
 
 log = logging.getLogger("bench_prefix_sharing")
 PATHS = {"plain": False, "grouped": True}
@@ -73,12 +74,12 @@ def original_prompts(template, rows):
 
 def timed_run(model, tokenizer, prompts, batch_size, group_prefixes, pause, counter):
     """score_labels timed, other jobs on the CPU paused if asked (common.PausedSweep)."""
-    from qlora_nli.infer.scoring import score_labels
+    from qlora_nli.infer.scoring import score_labels, score_labels_plain
 
     counter[0] = 0
     with PausedSweep() if pause else contextlib.nullcontext():
         start = time.perf_counter()
-        scores = score_labels(model, tokenizer, prompts, batch_size, group_prefixes=group_prefixes)
+        scores = (score_labels if group_prefixes else score_labels_plain)(model, tokenizer, prompts, batch_size)
         seconds = time.perf_counter() - start
     return scores, seconds, counter[0]
 
@@ -89,7 +90,7 @@ def main(argv=None):
     import torch
 
     from qlora_nli.forward import body_and_head
-    from qlora_nli.infer.scoring import score_labels
+    from qlora_nli.infer.scoring import score_labels, score_labels_plain
     from qlora_nli.model.adapters import load_for_inference
     from qlora_nli.model.loading import load_tokenizer
 

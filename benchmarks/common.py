@@ -29,6 +29,15 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, with or without 
 log = logging.getLogger("bench")
 
 
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def parse_value(text):
     """YAML value as `dvc exp run -S` reads it; text that YAML would turn into a mapping (a template starting
     with `{premise}`) or cannot parse stays a plain string."""

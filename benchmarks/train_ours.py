@@ -1,10 +1,10 @@
 """bench_train.py's "ours" side, run in its own child process: the `finetune` and `evaluate` code paths of the
-package, the run built and trained by the stage's own functions (training.build_training: model, LoRA, optimizer,
-schedule, kept frozen-block states; training.train_remaining_epochs: each epoch's batches by training.epoch_batches):
-length-grouped batches with dynamic padding, split into micro-batches by a token budget (training.micro_batches,
-train_one_epoch), the prompts' shared prefix computed once per pass (scoring.forward_body), loss on the answer tokens
-only with logits computed only there (scoring.answer_loss), evaluation by label log-likelihood with the KV-cache
-trick (scoring.score_labels). params.yaml lora/train/evaluate values, plus any `--set group.key=value`.
+package, the run built and trained by the stage's own functions (train.loop.build_training: model, LoRA, optimizer,
+schedule, kept frozen-block states; train.loop.train_one_epoch on each epoch's batches by train.batches.epoch_batches):
+length-grouped batches with dynamic padding, split into micro-batches by a token budget (train.batches.micro_batches),
+the prompts' shared prefix computed once per pass (forward.forward_body), loss on the answer tokens only with logits
+computed only there (forward.answer_loss), evaluation by label log-likelihood with the KV-cache trick
+(infer.scoring.score_labels). params.yaml lora/train/evaluate values, plus any `--set group.key=value`.
 """
 import logging
 
@@ -17,12 +17,13 @@ log = logging.getLogger("bench_train")
 
 def child_ours(spec):
     """The finetune + evaluate code paths of the pipeline, timed: the run is built and trained by the stage's own
-    functions (training.build_training, train_remaining_epochs), without checkpoints or per-epoch validation."""
+    functions (train.loop.build_training, train_one_epoch per epoch), without checkpoints or per-epoch validation."""
     from qlora_nli.forward import shared_prefix_length
     from qlora_nli.model import loading
     from qlora_nli.runtime.resources import ResourceMonitor
     from qlora_nli.train.batches import epoch_batches, micro_batches
-    from qlora_nli.train.loop import build_training, train_remaining_epochs
+    from qlora_nli.train.examples import Examples
+    from qlora_nli.train.loop import Timer, build_training, train_one_epoch
 
     params, t = spec["params"], spec["params"]["train"]
     result, tokenizer, train_rows, (_, prompt_ids, answer_ids, lengths), test_rows, test_prompts = start_side(spec)
@@ -30,7 +31,8 @@ def child_ours(spec):
     with ResourceMonitor() as monitor:
         dtype = loading.pick_compute_dtype("cpu", params["model"]["compute_dtype"])
         # Keeping the frozen blocks' states is part of training (it replaces their forward in every epoch): timed.
-        setup = build_training(params, "cpu", dtype, prompt_ids, answer_ids, tokenizer.pad_token_id)
+        examples = Examples(prompt_ids, answer_ids, tokenizer.pad_token_id)
+        setup = build_training(params, "cpu", dtype, examples)
         result["model_dims"] = model_dims(setup.model, setup.base_parameters["total"],
                                            setup.n_parameters["trainable"], params)
         result["optimizer"] = setup.optimizer_name
@@ -39,10 +41,12 @@ def child_ours(spec):
             result["frozen_blocks"] = {"blocks": setup.frozen.start, "positions": setup.frozen.positions}
         losses = []
         log.info("ours: training %d epoch(s)", t["epochs"])
-        seconds = train_remaining_epochs(setup, t, dtype, prompt_ids, answer_ids, tokenizer.pad_token_id,
-                                         on_step=lambda loss, lr: None,
-                                         after_epoch=lambda epoch, loss, s: losses.append(loss),
-                                         max_batches=spec["max_batches"])
+        seconds = {}
+        for epoch in range(1, t["epochs"] + 1):  # fit()'s epochs, at most max_batches batches each, no validation
+            with Timer() as timer:
+                losses.append(train_one_epoch(setup, examples, epoch_batches(lengths, t, epoch)[: spec["max_batches"]],
+                                              t, dtype))
+            seconds[epoch] = timer.seconds
         train_seconds = sum(seconds.values()) + (setup.frozen.seconds if setup.frozen is not None else 0.0)
         result["rss_mb_peak_after_train"] = rss_peak_mb()
         epochs = [epoch_batches(lengths, t, e)[: spec["max_batches"]] for e in sorted(seconds)]

@@ -9,7 +9,7 @@ import time
 
 from common import rss_peak_mb, set_threads
 
-from qlora_nli.runtime.files import read_jsonl
+from common import read_jsonl
 
 log = logging.getLogger("bench_train")
 

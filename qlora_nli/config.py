@@ -10,6 +10,8 @@ import string
 
 import yaml
 
+from qlora_nli.analysis.probes import NAMES as PROBES
+from qlora_nli.data.sources import SPLITS
 from qlora_nli.runtime.errors import ParamsError, shorten, show
 from qlora_nli.runtime.safe_yaml import _read_yaml
 
@@ -104,8 +106,6 @@ def template_has_fields(template, wanted=("hypothesis", "premise")):
     return True
 
 
-SPLIT_ROLES = ("train", "validation", "test")
-PROBES = ("hypothesis_only", "swap_contradiction", "premise_as_hypothesis", "tautology", "negation_tautology")
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -131,8 +131,8 @@ def _names(value, where):
 def _split_names(value):
     if not isinstance(value, dict):
         raise TypeError
-    _keys_exactly(value, SPLIT_ROLES)
-    return {role: _names(value[role], f".{role}") for role in SPLIT_ROLES}
+    _keys_exactly(value, SPLITS)
+    return {role: _names(value[role], f".{role}") for role in SPLITS}
 
 
 def _extra_sets(value):

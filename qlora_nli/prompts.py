@@ -10,9 +10,6 @@ log = logging.getLogger(__name__)
 LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
 # The default of params.yaml prompt.template; tests use it too.
-TEMPLATE = ("Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
-            "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:")
-
 
 def format_prompt(template, row):
     return template.format(premise=row["premise"].strip(), hypothesis=row["hypothesis"].strip())

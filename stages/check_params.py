@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from qlora_nli.config import load_params
-from qlora_nli.data.sources import check_source, check_split_size
+from qlora_nli.data.sources import SAMPLE_SIZES, check_source, check_split_size
 from qlora_nli.model import loading
 from qlora_nli.runtime.errors import run_stage, stage_arguments
 from qlora_nli.runtime.files import write_text
@@ -25,9 +25,6 @@ log = logging.getLogger("check_params")
 
 OUTPUT = "params.checked"
 MANIFEST = Path("data/manifest.json")
-SIZES = {"train": "data.n_train", "validation": "data.n_val", "test": "data.n_test"}
-
-
 def recorded_split_sizes(source):
     """{split: labeled pairs} as the last prepare counted them, or {} when it read another source (or none)."""
     try:
@@ -52,10 +49,10 @@ def main():
     device = loading.pick_device(params["compute"]["device"])
     loading.check_model_params(params, device)
     available = recorded_split_sizes(params["data"]["source"])
-    for split, key in SIZES.items():
-        n = params["data"][key.split(".")[1]]
+    for split, key in SAMPLE_SIZES.items():
+        n = params["data"][key]
         if n != "all" and split in available:
-            check_split_size(key, n, available[split])
+            check_split_size(f"data.{key}", n, available[split])
     for key, source, splits in data_sources(params["data"]):
         unchecked = check_source(source, splits, key)
         if unchecked:

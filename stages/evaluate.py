@@ -9,120 +9,44 @@ data/sets/). Writes
   metrics/sets/<name>/<set>.json     the metrics of each extra set (`dvc metrics diff`, `dvc exp show`)
   evidence/<name>/                   the scored validation pairs, probe pairs and extra-set pairs
   plots/<name>/{confusion,reliability,probes}.csv   for `dvc plots`
-With QLORA_NLI_TORCHRUN set (qlora_nli/distributed.py) each process predicts a share of the batches; every process
+With NLI_TORCHRUN set (qlora_nli/runtime/launch.py) each process predicts a share of the batches; every process
 gathers them all, and one process per machine (its local rank 0) writes them, in the data's order.
 """
-import csv
 import hashlib
-import io
 import json
 import logging
 import time
 from pathlib import Path
 
-import torch
-
-from qlora_nli.analysis.calibration import calibration_summary
-from qlora_nli.analysis.probes import perturb, probe_summary
-from qlora_nli.analysis.stats import classification_metrics
+from qlora_nli.analysis.evaluation import (
+    SETS_DIR,
+    build_jobs,
+    csv_text,
+    evaluation_metrics,
+    predict,
+    prompt_origin,
+    split_by_job,
+)
 from qlora_nli.config import load_params
 from qlora_nli.data.artifacts import data_row_problem, read_rows
-from qlora_nli.infer.generate import generate_answers, parse_label
-from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
 from qlora_nli.model.adapters import check_adapter_dir
 from qlora_nli.prompts import (
     LABELS,
     check_prompt_lengths,
     encode_answers,
-    format_prompt,
 )
 from qlora_nli.runtime import distributed, launch, threads
 from qlora_nli.runtime.code import code_sha256
-from qlora_nli.runtime.errors import ParamsError, RunError, run_stage, stage_arguments
+from qlora_nli.runtime.errors import ParamsError, run_stage, stage_arguments
 from qlora_nli.runtime.files import file_sha256, write_json, write_jsonl, write_text
 from qlora_nli.runtime.io import all_or_none
 
 log = logging.getLogger("evaluate")
+
+
 ADAPTERS = {"baseline": None, "finetuned": "models/adapter"}
-SETS_DIR = Path("data/sets")
 SETS_INDEX = "index.json"  # in metrics/sets/<model>/, beside one <set>.json per extra set
-
-
-def build_jobs(test_rows, val_rows, sets, probes, template, hypothesis_only_template):
-    """[(group, rows, prompts, meta)]: everything this stage scores, in a fixed order. `meta` per row says where a
-    probe pair came from (probe name, index of its test pair)."""
-    jobs = [("test", test_rows, [format_prompt(template, r) for r in test_rows], None),
-            ("validation", val_rows, [format_prompt(template, r) for r in val_rows], None)]
-    probe_rows, probe_prompts, meta = [], [], []
-    if "hypothesis_only" in probes:
-        for i, r in enumerate(test_rows):
-            probe_rows.append(r)
-            probe_prompts.append(format_prompt(hypothesis_only_template, r))
-            meta.append(("hypothesis_only", i))
-    for probe, i, row in perturb(test_rows, [p for p in probes if p != "hypothesis_only"]):
-        probe_rows.append(row)
-        probe_prompts.append(format_prompt(template, row))
-        meta.append((probe, i))
-    jobs.append(("probes", probe_rows, probe_prompts, meta))
-    for name, rows in sets.items():
-        jobs.append((f"set:{name}", rows, [format_prompt(template, r) for r in rows], None))
-    return jobs
-
-
-def prompt_origin(jobs, i):
-    """Where the i-th prompt of all the jobs comes from, for a message."""
-    for group, rows, prompts, meta in jobs:
-        if i < len(prompts):
-            if group == "probes":
-                return f"the {meta[i][0]} probe of data/test.jsonl row {meta[i][1] + 1}"
-            file = f"{SETS_DIR / group[4:]}.jsonl" if group.startswith("set:") else f"data/{group}.jsonl"
-            return f"{file} row {i + 1}"
-        i -= len(prompts)
-    raise IndexError(i)
-
-
-def predict(model, tokenizer, prompts, p, ranks):
-    """(predicted label ids, label scores or None, generations or None) for every prompt, by evaluate.method."""
-    try:
-        if p["method"] == "score":
-            scores = score_labels(model, tokenizer, prompts, p["batch_size"], ranks=ranks).tolist()
-            return [max(range(len(LABELS)), key=s.__getitem__) for s in scores], scores, [None] * len(prompts)
-        generations = generate_answers(model, tokenizer, prompts, p["batch_size"], p["max_new_tokens"], ranks=ranks)
-        return [parse_label(g) for g in generations], [None] * len(prompts), generations
-    except torch.OutOfMemoryError:
-        raise RunError(f"evaluate: GPU out of memory; lower params.yaml evaluate.batch_size (now {p['batch_size']})")
-
-
-def prediction_rows(rows, preds, scores, generations, meta=None):
-    out = []
-    for i, (r, pred, s, g) in enumerate(zip(rows, preds, scores, generations)):
-        row = {"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
-               "pred": pred, "scores": [round(x, 5) for x in s] if s else None, "correct": pred == r["label"],
-               "generation": g}
-        if meta:
-            row = {"probe": meta[i][0], "test_index": meta[i][1], **row}
-        out.append(row)
-    return out
-
-
-def probe_metrics(test, probe_rows):
-    """{probe: summary} against the same model's answers on the original test pairs."""
-    summaries = {}
-    for probe in dict.fromkeys(r["probe"] for r in probe_rows):
-        mine = [r for r in probe_rows if r["probe"] == probe]
-        summaries[probe] = probe_summary([r["pred"] for r in mine], [r["label"] for r in mine],
-                                         [test[r["test_index"]]["pred"] for r in mine],
-                                         [test[r["test_index"]]["label"] for r in mine])
-    return summaries
-
-
-def csv_text(header, rows):
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return table.getvalue()
 
 
 def inputs_fingerprint(params, paths):
@@ -173,37 +97,19 @@ def main(name):
     seconds = distributed.from_rank0(ranks, lambda: time.perf_counter() - start)  # the same figure on every node
     if not ranks.writes:
         return
-    scored, at = {}, 0
-    for group, rows, prompts, meta in jobs:
-        part = slice(at, at + len(rows))
-        scored[group] = prediction_rows(rows, preds[part], scores[part], generations[part], meta)
-        at += len(rows)
-
-    test, val = scored["test"], scored["validation"]
-    metrics = classification_metrics([r["label"] for r in test], [r["pred"] for r in test])
-    n_scored = len(preds)
+    scored = split_by_job(jobs, preds, scores, generations)
+    metrics, set_metrics, calibration = evaluation_metrics(scored, list(sets), p["method"])
     metrics.update({"model": params["model"]["name"], "method": p["method"], "adapter": ADAPTERS[name],
-                    "eval_seconds": round(seconds, 2), "pairs_scored": n_scored,
-                    "pairs_per_second": round(n_scored / seconds, 2)})
-    calibration = None
-    if p["method"] == "score":
-        calibration = calibration_summary([r["scores"] for r in test], [r["label"] for r in test],
-                                          [r["scores"] for r in val], [r["label"] for r in val])
-    metrics["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins")} if calibration else None
-    metrics["validation_accuracy"] = classification_metrics([r["label"] for r in val], [r["pred"] for r in val])["accuracy"]
-    metrics["probes"] = probe_metrics(test, scored["probes"])
+                    "eval_seconds": round(seconds, 2), "pairs_scored": len(preds),
+                    "pairs_per_second": round(len(preds) / seconds, 2)})
+    write_outputs(name, scored, metrics, set_metrics, calibration)
+    log.info("%s accuracy %.3f on %d test pairs; %d pairs scored in all (%.1f pairs/s)", name, metrics["accuracy"],
+             len(scored["test"]), len(preds), len(preds) / seconds)
 
-    set_metrics = {}
-    for set_name in sets:
-        rows = scored[f"set:{set_name}"]
-        set_metrics[set_name] = {"set": set_name,
-                                 **classification_metrics([r["label"] for r in rows], [r["pred"] for r in rows])}
-        if p["method"] == "score":
-            summary = calibration_summary([r["scores"] for r in rows], [r["label"] for r in rows],
-                                          [r["scores"] for r in val], [r["label"] for r in val])
-            set_metrics[set_name]["calibration"] = {k: v for k, v in summary.items() if not k.startswith("bins")}
 
-    # Every output or none of them: a failed write leaves the previous run's files as they were.
+def write_outputs(name, scored, metrics, set_metrics, calibration):
+    """Every output or none of them: a failed write leaves the previous run's files as they were."""
+    test, val = scored["test"], scored["validation"]
     evidence, sets_metrics, plots = Path("evidence") / name, Path("metrics/sets") / name, Path("plots") / name
     outputs = [f"predictions/{name}.jsonl", f"metrics/{name}.json", evidence, sets_metrics,
                plots / "confusion.csv", plots / "reliability.csv", plots / "probes.csv"]
@@ -229,8 +135,6 @@ def main(name):
             ["probe", "accuracy"],
             [["original test pairs", metrics["accuracy"]]]
             + [[probe, s["accuracy"]] for probe, s in metrics["probes"].items()]))
-    log.info("%s accuracy %.3f on %d test pairs; %d pairs scored in all (%.1f pairs/s)", name, metrics["accuracy"],
-             len(test), n_scored, n_scored / seconds)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ data/manifest.json saying where the data came from, the hash of each raw split a
 import logging
 
 from qlora_nli.config import load_params
-from qlora_nli.data.sources import SPLITS, Source, evenly_spaced, load_splits
+from qlora_nli.data.sources import (
+    SAMPLE_SIZES,
+    SPLITS,
+    Source,
+    evenly_spaced,
+    load_splits,
+)
 from qlora_nli.runtime.errors import run_stage, stage_arguments
 from qlora_nli.runtime.files import write_json, write_jsonl
 from qlora_nli.runtime.io import all_or_none
@@ -17,9 +23,6 @@ log = logging.getLogger("prepare")
 
 def main():
     p = load_params()["data"]
-    sizes = {"train": ("data.n_train", p["n_train"]),
-             "validation": ("data.n_val", p["n_val"]),
-             "test": ("data.n_test", p["n_test"])}
 
     log.info("reading %s", p["source"])
     splits, info = load_splits(p["source"], p["splits"])
@@ -28,7 +31,7 @@ def main():
     # Sample every split before writing anything, so that a too-large n fails before any output changes.
     samples = {}
     for split in SPLITS:
-        key, n = sizes[split]
+        key, n = f"data.{SAMPLE_SIZES[split]}", p[SAMPLE_SIZES[split]]
         rows = splits[split]
         samples[split] = rows if n == "all" else evenly_spaced(rows, n, key=key)
         info["counts"][split]["sampled"] = len(samples[split])

@@ -11,6 +11,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from qlora_nli.analysis.stats import rounded
 from qlora_nli.prompts import LABELS
 
 # Search range of fit_temperature, as log T: from T = 0.01 (sharpen a hundredfold) to T = 100 (flatten a
@@ -149,12 +150,8 @@ def fit_temperature(scores, labels):
     return float(np.exp(result.x))
 
 
-def _r(x):
-    return None if x is None else round(float(x), 4)
-
-
 def _mean_or_none(values):
-    return _r(values.mean()) if values.size else None
+    return rounded(values.mean()) if values.size else None
 
 
 def calibration_summary(test_scores, test_labels, val_scores, val_labels, n_bins=10):
@@ -174,15 +171,15 @@ def calibration_summary(test_scores, test_labels, val_scores, val_labels, n_bins
     return {
         "n": int(len(scores)),
         "n_bins": n_bins,
-        "ece": _r(expected_calibration_error(conf, right, n_bins)),
-        "ece_ci95": [_r(x) for x in ece_interval(conf, right, n_bins)],
+        "ece": rounded(expected_calibration_error(conf, right, n_bins)),
+        "ece_ci95": [rounded(x) for x in ece_interval(conf, right, n_bins)],
         "mean_confidence": _mean_or_none(conf),
         "mean_confidence_right": _mean_or_none(conf[right == 1]),
         "mean_confidence_wrong": _mean_or_none(conf[right == 0]),
         "temperature": float(f"{temperature:.4g}"),
         "n_val": int(len(_scores(val_scores))),
-        "ece_after_temperature": _r(expected_calibration_error(conf_t, right, n_bins)),
-        "ece_after_temperature_ci95": [_r(x) for x in ece_interval(conf_t, right, n_bins)],
+        "ece_after_temperature": rounded(expected_calibration_error(conf_t, right, n_bins)),
+        "ece_after_temperature_ci95": [rounded(x) for x in ece_interval(conf_t, right, n_bins)],
         "bins": reliability_bins(conf, right, n_bins),
         "bins_after_temperature": reliability_bins(conf_t, right, n_bins),
     }

@@ -8,6 +8,8 @@ Pure Python (no torch), like stats.py, so the probes and their statistics run an
 """
 import re
 
+from qlora_nli.analysis.stats import rounded
+
 ENTAILMENT, NEUTRAL, CONTRADICTION = 0, 1, 2  # qlora_nli.prompts.LABELS order
 
 # Sentence-final punctuation at the end of a hypothesis: the appended clause goes before it, so the rewritten
@@ -78,6 +80,12 @@ PERTURBATIONS = {
 }
 
 
+# The probe that is a prompt rather than a perturbation: the test pair without its premise
+# (evaluate.hypothesis_only_template)
+HYPOTHESIS_ONLY = "hypothesis_only"
+NAMES = (HYPOTHESIS_ONLY, *PERTURBATIONS)  # every probe evaluate.probes may name, in the order of params.yaml
+
+
 def perturb(rows, names):
     """[(probe_name, source_index, new_row)] for every named probe (in the order given; params.py checks the names of
     evaluate.probes) and every row it applies to (in the order of `rows`; source_index is the row's index in `rows`)."""
@@ -89,10 +97,6 @@ def perturb(rows, names):
             if new is not None:
                 out.append((name, index, new))
     return out
-
-
-def _r(x):
-    return None if x is None else round(float(x), 4)
 
 
 def probe_summary(probe_preds, probe_gold, original_preds, original_gold):
@@ -111,8 +115,8 @@ def probe_summary(probe_preds, probe_gold, original_preds, original_gold):
     agree = [p is not None and p == o for p, o in zip(probe_preds, original_preds)]
     return {
         "n": n,
-        "accuracy": _r(sum(probe_right) / n) if n else None,
-        "agreement_with_original": _r(sum(agree) / n) if n else None,
+        "accuracy": rounded(sum(probe_right) / n) if n else None,
+        "agreement_with_original": rounded(sum(agree) / n) if n else None,
         "flipped_when_original_right": sum(o and not p for o, p in zip(original_right, probe_right)),
         "original_right": sum(original_right),
     }

@@ -9,8 +9,9 @@ from qlora_nli.prompts import LABELS
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 
 
-def _r(x):
-    return round(float(x), 4)
+def rounded(x, digits=4):
+    """`x` as a float rounded for a metrics file (None stays None)."""
+    return None if x is None else round(float(x), digits)
 
 
 def wilson_interval(k, n, z=Z95):
@@ -61,20 +62,20 @@ def classification_metrics(gold, pred):
         precision = matrix[i][i] / predicted if predicted else 0.0
         recall = matrix[i][i] / support if support else 0.0
         f1s.append(_f1(precision, recall))
-        per_class[name] = {"precision": _r(precision), "recall": _r(recall), "f1": _r(f1s[-1]), "support": support}
+        per_class[name] = {"precision": rounded(precision), "recall": rounded(recall), "f1": rounded(f1s[-1]), "support": support}
 
     lo, hi = wilson_interval(correct, n)
     distribution = {name: sum(matrix[g][i] for g in range(k)) for i, name in enumerate(LABELS)}
     distribution["invalid"] = invalid
     return {
         "n": n,
-        "accuracy": _r(correct / n),
-        "accuracy_ci95": [_r(lo), _r(hi)],
-        "macro_f1": _r(sum(f1s) / k),
+        "accuracy": rounded(correct / n),
+        "accuracy_ci95": [rounded(lo), rounded(hi)],
+        "macro_f1": rounded(sum(f1s) / k),
         "per_class": per_class,
         "confusion_matrix": matrix,
         "predicted_distribution": distribution,
-        "invalid_rate": _r(invalid / n),
+        "invalid_rate": rounded(invalid / n),
     }
 
 
@@ -119,8 +120,8 @@ def paired_accuracy_difference(base_correct, tuned_correct, z=Z95):
     lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return {
-        "difference": _r(d),
-        "difference_ci95": [_r(max(-1.0, lo)), _r(min(1.0, hi))],
+        "difference": rounded(d),
+        "difference_ci95": [rounded(max(-1.0, lo)), rounded(min(1.0, hi))],
         "ci_method": "Newcombe (1998) method 10: Wilson score limits combined for paired data",
         "corrected": corrected,
         "regressed": regressed,

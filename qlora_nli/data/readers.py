@@ -32,7 +32,7 @@ def _unique_keys(pairs):
     return result
 
 
-def _json_lines(path, data):
+def json_lines(path, data):
     for n, line in enumerate(data.split(b"\n"), 1):
         try:
             text = line.decode("utf-8")
@@ -55,13 +55,13 @@ def _json_file(path, data):
         whole = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
     except _KeyTwice as e:
         raise DataError(f"{path}: not valid JSON ({e}); keep one of them")
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too; _json_lines reports the line
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too; json_lines reports the line
         whole = None
     if isinstance(whole, dict) and isinstance(whole.get("data"), list):
         whole = whole["data"]
     if isinstance(whole, list):
         return "item", enumerate(whole, 1)
-    return "line", _json_lines(path, data)
+    return "line", json_lines(path, data)
 
 
 def _csv_rows(path, data, columns):
@@ -132,7 +132,7 @@ def _read_file(path, columns):
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     if path.suffix == ".jsonl":
-        return "line", _json_lines(path, data), sha
+        return "line", json_lines(path, data), sha
     if path.suffix == ".json":
         unit, records = _json_file(path, data)
         return unit, records, sha

@@ -32,12 +32,14 @@ from qlora_nli.data.readers import (
     _load_from_disk,
     _read_file,
 )
+from qlora_nli.runtime import env
 from qlora_nli.runtime.errors import DataError, ParamsError, shorten, show
 
 log = logging.getLogger(__name__)
 
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # the roles of a source's splits (data.splits maps them to its names)
+SAMPLE_SIZES = {"train": "n_train", "validation": "n_val", "test": "n_test"}  # role -> the data.* param of its sample
 SNLI1_FILES = {"train": "snli_1.0_train.jsonl", "validation": "snli_1.0_dev.jsonl", "test": "snli_1.0_test.jsonl"}
 SNLI1_COLUMNS = ("sentence1", "sentence2", "gold_label")
 # Conventional short names an offline mirror may use for a Hub dataset (tried after the full id and its last part).
@@ -55,7 +57,7 @@ def mirror_directory():
     """NLI_DATA_MIRROR as an absolute path, None when unset. A relative value is taken from the repository root, where
     the user typed it: a queued `dvc exp run` runs the stages in a temporary copy (.dvc/tmp/exps/tmp*/) and sets
     DVC_ROOT to the original repository, so the path means the same there as in the workspace."""
-    mirror = os.environ.get("NLI_DATA_MIRROR")
+    mirror = env.get("DATA_MIRROR")
     if not mirror:
         return None
     path = Path(mirror).expanduser()
@@ -83,7 +85,7 @@ def resolve_source(source, key="data.source"):
         for candidate in tried:
             if candidate.is_dir():
                 return "mirror", str(candidate.resolve())
-        given = os.environ["NLI_DATA_MIRROR"]
+        given = env.get("DATA_MIRROR")
         relative = "" if Path(given).expanduser().is_absolute() else (
             f" (NLI_DATA_MIRROR={given} is relative: taken from {os.environ.get('DVC_ROOT') or os.getcwd()})")
         raise DataError(f"{key}: NLI_DATA_MIRROR is set but no directory for '{source}' exists at "
@@ -96,12 +98,9 @@ def _refuse_hub_status(source, key, status):
     """DataError for a Hub dataset that is gated or does not exist (by hub.probe's `status`)."""
     from qlora_nli.runtime import hub
 
-    if status == hub.GATED:
-        raise DataError(f"{key}: '{source}' is a gated dataset; accept its terms on the Hub and log in "
-                        f"(hf auth login), or use a local copy")
-    if status == hub.NOT_FOUND:
-        raise DataError(f"{key}: '{source}' is neither a local directory nor a dataset on the Hugging Face "
-                        f"Hub; fix the id or the path")
+    message = hub.refusal(status, "dataset", key, source, "; fix the id or the path")
+    if message:
+        raise DataError(message)
 
 
 def _no_split(key, where, split, found):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli.data.readers import _json_lines
+from qlora_nli.data.readers import json_lines
 from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
 from qlora_nli.model.adapters import check_adapter_dir
@@ -50,7 +50,7 @@ def read_pairs(path, data=None):
                             f'{{"premise": ..., "hypothesis": ...}} object per line, or - to read stdin')
         data = path.read_bytes()
     rows, where = [], []
-    for n, record in _json_lines(path, data):
+    for n, record in json_lines(path, data):
         if not isinstance(record, dict):
             raise DataError(f"{path} line {n}: expected an object with keys premise and hypothesis, found "
                             f"{type(record).__name__}; fix or remove the line")

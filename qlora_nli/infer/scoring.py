@@ -218,34 +218,45 @@ def _score_trees(model, rows, prefix, prefix_cache, pad_id):
     return dict(zip(prompts, scores.view(len(prompts), n_labels).cpu()))
 
 
-def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE, group_prefixes=True):
+def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE):
     """(n, 3) tensor of log p(" <label>" | prompt); the prediction is the argmax. The prefix all prompts share runs
     once for the whole call; related prompts share their common tokens too (prompt_trees), and the trees are packed
     into passes of about `batch_size` average prompts' tokens (pack_passes), each pass one forward of the body. Each
     rank scores its share of the passes, planned from all prompts (so a pair is computed alike whatever the number of
-    ranks), and every rank gets all the scores. `group_prefixes=False` gives the plain path (length-sorted batches of
-    `batch_size` prompts, the prefix common to a batch run once per batch), the reference the trees must equal."""
+    ranks), and every rank gets all the scores."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     answers = encode_answers(tokenizer)
     if not prompts:
         return torch.empty(0, len(answers))
-    if group_prefixes:
-        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
-        leading = sum(len(a) - 1 for a in answers)  # answer tokens that get a node of their own after each prompt
-        mean_nodes = -(-sum(len(p) - prefix for p in prompt_ids) // len(prompt_ids)) + leading
-        budget = batch_size * mean_nodes
-        trees = prompt_trees(prompt_ids, prefix, answers, budget)
-        # a row at least 3 average prompts wide: small trees share rows, and attention over a row stays cheap
-        passes = pack_passes([len(tree.tokens) for tree in trees], budget, 3 * mean_nodes)
-        score = lambda rows: _score_trees(model, [[trees[t] for t in row] for row in rows], prefix, cache,
-                                          tokenizer.pad_token_id)
-    else:
-        passes = length_sorted_batches(prompt_ids, batch_size)
-        score = lambda idx: dict(zip(idx, _score_batch(model, [prompt_ids[i] for i in idx], answers,
-                                                       tokenizer.pad_token_id)))
+    prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
+    leading = sum(len(a) - 1 for a in answers)  # answer tokens that get a node of their own after each prompt
+    mean_nodes = -(-sum(len(p) - prefix for p in prompt_ids) // len(prompt_ids)) + leading
+    budget = batch_size * mean_nodes
+    trees = prompt_trees(prompt_ids, prefix, answers, budget)
+    # a row at least 3 average prompts wide: small trees share rows, and attention over a row stays cheap
+    passes = pack_passes([len(tree.tokens) for tree in trees], budget, 3 * mean_nodes)
+    return _score_passes(passes, lambda rows: _score_trees(model, [[trees[t] for t in row] for row in rows], prefix,
+                                                           cache, tokenizer.pad_token_id), len(prompts), desc, ranks)
+
+
+def score_labels_plain(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SINGLE):
+    """`score_labels` by the plain path: length-sorted batches of `batch_size` prompts, the prefix common to a batch run
+    once per batch, every prompt's own tokens computed in full. The reference the token trees must equal (tests) and
+    the baseline they are timed against (benchmarks/bench_prefix_sharing.py)."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    answers = encode_answers(tokenizer)
+    if not prompts:
+        return torch.empty(0, len(answers))
+    return _score_passes(length_sorted_batches(prompt_ids, batch_size),
+                         lambda idx: dict(zip(idx, _score_batch(model, [prompt_ids[i] for i in idx], answers,
+                                                                tokenizer.pad_token_id))), len(prompts), desc, ranks)
+
+
+def _score_passes(passes, score, n, desc, ranks):
+    """Every rank scores its share of `passes` (`score(pass)` -> {prompt index: scores}); all ranks get all n."""
     mine = {}
     for work in tqdm(ranks.share(passes), desc=desc, unit="pass", leave=False):
         threads.adapt()
         mine.update(score(work))
     every = gather_by_index(ranks, mine)
-    return torch.stack([every[i] for i in range(len(prompts))])
+    return torch.stack([every[i] for i in range(n)])

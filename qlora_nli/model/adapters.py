@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_nli.model.embedded import EMBEDDED_MODELS, cache_dir
 from qlora_nli.model.loading import (
-    EMBEDDED_MODELS,
-    _cache_dir,
     check_lora_layers,
     dequantize_4bit_layers,
     load_base_model,
@@ -132,7 +131,7 @@ def save_adapter(model, directory):
 def _portable_model_name(path):
     """The alias of an embedded model for its converted directory in the user cache; any other name as it is."""
     for alias in EMBEDDED_MODELS:
-        if path and Path(path) == _cache_dir() / alias.split(":", 1)[1]:
+        if path and Path(path) == cache_dir() / alias.split(":", 1)[1]:
             return alias
     return path
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from qlora_nli.model.loading import EMBEDDED_MODELS, looks_like_path
+from qlora_nli.analysis.probes import HYPOTHESIS_ONLY
+from qlora_nli.model.embedded import EMBEDDED_MODELS
+from qlora_nli.model.loading import looks_like_path
 from qlora_nli.prompts import LABELS
 from qlora_nli.report import markdown as md
 
@@ -62,13 +64,13 @@ def _accuracy_rows(art):
 
 def _limits(art):
     tuned, lines = art["finetuned"], []
-    alone = tuned["probes"].get("hypothesis_only")
+    alone = tuned["probes"].get(HYPOTHESIS_ONLY)
     if alone and alone.get("accuracy") is not None:
         lines.append(f"- From the hypothesis alone (premise left out) it is right on {md.pct(alone['accuracy'])} of "
                      f"{alone['n']} test pairs, against {md.pct(tuned['accuracy'])} with the premise: part of what it "
                      "learned is the hypothesis' wording, not inference.")
     for probe, s in tuned["probes"].items():
-        if probe != "hypothesis_only" and s.get("original_right"):
+        if probe != HYPOTHESIS_ONLY and s.get("original_right"):
             lines.append(f"- Probe `{probe}` (label kept by construction): {s['flipped_when_original_right']} of "
                          f"{s['original_right']} right answers flip.")
     return lines

@@ -1,6 +1,6 @@
 """Data-parallel stages on torch.distributed: the switch that starts a stage on N processes, and what ranks share.
 
-The switch is the environment variable QLORA_NLI_TORCHRUN, read by `start` at the top of a stage:
+The switch is the environment variable NLI_TORCHRUN, read by `start` at the top of a stage:
   unset, empty or "1"   one process, exactly as without this module;
   an integer N > 1      the stage re-executes itself as `python -m torch.distributed.run --standalone
                         --nproc-per-node N <script> <args>` (N ranks on this machine);

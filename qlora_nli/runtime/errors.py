@@ -144,7 +144,7 @@ def run_stage(main, *args, log_format="%(asctime)s %(name)s: %(message)s", name=
 
 # Set by distributed.launch for the ranks it starts: the directory where each rank leaves its one line, which the
 # launcher prints once for all ranks (instead of once per rank, under torchrun's traceback).
-RANK_LINES = "QLORA_NLI_RANK_LINES"
+RANK_LINES = "NLI_RANK_LINES"
 
 
 def exit_with(message, status=1):

@@ -56,15 +56,6 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_json(path):
-    return json.loads(Path(path).read_text())
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

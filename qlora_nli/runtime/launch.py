@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qlora_nli.runtime import threads
+from qlora_nli.runtime import env, threads
 from qlora_nli.runtime.distributed import SINGLE, Ranks, pick_backend
 from qlora_nli.runtime.errors import RANK_LINES, ParamsError
 
 log = logging.getLogger(__name__)
 
 
-SWITCH = "QLORA_NLI_TORCHRUN"
+SWITCH = env.PREFIX + "TORCHRUN"
 
 
 def torchrun_arguments(value):
@@ -137,7 +137,7 @@ def launch(arguments):
             torchrun_args = torchrun.parse_args(command)
     except SystemExit:
         last = (said.getvalue().strip().splitlines() or ["cannot parse them"])[-1]
-        raise ParamsError(f"{SWITCH}='{os.environ.get(SWITCH, '')}': torchrun refuses its arguments ({last}); see "
+        raise ParamsError(f"{SWITCH}='{env.get('TORCHRUN', '')}': torchrun refuses its arguments ({last}); see "
                           f"python -m torch.distributed.run --help") from None
     sys.stdout.flush()
     sys.stderr.flush()
@@ -275,7 +275,7 @@ def start(device, weights_bytes=None):
     (a callable, asked only when the switch is set): about how much memory one rank's copy of the model takes, for
     the check of the process count against this machine's memory."""
     if "LOCAL_RANK" not in os.environ:
-        arguments = torchrun_arguments(os.environ.get(SWITCH, ""))
+        arguments = torchrun_arguments(env.get("TORCHRUN", ""))
         if arguments:
             check_process_count(arguments, device, weights_bytes() if weights_bytes else None)
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qlora_nli.model.adapters import ADAPTER_WEIGHTS, check_weights_file, save_adapter
-from qlora_nli.runtime import distributed
+from qlora_nli.runtime import distributed, env
 from qlora_nli.runtime.errors import CheckpointError
 from qlora_nli.runtime.io import atomic_path
 from qlora_nli.train.record import RECORD_KEYS
@@ -64,7 +64,7 @@ class Checkpoints:
                 "history": history,
             }, tmp / "state.pt")
         # Fault injection for the resume test: die the hard way right after a complete checkpoint.
-        if os.environ.get("QLORA_NLI_KILL_AFTER_EPOCH") == str(epoch):
+        if env.get("KILL_AFTER_EPOCH") == str(epoch):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_epoch(self, epoch, setup, ranks, make_record=None):

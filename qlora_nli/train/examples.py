@@ -2,7 +2,12 @@
 weights load."""
 from dataclasses import dataclass
 
-from qlora_nli.prompts import check_prompt_lengths, encode_answers, encode_prompts, format_prompt
+from qlora_nli.prompts import (
+    check_prompt_lengths,
+    encode_answers,
+    encode_prompts,
+    format_prompt,
+)
 
 TOO_LONG_FIX = "remove the pair from data.source and rerun `dvc repro prepare`, or use a model with a longer context"
 

@@ -11,14 +11,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qlora_nli.forward import answer_loss, autocast_for, mean_answer_nll, shared_prefix_length
+from qlora_nli.forward import (
+    answer_loss,
+    autocast_for,
+    mean_answer_nll,
+    shared_prefix_length,
+)
 from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
 from qlora_nli.runtime import distributed, threads
 from qlora_nli.runtime.distributed import SINGLE, sum_gradients
 from qlora_nli.runtime.errors import RunError
-from qlora_nli.train.batches import epoch_batches, micro_batches
 from qlora_nli.train import record
+from qlora_nli.train.batches import epoch_batches, micro_batches
 from qlora_nli.train.checkpoints import newest_common_checkpoint
 from qlora_nli.train.states import FrozenBlockStates
 

@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 from dvclive import Live
-
 from qlora_nli.model import loading
 from qlora_nli.runtime.files import tree_size_bytes, write_json
 

@@ -41,22 +41,7 @@ def running_only(body, blocks):
             block.self_attn.layer_idx = j
 
 
-class _RowsInMemory:
-    """Kept rows as tensors on the model's device."""
-
-    def __init__(self):
-        self.rows, self.nbytes = [], 0
-
-    def append(self, row):
-        self.rows.append(row.clone())
-        self.nbytes += row.numel() * row.element_size()
-        return len(self.rows) - 1
-
-    def read(self, key):
-        return self.rows[key]
-
-
-class _RowsInFile:
+class RowsInFile:
     """Kept rows in an anonymous temporary file (in TMPDIR), read back with explicit reads: their bytes live in the
     kernel's page cache, which is reclaimable and not part of this process's RSS, unlike the touched pages of a
     memory map. The file is unlinked when created, so it vanishes when the process ends, however it ends."""
@@ -92,7 +77,7 @@ class FrozenBlockStates:
     dropout, so they compute the same states for an example in every epoch. Training then runs only the adapted
     blocks on the kept states: the same loss and gradients as the full forward (tested on Llama and Phi), and the
     fewer blocks are adapted, the less work per epoch. Kept per example after the prompts' common prefix (kept once);
-    their size grows with the training set, so they go to a temporary file (`in_memory=False`, the default)
+    their size grows with the training set, so they go to a temporary file (`RowsInFile`, unless `store` is given)
     and each micro-batch reads back its rows: memory stays flat as the training set grows, and the numbers are
     the same bits as kept in memory (tested)."""
 
@@ -107,13 +92,13 @@ class FrozenBlockStates:
                  if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and v}
         return f"the frozen blocks use dropout ({rates}), so they differ every epoch" if rates else None
 
-    def __init__(self, model, sequences, prompt_ids, pad_id, dtype, batch_size=16, in_memory=False):
+    def __init__(self, model, sequences, prompt_ids, pad_id, dtype, batch_size=16, store=None):
         self.body = body_and_head(model)[0]
         self.blocks = list(self.body.layers)
         self.start = first_trainable_block(model)
         self.common = shared_prefix_length(prompt_ids)
         device = model.device
-        self.rows = _RowsInMemory() if in_memory else _RowsInFile(device)
+        self.rows = RowsInFile(device) if store is None else store  # append(row) -> key, read(key), nbytes
         captured = []
         hook = self.blocks[self.start - 1].register_forward_hook(lambda module, args, out: captured.append(out))
         started = time.perf_counter()
@@ -137,7 +122,7 @@ class FrozenBlockStates:
         self.seconds = time.perf_counter() - started  # part of training's cost, for benchmarks
         log.info("kept the states entering block %d for %d examples (%.0f MB, %s): later passes run %d of %d blocks",
                  self.start, len(sequences), self.rows.nbytes / 1e6,
-                 "in memory" if in_memory else "in a temporary file",
+                 "in a temporary file" if store is None else type(store).__name__,
                  len(self.blocks) - self.start, len(self.blocks))
 
     def adapted_blocks_only(self):
