@@ -1,4 +1,4 @@
-"""Training and scoring speed on a CPU that other processes share: this code's thread choice (qlora_nli/threads.py)
+"""Training and scoring speed on a CPU that other processes share: this code's thread choice (qlora_nli/runtime/threads.py)
 against a fixed 2 threads that spin (the default before it) and against the naive HF Trainer side, one run.
 
     python benchmarks/bench_contention.py [--n-train 96] [--max-batches 6] [--n-test 24] [--busy 0,1,2]

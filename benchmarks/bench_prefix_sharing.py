@@ -90,7 +90,7 @@ def main(argv=None):
     import torch
 
     from qlora_nli.forward import body_and_head
-    from qlora_nli.infer.scoring import score_labels, score_labels_plain
+    from qlora_nli.infer.scoring import score_labels
     from qlora_nli.model.adapters import load_for_inference
     from qlora_nli.model.loading import load_tokenizer
 

@@ -67,7 +67,7 @@ def flops(side, peak_flops):
     """The three FLOP totals of the module docstring, as FLOP/s and % of the matmul peak."""
     d, c = side["model_dims"], side["counts"]
     backward, blocks, attention, vocab = per_unit(d)
-    # Ours with training.FrozenBlockStates: the frozen blocks' forward ran once per example, not in every epoch.
+    # Ours with train.states.FrozenBlockStates: the frozen blocks' forward ran once per example, not in every epoch.
     kept = side.get("frozen_blocks") or {"blocks": 0, "positions": 0}
     kept_forward = 2 * d["n_body_linear"] * kept["blocks"] / d["n_layers"]
     kept_attention = 4 * kept["blocks"] * d["d_attn"]

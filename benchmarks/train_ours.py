@@ -51,7 +51,7 @@ def child_ours(spec):
         result["rss_mb_peak_after_train"] = rss_peak_mb()
         epochs = [epoch_batches(lengths, t, e)[: spec["max_batches"]] for e in sorted(seconds)]
 
-        # What ran, for the FLOP estimate (training.micro_batches + scoring.answer_loss): per micro-batch, the
+        # What ran, for the FLOP estimate (train.batches.micro_batches + forward.answer_loss): per micro-batch, the
         # prompts' shared prefix once, then each row's own tokens left-padded to the longest; vocabulary
         # projection at the answer tokens only.
         counts = dict.fromkeys(("examples", "real_tokens", "answer_tokens", "attn_pairs_real", "executed_positions",

@@ -24,7 +24,7 @@ def answer_text(label_id):
 # read, nli-predict's input). At about 4 characters per English token, MAX_TEXT_CHARS is about the embedded model's
 # 8,192-token context: a longer text cannot fit, and refusing it by its length never tokenizes a huge string. Whether
 # a pair fits the context of the model actually used is checked in tokens once its tokenizer is loaded
-# (scoring.check_prompt_lengths).
+# (prompts.check_prompt_lengths).
 MAX_TEXT_CHARS = 32_768
 # C0 and C1 control characters (NUL, ESC, DEL, U+0085 ...), except tab, line feed and carriage return, which are
 # ordinary whitespace in text (a CSV cell may hold a line break). Format characters (soft hyphen, zero-width joiner)

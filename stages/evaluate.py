@@ -1,11 +1,11 @@
 """Stage evaluate@<name>: predict with the pretrained model (baseline) or base + adapter (finetuned).
 
 Scores, in one pass over one loaded model: the test split; the validation split (to fit the calibration temperature);
-the probes of evaluate.probes, built from the test pairs (qlora_nli/probes.py: hypothesis-only prompts and
+the probes of evaluate.probes, built from the test pairs (qlora_nli/analysis/probes.py: hypothesis-only prompts and
 label-preserving perturbations); and every extra set of data.extra_sets (out of domain, written by prepare to
 data/sets/). Writes
   predictions/<name>.jsonl           every test pair with its label scores (or raw generation)
-  metrics/<name>.json                test metrics, calibration (qlora_nli/calibration.py) and per-probe accuracy
+  metrics/<name>.json                test metrics, calibration (qlora_nli/analysis/calibration.py) and per-probe accuracy
   metrics/sets/<name>/<set>.json     the metrics of each extra set (`dvc metrics diff`, `dvc exp show`)
   evidence/<name>/                   the scored validation pairs, probe pairs and extra-set pairs
   plots/<name>/{confusion,reliability,probes}.csv   for `dvc plots`

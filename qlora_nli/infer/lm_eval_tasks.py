@@ -3,7 +3,7 @@
 label with the highest log-likelihood as the prediction.
 
 Each task is a `multiple_choice` task: lm-eval appends `target_delimiter` + each choice to the prompt and sums the
-log-likelihoods of the continuation's tokens, which is `scoring.score_labels` (prompt and answer tokenized apart,
+log-likelihoods of the continuation's tokens, which is `infer.scoring.score_labels` (prompt and answer tokenized apart,
 no BOS token, like the pipeline's tokenizer call). The tasks read the pipeline's own JSONL files (data/test.jsonl,
 data/sets/<name>.jsonl) by absolute path: no data is copied, and a task file is only as portable as that path.
 """

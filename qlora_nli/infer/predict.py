@@ -1,7 +1,7 @@
 """Classify premise/hypothesis pairs with the base model or base + adapter, outside the pipeline.
 
 The prediction is the one `evaluate` makes with method "score": the label whose answer (" entailment", ...) has
-the highest log-likelihood after the prompt, computed by `scoring.score_labels`. The probabilities are the softmax
+the highest log-likelihood after the prompt, computed by `infer.scoring.score_labels`. The probabilities are the softmax
 of the three label log-likelihoods: the model's choice among the three answers, not among all possible texts.
 """
 from pathlib import Path

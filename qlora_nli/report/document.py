@@ -262,7 +262,7 @@ def probes_section(base, tuned):
     return [
         "\n## 7. Probes built from the test pairs\n",
         "hypothesis_only: the premise left out (evaluate.hypothesis_only_template); the others keep the gold label "
-        "by construction (qlora_nli/probes.py cites each rule's source). Flips: pairs the model got right on the "
+        "by construction (qlora_nli/analysis/probes.py cites each rule's source). Flips: pairs the model got right on the "
         "original but wrong on the probe.\n",
         md.table(["probe", "pairs", "baseline accuracy", "fine-tuned accuracy", "baseline flips / right",
                   "fine-tuned flips / right"], rows),

@@ -142,7 +142,7 @@ def run_stage(main, *args, log_format="%(asctime)s %(name)s: %(message)s", name=
         exit_with(_interrupted_line(name or Path(sys.argv[0]).stem), 130)
 
 
-# Set by distributed.launch for the ranks it starts: the directory where each rank leaves its one line, which the
+# Set by runtime.launch.launch for the ranks it starts: the directory where each rank leaves its one line, which the
 # launcher prints once for all ranks (instead of once per rank, under torchrun's traceback).
 RANK_LINES = "NLI_RANK_LINES"
 

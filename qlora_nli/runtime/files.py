@@ -1,4 +1,4 @@
-"""Small file helpers: JSON and text writes through `io.atomic_path`, hashes, sizes, and the
+"""Small file helpers: JSON and text writes through `runtime.io.atomic_path`, hashes, sizes, and the
 lock that builds a shared cache directory once."""
 import contextlib
 import hashlib

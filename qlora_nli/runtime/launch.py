@@ -56,7 +56,7 @@ NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")  # counts torchrun resolves itself, 
 
 def usable_cpus():
     """(CPU cores this process's ranks can run on, why): the CPUs of its affinity mask, no more than its cgroup quota
-    (rounded up: a fraction of a core still runs a rank), as qlora_nli/threads.py reads them."""
+    (rounded up: a fraction of a core still runs a rank), as qlora_nli/runtime/threads.py reads them."""
     cpus = len(threads.affinity_cpus())
     quota = threads.cgroup_quota()
     if quota is not None and math.ceil(quota) < cpus:
@@ -280,7 +280,7 @@ def start(device, weights_bytes=None):
             check_process_count(arguments, device, weights_bytes() if weights_bytes else None)
             if "OMP_NUM_THREADS" not in os.environ and _processes_per_node(arguments) > 1:
                 # What torchrun itself does then, without the banner it prints about it: each rank starts with
-                # one OpenMP thread, and threads.configure gives it its share of the cores (or compute.num_threads).
+                # one OpenMP thread, and runtime.threads.configure gives it its share of the cores (or compute.num_threads).
                 os.environ["OMP_NUM_THREADS"] = "1"
             launch(per_stage_rendezvous(arguments, _this_program()))  # ends this process with the ranks' status
         return SINGLE
