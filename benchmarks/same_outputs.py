@@ -71,7 +71,9 @@ def copy_of(revision, where):
             if (REPO / name).is_file():
                 (where / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / name, where / name)
-        subprocess.run(["git", "init", "-q"], cwd=where, check=True)
+        for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=same_outputs", "-c", "user.email=none",
+                                                     "commit", "-qm", "this checkout's working tree"]):
+            subprocess.run(["git", *command], cwd=where, check=True)  # dvclive needs a commit to start from
     else:
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(where), revision], cwd=REPO, check=True)
     (where / ".venv").symlink_to(REPO / ".venv")
@@ -90,8 +92,34 @@ def without_timings(value):
     return value
 
 
+def _plain(value):
+    """`value` (as torch.load gives it) with each tensor replaced by its dtype, shape and the sha256 of its bytes."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [str(value.dtype), list(value.shape), hashlib.sha256(value.contiguous().view(-1).view(torch.uint8)
+                                                                   .numpy().tobytes()).hexdigest()]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def digest(path):
-    """sha256 of a file; of its JSON without the timing keys for metrics/ and dvclive/metrics.json."""
+    """sha256 of a file; of its JSON without the timing keys for metrics/, dvclive/metrics.json and a checkpoint's
+    record.json. A checkpoint's run.json and state.pt without the run's fingerprint (a hash of params, data and code:
+    another code gives another by design), state.pt's tensors by their bytes."""
+    if path.name == "state.pt":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state.pop("fingerprint")
+        return hashlib.sha256(json.dumps(_plain(state), sort_keys=True).encode()).hexdigest()
+    if path.name == "run.json" and "checkpoints" in path.parts:
+        run = json.loads(path.read_text())
+        run.pop("fingerprint")
+        return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
     data = path.read_bytes()
     if path.suffix == ".json" and ("metrics" in path.parts or path.parent.name == "dvclive"
                                    or path.name == "record.json"):
@@ -142,8 +170,12 @@ def main(argv=None):
         differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         lock_old, lock_new = lock_outputs(sides["old"]), lock_outputs(sides["new"])
         lock_differ = sorted(k for k in lock_old.keys() | lock_new.keys() if lock_old.get(k) != lock_new.get(k))
+        for name in differ:  # what differs in a text file, for the log
+            if name.endswith((".md", ".json", ".jsonl", ".csv")) and (sides["old"] / name).is_file():
+                subprocess.run(["diff", str(sides["old"] / name), str(sides["new"] / name)], check=False)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(sides["old"])], cwd=REPO, check=False)
+        if not args.workdir:  # a given workdir is kept, to look at the two sides
+            subprocess.run(["git", "worktree", "remove", "--force", str(sides["old"])], cwd=REPO, check=False)
     print(f"{'files compared':<40} {len(old.keys() | new.keys())}")
     print(f"{'files that differ':<40} {len(differ)}")
     for name in differ:
