@@ -1,6 +1,7 @@
 """The training record: the history of steps and epochs, what a checkpoint keeps of the run, dvclive's curves and
 metrics/train.json, each written here and nowhere else."""
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,8 +32,15 @@ def write_record(history, metrics, plots_dir, live_metrics_file, metrics_file):
     the same curves for a resumed run, then moved to `plots_dir` and `live_metrics_file`) and `metrics` as
     `metrics_file` (metrics/train.json)."""
     with tempfile.TemporaryDirectory(prefix="qlora-nli-dvclive-") as scratch:
-        with Live(scratch, dvcyaml=None, save_dvc_exp=False, report=None) as live:
-            live_curves(live, history)
+        # dvclive started from the scratch folder finds no repository: in one, it asks Git for the current commit,
+        # which fails in a repository without commits (dvclive 3.49), and these files need nothing of the repository.
+        workspace = os.getcwd()
+        os.chdir(scratch)
+        try:
+            with Live(scratch, dvcyaml=None, save_dvc_exp=False, report=None) as live:
+                live_curves(live, history)
+        finally:
+            os.chdir(workspace)
         shutil.move(Path(scratch) / "plots", plots_dir)
         shutil.move(Path(scratch) / "metrics.json", live_metrics_file)
     write_json(metrics_file, metrics)
