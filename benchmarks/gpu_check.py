@@ -19,7 +19,7 @@ Per run (model:compute dtype:processes of --plan, in its order): a working direc
 repository's params.yaml, model.name = the directory, model.compute_dtype, train.epochs = --epochs, then each --set)
 and the sample that `stages.prepare` wrote once; then, without DVC, `python -m stages.finetune`, `stages.evaluate
 baseline` (1-process runs only: 2-process scoring is byte-identical to 1 process, tests/test_distributed.py) and
-`stages.evaluate finetuned`; 2 processes through QLORA_NLI_TORCHRUN=2. A run that would not end inside
+`stages.evaluate finetuned`; 2 processes through NLI_TORCHRUN=2. A run that would not end inside
 --budget-seconds (judged by the same model's runs so far) is skipped and recorded as skipped. The JSON is rewritten
 after every run, so a killed check leaves the runs it finished.
 
@@ -282,9 +282,9 @@ def child_env(processes):
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("QLORA_NLI_TORCHRUN", None)
+    env.pop("NLI_TORCHRUN", None)
     if processes > 1:
-        env["QLORA_NLI_TORCHRUN"] = str(processes)
+        env["NLI_TORCHRUN"] = str(processes)
     return env
 
 
