@@ -76,11 +76,32 @@ def _limits(art):
     return lines
 
 
+def _training_table(params, train, manifest, adapter_sha256):
+    """The card's table of how the adapter was trained: base model, data and its hashes, LoRA, optimisation, compute."""
+    lora, tp, counts = params["lora"], params["train"], manifest["counts"]
+    return md.table(["", ""], [
+        ("base model", f"`{params['model']['name']}`, 4-bit NF4 with double quantization: "
+                       f"{params['model']['load_in_4bit']}"),
+        ("data", f"SNLI `{manifest['source']}`: " + ", ".join(
+            f"{c.get('sampled', '?')} {split} pairs of {c.get('raw', '?')}" for split, c in counts.items())
+         + f" ({manifest.get('sampling', 'evenly spaced')})"),
+        ("data hashes (raw splits, sha256)",
+         ", ".join(f"{k} `{v[:16]}`" for k, v in manifest.get("raw_sha256", {}).items())),
+        ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+                 f"targets {lora['target_modules']}, blocks {lora['layers']}"),
+        ("optimisation", f"{train.get('optimizer', 'adamw')}, learning rate {tp['learning_rate']}, "
+                         f"{tp['epochs']} epochs, batch {tp['batch_size']}, warmup {tp['warmup_ratio']}, "
+                         f"weight decay {tp['weight_decay']}, gradient clipping {tp['max_grad_norm']}, "
+                         f"seed {tp['seed']}"),
+        ("compute", f"{train['device']}, {train['compute_dtype']}, {train.get('world_size', 1)} process(es), "
+                    f"{train['time']['total_seconds']:.0f} s"),
+        ("adapter weights sha256", f"`{adapter_sha256}`"),
+    ])
+
+
 def render(art, params, adapter_sha256):
     """The model card's Markdown text; `art` as stages.report loads it, `params` the run's params.yaml."""
     train, tuned, manifest, c = art["train"], art["finetuned"], art["manifest"], art["comparison"]
-    lora, tp = params["lora"], params["train"]
-    counts = manifest["counts"]
     calibration = tuned.get("calibration")
     lines = [
         "---", yaml.safe_dump(metadata(art, params, adapter_sha256), sort_keys=False).rstrip(), "---", "",
@@ -107,24 +128,7 @@ def render(art, params, adapter_sha256):
               "## Prompt", "", "```", params["prompt"]["template"], "```", "",
               f"Answers scored: {', '.join(repr(' ' + label) for label in LABELS)}.", "",
               "## Training", "",
-              md.table(["", ""], [
-                  ("base model", f"`{params['model']['name']}`, 4-bit NF4 with double quantization: "
-                                 f"{params['model']['load_in_4bit']}"),
-                  ("data", f"SNLI `{manifest['source']}`: " + ", ".join(
-                      f"{c.get('sampled', '?')} {split} pairs of {c.get('raw', '?')}" for split, c in counts.items())
-                   + f" ({manifest.get('sampling', 'evenly spaced')})"),
-                  ("data hashes (raw splits, sha256)",
-                   ", ".join(f"{k} `{v[:16]}`" for k, v in manifest.get("raw_sha256", {}).items())),
-                  ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
-                           f"targets {lora['target_modules']}, blocks {lora['layers']}"),
-                  ("optimisation", f"{train.get('optimizer', 'adamw')}, learning rate {tp['learning_rate']}, "
-                                   f"{tp['epochs']} epochs, batch {tp['batch_size']}, warmup {tp['warmup_ratio']}, "
-                                   f"weight decay {tp['weight_decay']}, gradient clipping {tp['max_grad_norm']}, "
-                                   f"seed {tp['seed']}"),
-                  ("compute", f"{train['device']}, {train['compute_dtype']}, {train.get('world_size', 1)} process(es), "
-                              f"{train['time']['total_seconds']:.0f} s"),
-                  ("adapter weights sha256", f"`{adapter_sha256}`"),
-              ]),
+              _training_table(params, train, manifest, adapter_sha256),
               "## How it was made", "",
               "`dvc repro` of the qlora-nli pipeline (check_params, prepare, evaluate@baseline, finetune, "
               "evaluate@finetuned, failure_cases, report); the commit whose `dvc.lock` lists this adapter's hash "
