@@ -79,7 +79,7 @@ def forward_body(body, sequences, prefix, pad_id, device, use_cache=False, embed
 
 def answer_loss(model, prompt_ids, answer_ids, pad_id, embed=None):
     """Mean cross-entropy over the answer tokens only, with logits computed at exactly those positions."""
-    device = compute.device
+    device = model.device
     body, head = body_and_head(model)
     sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
     hidden, _, _ = forward_body(body, sequences, shared_prefix_length(prompt_ids), pad_id, device, embed=embed)

@@ -25,7 +25,7 @@ def parse_label(text):
 def generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generating", ranks=SINGLE):
     """Greedy continuation of each prompt, decoded to text (special tokens dropped). Each rank generates its share
     of the batches and every rank gets all the texts."""
-    device = compute.device
+    device = model.device
     prompt_ids = encode_prompts(tokenizer, prompts)
     mine = {}
     for idx in tqdm(ranks.share(length_sorted_batches(prompt_ids, batch_size)), desc=desc, unit="batch", leave=False):

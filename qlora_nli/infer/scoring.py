@@ -31,7 +31,7 @@ def _score_batch(model, prompt_ids, answers, pad_id):
     tokens of the longest answer (causal attention keeps the prompt's own positions blind to them), gives the first
     token of every answer and every token of the longest; a second, short pass over the KV cache of the prompts
     scores the other answers that have more than one token, all at once."""
-    device = compute.device
+    device = model.device
     body, head = body_and_head(model)
     batch = len(prompt_ids)
     longest = max(range(len(answers)), key=lambda k: len(answers[k]))
@@ -181,7 +181,7 @@ def _score_trees(model, rows, prefix, prefix_cache, pad_id):
     in one forward pass. Each node attends to the call's common prefix (`prefix_cache`, copied) and to its own
     ancestors only, and sits at the position it has in its prompt, so it computes what it would in an unpadded
     sequence of its own. Padding attends only to itself."""
-    device = compute.device
+    device = model.device
     body, head = body_and_head(model)
     width = max(sum(len(tree.tokens) for tree in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -230,7 +230,7 @@ def score_labels(model, tokenizer, prompts, batch_size, desc="scoring", ranks=SI
     if not prompts:
         return torch.empty(0, len(answers))
     if group_prefixes:
-        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, compute.device)
+        prefix, cache = common_prefix_cache(body_and_head(model)[0], prompt_ids, model.device)
         leading = sum(len(a) - 1 for a in answers)  # answer tokens that get a node of their own after each prompt
         mean_nodes = -(-sum(len(p) - prefix for p in prompt_ids) // len(prompt_ids)) + leading
         budget = batch_size * mean_nodes

@@ -66,7 +66,7 @@ def train_one_epoch(setup, examples, batches, train_params, dtype, on_step=None,
     model, frozen, optimizer, scheduler, scaler = setup.model, setup.frozen, setup.optimizer, setup.scheduler, setup.scaler
     prompt_ids, answer_ids, lengths = examples.prompt_ids, examples.answer_ids, examples.lengths
     model.train()
-    device = compute.device.type
+    device = model.device.type
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for batch in tqdm(batches, desc="train", unit="batch", leave=False):

@@ -112,7 +112,7 @@ class FrozenBlockStates:
         self.blocks = list(self.body.layers)
         self.start = first_trainable_block(model)
         self.common = shared_prefix_length(prompt_ids)
-        device = compute.device
+        device = model.device
         self.rows = _RowsInMemory() if in_memory else _RowsInFile(device)
         captured = []
         hook = self.blocks[self.start - 1].register_forward_hook(lambda module, args, out: captured.append(out))
