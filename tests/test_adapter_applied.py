@@ -64,7 +64,8 @@ def _project(root, model_dir, **train):
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["extra_sets"] = {}
-    params["model"].update(name=str(model_dir), load_in_4bit=False, compute_dtype="float32", device="cpu")
+    params["model"].update(name=str(model_dir), load_in_4bit=False, compute_dtype="float32")
+    params["compute"]["device"] = "cpu"
     params["prompt"]["template"] = TEMPLATE
     params["evaluate"].update(batch_size=4, probes=["hypothesis_only"])
     params["lora"]["layers"] = "all"

@@ -121,7 +121,8 @@ def cli_dir(adapter, tmp_path, monkeypatch):
     directory = shutil.copytree(adapter[0], tmp_path / "adapter")
     halve(directory / WEIGHTS)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(name=str(adapter[1]), device="cpu")
+    params["model"]["name"] = str(adapter[1])
+    params["compute"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path

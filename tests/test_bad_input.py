@@ -441,7 +441,8 @@ def tiny_model(tmp_path_factory):
 
 def use_model(root, model):
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"].update(name=str(model), device="cpu")
+    params["model"]["name"] = str(model)
+    params["compute"]["device"] = "cpu"
     params["lora"]["layers"] = "all"  # the tiny model has 2 blocks
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 

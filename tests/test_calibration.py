@@ -1,4 +1,4 @@
-"""qlora_nli/calibration.py on hand-made scores and on scores whose calibration is known by construction."""
+"""qlora_nli/analysis/calibration.py on hand-made scores and on scores whose calibration is known by construction."""
 import numpy as np
 import pytest
 

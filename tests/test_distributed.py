@@ -1,4 +1,4 @@
-"""Data-parallel stages (qlora_nli/distributed.py): 2 gloo processes under torchrun train and predict what 1 process
+"""Data-parallel stages (qlora_nli/runtime/distributed.py, runtime/launch.py): 2 gloo processes under torchrun train and predict what 1 process
 does, only rank 0 writes, a killed run resumes, and `dvc repro` runs with the switch. Plus the frozen-block states
 kept in a file: the same bits as kept in memory."""
 import json
@@ -16,6 +16,7 @@ from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
 from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE, Ranks, pick_backend
 from qlora_nli.runtime.errors import ParamsError
 from qlora_nli.runtime.launch import torchrun_arguments
+from qlora_nli.train.examples import Examples
 from qlora_nli.train.states import FrozenBlockStates
 
 # one torch thread per rank: the 2 ranks then use what 1 process uses, and runs are repeatable
@@ -23,7 +24,7 @@ TWO = {"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"}
 ONE = {"OMP_NUM_THREADS": "1"}
 ADAPTER = "models/adapter/adapter_model.safetensors"
 STEP_LOSSES = "dvclive/plots/metrics/train/step_loss.tsv"
-RELATIVE = SAME_RESULT_RELATIVE  # why this value: qlora_nli/distributed.py
+RELATIVE = SAME_RESULT_RELATIVE  # why this value: qlora_nli/runtime/distributed.py
 
 
 def test_the_switch_maps_to_torchrun_arguments():
@@ -48,16 +49,16 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     node (torch/distributed/run.py), then sets 1; `start` sets that value before re-executing."""
     import os
 
-    from qlora_nli.runtime import distributed
+    from qlora_nli.runtime import launch
 
     started = {}
 
-    def launch(arguments):
+    def instead_of_torchrun(arguments):
         started.update(arguments=arguments, omp=os.environ.get("OMP_NUM_THREADS"))
         raise SystemExit  # instead of starting torchrun
 
-    monkeypatch.setattr(distributed, "launch", launch)
-    monkeypatch.setattr(distributed, "usable_cpus", lambda: (8, "8 CPUs (made up)"))  # room for 4 ranks
+    monkeypatch.setattr(launch, "launch", instead_of_torchrun)
+    monkeypatch.setattr(launch, "usable_cpus", lambda: (8, "8 CPUs (made up)"))  # room for 4 ranks
     monkeypatch.setenv("OMP_NUM_THREADS", "unset below")  # recorded, so that the test leaves it as it found it
     monkeypatch.delenv("OMP_NUM_THREADS")
     if preset is not None:
@@ -111,9 +112,10 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
+        setup = loop.TrainingSetup(model, optimizer, "sgd", scheduler, scaler, {}, {})
         with pytest.raises(_Captured):
-            loop.train_one_epoch(model, batch, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
-                                     scheduler, scaler, t, torch.float32, on_step=lambda *a: None, ranks=ranks)
+            loop.train_one_epoch(setup, Examples(prompt_ids, answer_ids, tokenizer.pad_token_id), batch, t,
+                                 torch.float32, on_step=lambda *a: None, ranks=ranks)
         return captured.pop("grads"), captured.pop("loss", None), model
 
     def at_the_all_reduce(parameters, loss):  # where the ranks would sum

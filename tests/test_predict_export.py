@@ -33,7 +33,8 @@ def project(tmp_path_factory):
     model_dir = make_tiny_model("llama", root / "model")
     adapter = make_adapter(model_dir, root / "adapter")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(name=str(model_dir), device="cpu")
+    params["model"]["name"] = str(model_dir)
+    params["compute"]["device"] = "cpu"
     params["evaluate"]["batch_size"] = BATCH
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     pairs = [{**r, "id": i} for i, r in enumerate(made_up_pairs(7, 11))]  # 7 pairs: a last batch of one

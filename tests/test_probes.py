@@ -1,4 +1,4 @@
-"""The probes of qlora_nli/probes.py on hand-made pairs: exact strings and constructed labels."""
+"""The probes of qlora_nli/analysis/probes.py on hand-made pairs: exact strings and constructed labels."""
 import pytest
 
 from qlora_nli.analysis.probes import (

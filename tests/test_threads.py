@@ -1,4 +1,4 @@
-"""The torch thread choice (qlora_nli/threads.py): what the process may use (affinity, cgroup quota, torch's default,
+"""The torch thread choice (qlora_nli/runtime/threads.py): what the process may use (affinity, cgroup quota, torch's default,
 ranks), the load of other processes, the changes while running, and the record in the device line."""
 import pytest
 import torch

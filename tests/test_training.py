@@ -7,7 +7,8 @@ from qlora_nli.forward import answer_loss, body_and_head, shared_prefix_length
 from qlora_nli.model import adapters, loading
 from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
 from qlora_nli.train.batches import micro_batches
-from qlora_nli.train.loop import make_scheduler, train_one_epoch
+from qlora_nli.train.examples import Examples
+from qlora_nli.train.loop import TrainingSetup, make_scheduler, train_one_epoch
 from qlora_nli.train.states import FrozenBlockStates
 
 
@@ -78,8 +79,9 @@ def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradien
     scheduler = make_scheduler(optimizer, total_steps=1, warmup_ratio=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     seen = []
-    epoch_loss = train_one_epoch(model, [list(range(6))], prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
-                                 scheduler, scaler, {"micro_batch_tokens": budget, "max_grad_norm": 1e9}, torch.float32,
+    setup = TrainingSetup(model, optimizer, "sgd", scheduler, scaler, {}, {})
+    epoch_loss = train_one_epoch(setup, Examples(prompt_ids, answer_ids, tokenizer.pad_token_id), [list(range(6))],
+                                 {"micro_batch_tokens": budget, "max_grad_norm": 1e9}, torch.float32,
                                  on_step=lambda loss, lr: seen.append(_grads(model)))
     assert len(seen) == 1 and epoch_loss == pytest.approx(reference_loss, rel=1e-5)
     batched = seen[0]

@@ -15,7 +15,8 @@ from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
 from qlora_nli.train import loop
 from qlora_nli.train.batches import epoch_batches
 from qlora_nli.train.checkpoints import Checkpoints
-from qlora_nli.train.loop import make_scheduler, train_one_epoch, train_remaining_epochs
+from qlora_nli.train.examples import Examples
+from qlora_nli.train.loop import TrainingSetup, fit, make_scheduler, train_one_epoch
 
 
 def _lora_model(path, dropout=0.0):
@@ -67,8 +68,9 @@ def test_each_optimizer_step_moves_the_schedule_and_clips_the_gradient(tiny_mode
         for p, b in zip(trainable, before):
             b.copy_(p.detach())
 
-    train_one_epoch(model, [[0, 1, 2], [3, 4, 5], [0, 3], [1, 4]], prompt_ids, answer_ids, tokenizer.pad_token_id,
-                    optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+    setup = TrainingSetup(model, optimizer, "sgd", scheduler, torch.amp.GradScaler("cpu", enabled=False), {}, {})
+    train_one_epoch(setup, Examples(prompt_ids, answer_ids, tokenizer.pad_token_id),
+                    [[0, 1, 2], [3, 4, 5], [0, 3], [1, 4]],
                     {"micro_batch_tokens": 10_000, "max_grad_norm": max_norm}, torch.float32, on_step)
     assert seen == pytest.approx([0.75, 0.5, 0.25, 0.0])  # the lr after each step: the schedule moves once per batch
     # the raw gradient of the first batch is far above max_norm (checked here), so each step moves by lr x max_norm
@@ -84,11 +86,11 @@ def test_every_epoch_trains_its_own_batch_order(monkeypatch):
     lengths = [(7 * i) % 23 + 1 for i in range(100)]  # more than one length-sorting window (16 batches)
     t = {"batch_size": 4, "seed": 42, "epochs": 3, "micro_batch_tokens": 100}
     seen = []
-    monkeypatch.setattr(loop, "train_one_epoch", lambda model, batches, *a, **k: seen.append(batches) or 1.0)
-    setup = loop.TrainingSetup(None, None, "sgd", None, None, {}, {})
-    train_remaining_epochs(setup, t, torch.float32, [[0] * n for n in lengths], [[1]] * len(lengths), 0,
-                           on_step=None, after_epoch=lambda *a: None)
-    assert len(seen) == 3
+    monkeypatch.setattr(loop, "train_one_epoch", lambda setup, examples, batches, *a, **k: seen.append(batches) or 1.0)
+    monkeypatch.setattr(loop, "validate", lambda model, validation, ranks: (1.0, 0.5))
+    setup = TrainingSetup(None, None, "sgd", None, None, {}, {})
+    seconds = fit(setup, Examples([[0] * n for n in lengths], [[1]] * len(lengths), 0), None, t, torch.float32)
+    assert len(seen) == 3 and sorted(seconds) == [1, 2, 3] and len(setup.history["epochs"]) == 3
     for batches in seen:  # each epoch: every example exactly once, in batches of at most batch_size
         assert sorted(i for b in batches for i in b) == list(range(100)) and all(len(b) <= 4 for b in batches)
     orders = [[i for b in batches for i in b] for batches in seen]
