@@ -42,13 +42,13 @@ def evaluated(tmp_path, monkeypatch):
     for name, rows in (("test", _rows(24, 3, 0)), ("validation", val)):
         (tmp_path / f"data/{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate.modeling, "check_model_params", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate.modeling, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate.loading, "check_model_params", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate.loading, "load_tokenizer", lambda *a, **k: None)
     # no tokenizer here: the context-length check (tested in test_bad_input.py) is not what these tests are about
     monkeypatch.setattr(evaluate, "encode_answers", lambda tokenizer: [[0]])
     monkeypatch.setattr(evaluate, "check_prompt_lengths", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate.modeling, "context_length", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate.modeling, "load_for_inference", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate.loading, "context_length", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate.adapters, "load_for_inference", lambda *a, **k: None)
     monkeypatch.setattr(evaluate, "score_labels", lambda model, tok, prompts, *a, **k: _fake_scores(prompts))
     evaluate.main("baseline")
 
@@ -130,18 +130,19 @@ def test_probe_rows_belong_to_the_test_pair_they_name(evaluated):
 
 
 def test_finetune_validation_accuracy_is_the_argmax_accuracy(monkeypatch):
-    from stages import finetune
+    from qlora_nli.train import loop
+    from qlora_nli.train.examples import Validation
 
     scores = torch.tensor([[0.0, 1.0, 2.0], [5.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]) - 6
     labels = [2, 0, 1, 0, 0]  # argmax is right on the first four, wrong on the last: 4/5
-    monkeypatch.setattr(finetune, "score_labels", lambda *a, **k: scores)
+    monkeypatch.setattr(loop, "score_labels", lambda *a, **k: scores)
 
     class Model:
         def eval(self):
             return self
 
     answers = {0: [1, 2], 1: [3], 2: [4, 5, 6]}
-    loss, accuracy = finetune.validate(Model(), None, ["p"] * 5, labels, answers, 4, None)
+    loss, accuracy = loop.validate(Model(), Validation(None, ["p"] * 5, labels, answers, 4))
     assert accuracy == pytest.approx(0.8)
     # mean NLL per answer token: -(-4 - 1 - 3 - 5 - 6) / (3 + 2 + 1 + 2 + 2)
     assert loss == pytest.approx(19 / 10)

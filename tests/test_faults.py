@@ -340,8 +340,8 @@ def test_a_failed_swap_puts_back_the_outputs_swapped_before_it(tmp_path, monkeyp
     import os
 
     import qlora_nli.runtime.io as io
-
     from qlora_nli.runtime.errors import OutputError
+    from qlora_nli.runtime.files import write_text
 
     monkeypatch.chdir(tmp_path)
     Path("a.json").write_text("old a")
@@ -357,10 +357,10 @@ def test_a_failed_swap_puts_back_the_outputs_swapped_before_it(tmp_path, monkeyp
     monkeypatch.setattr(io, "exchange_paths", fails_for_figures)
     with pytest.raises(OutputError) as e:
         with io.all_or_none(["a.json", "figures", "c.md"]) as staged:
-            io.write_text(staged["a.json"], "new a")
+            write_text(staged["a.json"], "new a")
             staged["figures"].mkdir()
-            io.write_text(staged["figures"] / "x.svg", "new x")
-            io.write_text(staged["c.md"], "new c")
+            write_text(staged["figures"] / "x.svg", "new x")
+            write_text(staged["c.md"], "new c")
     assert str(e.value) == ("figures: cannot write it (No space left on device); nothing was changed there, nor in the "
                             "2 other outputs written with it; free disk space (or raise the quota) on that file "
                             "system, then rerun")

@@ -11,7 +11,9 @@ from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
 from qlora_nli.prompts import LABELS, encode_answers, encode_prompts
 from qlora_nli.train.batches import length_grouped_batches
+from qlora_nli.train.examples import Examples
 from qlora_nli.train.loop import (
+    TrainingSetup,
     make_optimizer,
     make_scheduler,
     set_seed,
@@ -70,12 +72,13 @@ def test_training_learns_a_task_given_away_by_one_word(learnable_model_dir):
     optimizer, _ = make_optimizer(model, t, "cpu")
     scheduler = make_scheduler(optimizer, epochs * -(-len(train) // batch_size), warmup_ratio=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    setup = TrainingSetup(model, optimizer, "adamw", scheduler, scaler, {}, {})
+    examples = Examples(prompt_ids, answer_ids, tokenizer.pad_token_id)
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     step_losses, epoch_losses = [], []
     for epoch in range(1, epochs + 1):
         batches = length_grouped_batches(lengths, batch_size, seed=epoch)
-        epoch_losses.append(train_one_epoch(model, batches, prompt_ids, answer_ids, tokenizer.pad_token_id, optimizer,
-                                            scheduler, scaler, t, torch.float32,
+        epoch_losses.append(train_one_epoch(setup, examples, batches, t, torch.float32,
                                             on_step=lambda loss, lr: step_losses.append(loss)))
     accuracy_after = val_accuracy()
 

@@ -7,6 +7,7 @@ from tiny import TINY_SAFETENSORS
 
 from qlora_nli.runtime.distributed import SINGLE
 from qlora_nli.train.checkpoints import Checkpoints
+from qlora_nli.train.examples import Examples
 from qlora_nli.train.loop import TrainingSetup
 from qlora_nli.train.record import carried_epoch_seconds, train_metrics
 
@@ -31,7 +32,7 @@ def _setup(record, resumed_epoch=2):
 
 def test_a_run_that_trains_nothing_reports_the_recorded_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    metrics = train_metrics(PARAMS, "cpu", torch.float32, _setup(RECORD), SINGLE, {}, [[1, 2]] * 4, [[3]] * 4,
+    metrics = train_metrics(PARAMS, "cpu", torch.float32, _setup(RECORD), SINGLE, {}, Examples([[1, 2]] * 4, [[3]] * 4, 0),
                             NoMonitor())
     assert metrics["carried_over"] is True and metrics["resumed_from_epoch"] == 2
     assert metrics["time"] == {"total_seconds": 19.6, "per_epoch_seconds": [12.346, 7.25]}  # 12.3456 + 7.25
@@ -47,7 +48,7 @@ def test_a_partly_resumed_run_keeps_the_earlier_epochs_time_and_reports_itself(t
     monkeypatch.chdir(tmp_path)
     earlier = {**RECORD, "epoch_seconds": {"1": 12.3456}}
     metrics = train_metrics(PARAMS, "cpu", torch.float32, _setup(earlier, resumed_epoch=1), SINGLE, {2: 5.0},
-                            [[1]] * 4, [[3]] * 4, NoMonitor())
+                            Examples([[1]] * 4, [[3]] * 4, 0), NoMonitor())
     assert metrics["carried_over"] is False
     assert metrics["time"] == {"total_seconds": 17.3, "per_epoch_seconds": [12.346, 5.0]}
     assert metrics["world_size"] == 1 and metrics["resources"] == {"wall_seconds": 1.0, "measured_by": "this run"}
@@ -56,7 +57,7 @@ def test_a_partly_resumed_run_keeps_the_earlier_epochs_time_and_reports_itself(t
 def test_without_a_record_earlier_epochs_have_no_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     metrics = train_metrics(PARAMS, "cpu", torch.float32, _setup(None, resumed_epoch=1), SINGLE, {2: 5.0},
-                            [[1]] * 4, [[3]] * 4, NoMonitor())
+                            Examples([[1]] * 4, [[3]] * 4, 0), NoMonitor())
     assert metrics["time"] == {"total_seconds": 5.0, "per_epoch_seconds": [None, 5.0]}
     assert metrics["carried_over"] is False
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from pipeline import make_project, run
 
-from qlora_nli.runtime import distributed, errors, launch, threads
+from qlora_nli.runtime import errors, launch, threads
 from qlora_nli.runtime.errors import ParamsError
 from qlora_nli.runtime.launch import check_process_count, torchrun_arguments
 
@@ -67,7 +67,7 @@ def test_more_ranks_than_usable_cores_are_refused(cores, n_cpus, quota, count, r
 def test_start_refuses_64_ranks_on_2_cores_before_launching(cores, monkeypatch):
     cores(2)
     launched = []
-    monkeypatch.setattr(distributed, "launch", launched.append)
+    monkeypatch.setattr(launch, "launch", launched.append)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("QLORA_NLI_TORCHRUN", "64")
     one_line(lambda: launch.start("cpu"))
@@ -101,9 +101,9 @@ def test_the_weights_floor_counts_the_config_by_hand(tmp_path):
 ])
 def test_more_ranks_than_the_memory_holds_are_refused(cores, monkeypatch, device, gpus, free_gib, count, refused):
     cores(16)
-    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setattr(distributed.torch.cuda, "mem_get_info", lambda i: (free_gib * 2**30, 80 * 2**30))
-    monkeypatch.setattr(distributed, "available_memory",
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(launch.torch.cuda, "mem_get_info", lambda i: (free_gib * 2**30, 80 * 2**30))
+    monkeypatch.setattr(launch, "available_memory",
                         lambda device, n_gpus=0: (free_gib * 2**30, "made up") if device == "cpu" or n_gpus else
                         (None, "no GPU"))
     arguments = ["--standalone", f"--nproc-per-node={count}"]
@@ -116,7 +116,7 @@ def test_more_ranks_than_the_memory_holds_are_refused(cores, monkeypatch, device
 
 def test_available_memory_reads_meminfo_and_the_emptiest_gpu(monkeypatch):
     free = {0: 7 * 2**30, 1: 5 * 2**30}
-    monkeypatch.setattr(distributed.torch.cuda, "mem_get_info", lambda i: (free[i], 80 * 2**30))
+    monkeypatch.setattr(launch.torch.cuda, "mem_get_info", lambda i: (free[i], 80 * 2**30))
     assert launch.available_memory("cuda", 2) == (5 * 2**30, "free on the emptiest GPU")
     available, where = launch.available_memory("cpu")
     meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
