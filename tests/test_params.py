@@ -25,6 +25,15 @@ def one_line_error(call):
     return message
 
 
+def error_lines(call):
+    """The lines of the ParamsError that `call` raises: one per problem, each a whole message."""
+    with pytest.raises(ParamsError) as e:
+        call()
+    lines = str(e.value).split("\n")
+    assert all(line and line.strip() == line for line in lines), lines
+    return lines
+
+
 def write(tmp_path, params):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -162,10 +171,29 @@ def test_unknown_key(tmp_path):
     assert "unknown key train.epoch" in message and "epochs" in message
 
 
+def test_every_bad_value_is_reported_at_once_one_line_each(tmp_path):
+    params = committed()
+    params["model"]["compute_dtype"] = "fp16"
+    params["train"]["epochs"] = 0
+    params["train"]["epoch"] = 3
+    params["compute"]["device"] = "tpu"
+    path = write(tmp_path, params)
+    lines = error_lines(lambda: load_params(path))
+    assert len(lines) == 4 and all(line.startswith(f"{path}: ") for line in lines), lines
+    for fragment in ("model.compute_dtype = 'fp16' is out of range", "train.epochs = 0 is out of range",
+                     "unknown key train.epoch;", "compute.device = 'tpu' is out of range"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, lines)
+
+
 def test_unknown_and_missing_groups(tmp_path):
     params = committed()
     params["trian"] = params.pop("train")
-    assert "unknown group 'trian'" in one_line_error(lambda: load_params(write(tmp_path, params)))
+    path = write(tmp_path, params)
+    unknown, missing = error_lines(lambda: load_params(path))  # a renamed group: two problems, one line each
+    assert unknown == (f"{path}: unknown group 'trian'; allowed groups: data, model, prompt, evaluate, lora, train, "
+                       f"compute, failure_cases")
+    prefix = f"{path}: group train is missing; it needs the keys "
+    assert missing.startswith(prefix) and missing[len(prefix):].split(", ") == list(committed()["train"])
     params = committed()
     del params["failure_cases"]
     assert "group failure_cases is missing" in one_line_error(lambda: load_params(write(tmp_path, params)))
@@ -285,7 +313,8 @@ def test_a_value_that_refers_to_itself_is_refused(tmp_path):
 
 def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
     text = COMMITTED.read_text().replace("target_modules: all-linear", "target_modules: &m [q_proj, v_proj]")
-    text = text.replace("report:\n  n_examples: 5", "report:\n  <<: {n_examples: 3}\n  n_examples: 7")
+    assert "failure_cases:\n  n_examples: 5" in text
+    text = text.replace("failure_cases:\n  n_examples: 5", "failure_cases:\n  <<: {n_examples: 3}\n  n_examples: 7")
     (tmp_path / "params.yaml").write_text(text)
     params = load_params(tmp_path / "params.yaml")
     assert params["lora"]["target_modules"] == ["q_proj", "v_proj"] and params["failure_cases"]["n_examples"] == 7
@@ -293,17 +322,18 @@ def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
 
 @pytest.mark.parametrize("edit, expected", [
     # a second train: group after the first (the last would win, and train.epochs be "missing")
-    (lambda t: t + "train:\n  seed: 1\n", "line 67: train is given a second time (first at line 48)"),
+    (lambda t: t + "train:\n  seed: 1\n", "line 70: train is given a second time (first at line 47)"),
     # a second extra_sets: mapping inside data
     (lambda t: t.replace("  extra_sets:  ", "  extra_sets: {}\n  extra_sets:  "),
      "line 14: data.extra_sets is given a second time (first at line 13)"),
     # a key twice in one flow mapping, on one line
-    (lambda t: t.replace("report:\n  n_examples: 5", "report: {n_examples: 5, n_examples: 6}"),
-     "line 65: failure_cases.n_examples is given a second time (first at line 65)"),
+    (lambda t: t.replace("failure_cases:\n  n_examples: 5", "failure_cases: {n_examples: 5, n_examples: 6}"),
+     "line 62: failure_cases.n_examples is given a second time (first at line 62)"),
     (lambda t: t.replace("  epochs: 5\n", "  epochs: 5\n  epochs: 6\n"),
-     "line 51: train.epochs is given a second time (first at line 50)"),
+     "line 50: train.epochs is given a second time (first at line 49)"),
 ])
 def test_a_key_given_twice_is_refused(tmp_path, edit, expected):
+    assert edit(COMMITTED.read_text()) != COMMITTED.read_text(), "the edit should find its text in params.yaml"
     (tmp_path / "params.yaml").write_text(edit(COMMITTED.read_text()))
     assert one_line_error(lambda: load_params(tmp_path / "params.yaml")) == (
         f"{tmp_path / 'params.yaml'} {expected}; YAML would silently keep only the last, so delete one of them or "
