@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 import yaml
+from helpers.stages import exit_message, run_failure_cases
 from pipeline import REPO, make_project, run
-from test_bad_input import exit_message, run_failure_cases, stage_dir, workdir  # noqa: F401  (fixtures)
 from tiny import TINY_SAFETENSORS, make_adapter, make_tiny_model
 
 from qlora_nli import cli
@@ -99,13 +99,13 @@ def test_adapter_bin_weights_are_read_as_tensors_only(adapter, tmp_path):
 
 # --- the readers ----------------------------------------------------------------------------------------------------
 
-def test_evaluate_refuses_a_truncated_adapter_in_one_line(stage_dir):  # noqa: F811
+def test_evaluate_refuses_a_truncated_adapter_in_one_line(stage_dir):
     halve(stage_dir / "models/adapter" / WEIGHTS)
     message = exit_message("evaluate", "finetuned")
     assert message.startswith("models/adapter/adapter_model.safetensors: cannot be read"), message
 
 
-def test_report_refuses_a_truncated_adapter_in_one_line(workdir, monkeypatch):  # noqa: F811
+def test_report_refuses_a_truncated_adapter_in_one_line(workdir, monkeypatch):
     """The model card names the adapter's hash: not of weights that cannot be loaded."""
     monkeypatch.chdir(workdir)
     run_failure_cases()

@@ -4,7 +4,6 @@ Every case ends in one line naming the file or param, what is wrong and the fix,
 traceback. The DVC cases run in a temporary git + DVC project and compare the git-tracked files byte for byte.
 """
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -14,10 +13,17 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers.artifacts import write
+from helpers.predict import make_predict_project
+from helpers.stages import (
+    exit_message,
+    prepare_project,
+    run_failure_cases,
+    run_prepare,
+    stage_module,
+)
 from pipeline import dvc, make_project, run, set_param, stages_run
-from test_failure_cases_and_report import prediction_rows, workdir, write  # noqa: F401  (workdir: a fixture)
-from test_predict_export import project  # noqa: F401  (a fixture: a tiny model and params.yaml naming it)
-from tiny import TINY_SAFETENSORS, made_up_pairs, make_tiny_model
+from tiny import made_up_pairs, make_tiny_model
 
 from qlora_nli.config import load_params
 from qlora_nli.data.sources import load_splits
@@ -26,19 +32,6 @@ from qlora_nli.runtime import errors, hub
 from qlora_nli.runtime.errors import DataError, ModelLoadError, ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
-MISSING_MODEL = "/nonexistent/qlora-nli-test-model"  # a stage that gets past its input checks stops here, at once
-
-
-def exit_message(stage, *args):
-    """Run a stage's main the way its script does (errors.run_stage); the message it exits with, checked to be one
-    line with exit status 1 (SystemExit with a string)."""
-    main = runpy.run_path(str(REPO / "stages" / f"{stage}.py"))["main"]
-    with pytest.raises(SystemExit) as e:
-        errors.run_stage(main, *args)
-    message = e.value.code
-    assert isinstance(message, str), f"exit code {message!r}, expected a message (status 1)"
-    assert message and "\n" not in message and message.strip() == message
-    return message
 
 
 def one_line(error_type, call):
@@ -50,26 +43,6 @@ def one_line(error_type, call):
 
 
 # --- a stage's input artifacts: missing, truncated, malformed ------------------------------------------------------
-
-def data_rows(n, seed):
-    return [{"id": i, **row} for i, row in enumerate(made_up_pairs(n, seed))]
-
-
-@pytest.fixture
-def stage_dir(tmp_path, monkeypatch):
-    """Valid params (the model path leads nowhere) and valid data/ and models/adapter, as the stages find them."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["name"] = MISSING_MODEL
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for split, n in (("train", 12), ("validation", 6), ("test", 6)):
-        write(tmp_path / f"data/{split}.jsonl", data_rows(n, seed=n))
-    adapter = tmp_path / "models/adapter"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    (adapter / "adapter_model.safetensors").write_bytes(TINY_SAFETENSORS)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 def truncate(path, line):
     """Cut `path` in the middle of line `line` (1-based), as a killed writer without atomic writes would."""
@@ -147,11 +120,6 @@ def test_stage_inputs_that_are_fine_get_to_the_model(stage_dir):
         assert "model.name" in message and "does not exist" in message, message
 
 
-def run_failure_cases():
-    """failure_cases on the fixture's (valid) predictions: its outputs are report's inputs."""
-    runpy.run_path(str(REPO / "stages/failure_cases.py"))["main"]()
-
-
 def edit_document(path, change):
     document = json.loads(path.read_text())
     change(document)
@@ -190,7 +158,7 @@ ARTIFACT_CASES = {
 
 
 @pytest.mark.parametrize("case", ARTIFACT_CASES)
-def test_artifact_is_one_line(workdir, monkeypatch, case):  # noqa: F811  (workdir is the imported fixture)
+def test_artifact_is_one_line(workdir, monkeypatch, case):
     stage, breaks, expected = ARTIFACT_CASES[case]
     monkeypatch.chdir(workdir)
     run_failure_cases()
@@ -198,19 +166,20 @@ def test_artifact_is_one_line(workdir, monkeypatch, case):  # noqa: F811  (workd
     assert expected in exit_message(stage)
 
 
-def test_report_runs_on_the_unbroken_artifacts(workdir, monkeypatch):  # noqa: F811
+def test_report_runs_on_the_unbroken_artifacts(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     run_failure_cases()
-    runpy.run_path(str(REPO / "stages/report.py"))["main"]()
+    stage_module("report")["main"]()
     assert (workdir / "reports/report.md").is_file()
 
 
 @pytest.mark.slow
 def test_missing_adapter_as_a_script_fails_fast(stage_dir):
-    """As DVC runs it: a subprocess, exit status 1, the one line on stderr, no model load and no Hub retries."""
+    """As DVC runs it (`python -m stages.evaluate finetuned`): a subprocess, exit status 1, the one line on stderr,
+    no model load and no Hub retries."""
     shutil.rmtree(stage_dir / "models/adapter")
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / "stages/evaluate.py"), "finetuned"], cwd=stage_dir,
+    result = subprocess.run([sys.executable, "-m", "stages.evaluate", "finetuned"], cwd=stage_dir,
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == ("models/adapter: missing; rerun `dvc repro finetune`, or "
@@ -338,14 +307,12 @@ def test_test_split_that_is_a_directory(tmp_path):
 
 def test_prepare_writes_all_outputs_or_none(tmp_path, monkeypatch):
     """A write failure after the first file (full disk, say) leaves every old output of prepare as it was."""
-    from test_data import prepare_project, run_prepare
-
     project = prepare_project(tmp_path)
     before = run_prepare(project, monkeypatch)
     set_in = yaml.safe_load((project / "params.yaml").read_text())
     set_in["data"]["n_train"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(set_in))
-    stage = runpy.run_path(str(REPO / "stages/prepare.py"))
+    stage = stage_module("prepare")
     real_write_json = stage["write_json"]
 
     def disk_full(path, obj):
@@ -509,6 +476,12 @@ def test_a_probe_longer_than_the_context_is_named(stage_dir, tiny_model):
         f"the premise_as_hypothesis probe of data/test.jsonl row 2: its prompt is {tokens:,} tokens, "
         f"{tokens + answer:,} with the answer, more than the model's context of 256 tokens; remove the pair from "
         f"data.source and rerun `dvc repro prepare`, or use a model with a longer context (model.name)")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny model, an adapter for it and params.yaml naming the model (helpers/predict.py)."""
+    return make_predict_project(tmp_path_factory.mktemp("predict"))
 
 
 def run_nli_predict(project, *args):

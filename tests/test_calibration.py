@@ -1,6 +1,7 @@
 """qlora_nli/analysis/calibration.py on hand-made scores and on scores whose calibration is known by construction."""
 import numpy as np
 import pytest
+from helpers.calibration import reference_temperature
 
 from qlora_nli.analysis.calibration import (
     LOG_T_BOUNDS,
@@ -78,13 +79,11 @@ def test_fit_temperature_recovers_the_true_temperature():
 
 
 def test_fit_temperature_empty_and_equal_to_a_grid_search():
-    from test_evaluate_outputs import _reference_temperature
-
     with pytest.raises(ValueError):
         fit_temperature([], [])
     scores, labels = _sampled(seed=1, n=500)
     rows = [{"scores": s, "label": y} for s, y in zip((2.5 * scores).tolist(), labels.tolist())]
-    assert fit_temperature(2.5 * scores, labels) == pytest.approx(_reference_temperature(rows), rel=2e-3)
+    assert fit_temperature(2.5 * scores, labels) == pytest.approx(reference_temperature(rows), rel=2e-3)
 
 
 def _overconfident(seed, n=2000):

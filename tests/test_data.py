@@ -1,16 +1,15 @@
 """The loader on tiny made-up data sets in every accepted layout, its errors, mirror/Hub resolution, and prepare."""
-import csv
 import hashlib
 import json
 import os
-import runpy
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers.nli_files import SPLITS, write_hf_dir, write_split
+from helpers.stages import prepare_project, run_prepare
 
 from qlora_nli.data import sources
 from qlora_nli.data.sources import evenly_spaced, load_splits, resolve_source
@@ -29,34 +28,10 @@ RAW = [
 ]
 KEPT = [{"id": i, **r} for i, r in enumerate(RAW) if r["label"] != -1 and r["hypothesis"].strip()]
 COUNTS = {"raw": 6, "unlabeled_dropped": 1, "skipped_empty": 1}
-SPLITS = ("train", "validation", "test")
-
-
-def write_split(path, rows, fmt):
-    if fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif fmt == "json":
-        path.write_text(json.dumps(rows, indent=1))
-    elif fmt == "json-lines":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif fmt == "csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def hf_dir(root, fmt="jsonl", rows=RAW):
-    root.mkdir(parents=True, exist_ok=True)
-    ext = "json" if fmt == "json-lines" else fmt
-    for split in SPLITS:
-        write_split(root / f"{split}.{ext}", rows, fmt)
-    return root
+    return write_hf_dir(root, fmt, rows)
 
 
 def snli1_dir(root, rows=RAW):
@@ -341,26 +316,6 @@ def test_hub_dataset(monkeypatch):
 
 # --- the prepare stage ---------------------------------------------------------------------------------------------
 
-def prepare_project(tmp_path, **data_params):
-    many = [{"premise": f"Made-up scene {i}.", "hypothesis": f"Claim {i}.", "label": i % 3} for i in range(40)]
-    many[7]["label"] = -1
-    hf_dir(tmp_path / "nli", "jsonl", many)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"source": str(tmp_path / "nli"), "n_train": 10, "n_val": 4, "n_test": "all",
-                           "extra_sets": {}, **data_params})
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    return project
-
-
-def run_prepare(project, monkeypatch):
-    monkeypatch.chdir(project)
-    runpy.run_path(str(REPO / "stages" / "prepare.py"))["main"]()
-    return {str(p.relative_to(project / "data")): p.read_bytes() for p in sorted((project / "data").rglob("*"))
-            if p.is_file()}
-
-
 def test_prepare_end_to_end_is_reproducible(tmp_path, monkeypatch):
     project = prepare_project(tmp_path)
     first = run_prepare(project, monkeypatch)
@@ -399,9 +354,10 @@ def test_prepare_writes_extra_sets_with_their_own_split_names(tmp_path, monkeypa
 
 
 def test_prepare_as_a_script(tmp_path):
+    """As dvc.yaml runs it: `python -m stages.prepare` in the project, a process of its own."""
     project = prepare_project(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(REPO / "stages" / "prepare.py")], cwd=project, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, env=env, check=True)
     assert (project / "data" / "manifest.json").is_file()
 
 

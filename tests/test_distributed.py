@@ -7,8 +7,7 @@ import pytest
 import torch
 from pipeline import dvc, make_project, run
 from safetensors.torch import load_file
-from test_training import _lora_model
-from tiny import made_up_pairs
+from tiny import lora_model, made_up_pairs
 
 from qlora_nli.infer.scoring import length_sorted_batches
 from qlora_nli.model import loading
@@ -108,7 +107,7 @@ def test_two_ranks_gradients_add_up_to_the_one_process_gradient(tiny_model_dir, 
     captured = {}
 
     def run(ranks):
-        model = _lora_model(tiny_model_dir)
+        model = lora_model(tiny_model_dir)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -146,7 +145,7 @@ def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_m
     from qlora_nli.model import loading
     from qlora_nli.runtime import distributed
 
-    model, tokenizer = _lora_model(tiny_model_dir).eval(), loading.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = lora_model(tiny_model_dir).eval(), loading.load_tokenizer(str(tiny_model_dir))
     prompts = [TEMPLATE.format(**r) for r in made_up_pairs(11, 6)]
     one = scoring.score_labels(model, tokenizer, prompts, batch_size=2)
     pieces = {}
@@ -172,7 +171,7 @@ def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_m
 
 
 def test_frozen_states_in_a_file_are_the_in_memory_bits(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(9, 5)])
     answers = encode_answers(tokenizer)
     sequences = [p + answers[k % 3] for k, p in enumerate(prompt_ids)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.calibration import reference_temperature
 from tiny import made_up_pairs
 
 COMMITTED = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"))
@@ -88,23 +89,10 @@ def test_accuracy_and_confusion_matrix_follow_from_the_rows(evaluated):
     assert 0 < metrics["accuracy"] < 1  # made-up scores: some right, some wrong, so argmin and argmax differ
 
 
-def _reference_temperature(rows):
-    """argmin over a fine grid of log T of the mean NLL of softmax(scores / T): written here, not the project's."""
-    s = np.array([r["scores"] for r in rows], dtype=np.float64)
-    y = np.array([r["label"] for r in rows])
-    grid = np.exp(np.linspace(np.log(0.01), np.log(100.0), 20001))
-    nll = []
-    for t in grid:
-        z = s / t
-        z = z - z.max(axis=1, keepdims=True)
-        nll.append(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), y]))
-    return float(grid[int(np.argmin(nll))])
-
-
 def test_temperature_is_fitted_on_validation_not_test(evaluated):
     metrics = evaluated("metrics/baseline.json")
-    on_validation = _reference_temperature(evaluated("evidence/baseline/validation.jsonl"))
-    on_test = _reference_temperature(evaluated("predictions/baseline.jsonl"))
+    on_validation = reference_temperature(evaluated("evidence/baseline/validation.jsonl"))
+    on_test = reference_temperature(evaluated("predictions/baseline.jsonl"))
     assert abs(on_validation / on_test - 1) > 0.2, "the made-up scores should give clearly different temperatures"
     assert metrics["calibration"]["temperature"] == pytest.approx(on_validation, rel=2e-3)
     assert metrics["calibration"]["n_val"] == 30

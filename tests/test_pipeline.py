@@ -3,8 +3,8 @@ import json
 
 import pytest
 import yaml
+from helpers.calibration import reference_temperature
 from pipeline import dvc, make_project, set_param, stages_run
-from test_evaluate_outputs import _reference_temperature
 from tiny import write_nli_dir
 
 pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
@@ -78,7 +78,7 @@ def test_extra_set_probes_and_calibration_reach_metrics_and_report(project):
         validation = _jsonl(root / f"evidence/{model}/validation.jsonl")
         assert metrics["calibration"]["n_val"] == len(validation) == 6
         # fitted on the validation scores (stored to 5 decimals), by a grid search written in the test
-        assert metrics["calibration"]["temperature"] == pytest.approx(_reference_temperature(validation), rel=1e-2)
+        assert metrics["calibration"]["temperature"] == pytest.approx(reference_temperature(validation), rel=1e-2)
         assert (root / f"plots/{model}/reliability.csv").read_text().startswith("confidence,accuracy,n\n")
     shown = dvc(root, "metrics", "show").stdout
     assert "metrics/sets/finetuned/ood.json" in shown and "metrics/sets/baseline/ood.json" in shown

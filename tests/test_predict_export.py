@@ -5,12 +5,12 @@ import io
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
+import tomllib
 
 import pytest
-import tomllib
 import torch
 import yaml
+from helpers.predict import BATCH, make_predict_project
 from pipeline import REPO, env
 from tiny import base_plus_adapter, made_up_pairs, make_adapter, make_tiny_model
 from tiny import model_params as _model_params
@@ -21,7 +21,7 @@ from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
 from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
 
-BATCH = 3
+
 def _prompts(pairs):
     return [format_prompt(TEMPLATE, r) for r in pairs]
 
@@ -29,18 +29,7 @@ def _prompts(pairs):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny model, an adapter for it, params.yaml pointing at the model, and a JSONL file of pairs."""
-    root = tmp_path_factory.mktemp("predict")
-    model_dir = make_tiny_model("llama", root / "model")
-    adapter = make_adapter(model_dir, root / "adapter")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["name"] = str(model_dir)
-    params["compute"]["device"] = "cpu"
-    params["evaluate"]["batch_size"] = BATCH
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pairs = [{**r, "id": i} for i, r in enumerate(made_up_pairs(7, 11))]  # 7 pairs: a last batch of one
-    lines = [json.dumps(r) for r in pairs]
-    (root / "pairs.jsonl").write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line is skipped
-    return SimpleNamespace(root=root, model=model_dir, adapter=adapter, params=root / "params.yaml", pairs=pairs)
+    return make_predict_project(tmp_path_factory.mktemp("predict"))
 
 
 def run_predict(capsys, project, *args):

@@ -7,7 +7,7 @@ interval from Newcombe (1998), method 10, written out separately from qlora_nli.
 """
 import pytest
 import yaml
-from test_failure_cases_and_report import ROOT, read, run_ok, train_metrics, write
+from helpers.artifacts import REPO, read, run_ok, train_metrics, write
 from tiny import TINY_SAFETENSORS
 
 from qlora_nli.analysis.stats import classification_metrics
@@ -51,7 +51,7 @@ SLICES = [  # (slice, value, pairs, baseline error, fine-tuned error)
 
 @pytest.fixture
 def workdir(tmp_path):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     gold = [p[3] for p in PAIRS]
     for which, column in (("baseline", 4), ("finetuned", 5)):

@@ -12,7 +12,7 @@ from qlora_nli.prompts import LABELS, TEMPLATE, encode_answers, encode_prompts
 
 
 def _model(path, load_in_4bit):
-    params = {"name": str(path), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
+    params = {"name": str(path), "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}
     return loading.load_base_model(params, "cpu"), loading.load_tokenizer(str(path))
 
 

@@ -1,10 +1,10 @@
 """Micro-batching by token budget and the shared-prefix forward: same loss and same LoRA gradients as the plain way."""
 import pytest
 import torch
-from tiny import made_up_pairs
+from tiny import lora_model, made_up_pairs
 
 from qlora_nli.forward import answer_loss, body_and_head, shared_prefix_length
-from qlora_nli.model import adapters, loading
+from qlora_nli.model import loading
 from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
 from qlora_nli.train.batches import micro_batches
 from qlora_nli.train.examples import Examples
@@ -36,25 +36,12 @@ def test_shared_prefix_length(sequences, expected):
     assert shared_prefix_length(sequences) == expected
 
 
-def _lora_model(path, layers="all"):
-    params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
-    torch.manual_seed(0)
-    model = adapters.attach_lora(loading.load_base_model(params, "cpu"),
-                                 {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
-                                  "layers": layers})
-    # peft starts lora_B at zero; random values make every adapter's gradient depend on the prefix path
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model.train()
-
-
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradient(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir), loading.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = lora_model(tiny_model_dir), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(6, 3)])
     answers = encode_answers(tokenizer)
     answer_ids = [answers[k % 3] for k in range(6)]
@@ -91,7 +78,7 @@ def test_shared_prefix_and_micro_batches_give_the_one_sequence_at_a_time_gradien
 
 
 def test_frozen_block_states_give_the_full_forward_loss_and_gradient(tiny_model_dir):
-    model, tokenizer = _lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(7, 4)])
     answers = encode_answers(tokenizer)
     answer_ids = [answers[k % 3] for k in range(7)]
@@ -121,9 +108,9 @@ def test_frozen_block_states_give_the_full_forward_loss_and_gradient(tiny_model_
 
 
 def test_frozen_block_states_only_where_they_are_exact(tiny_model_dir):
-    everywhere = _lora_model(tiny_model_dir, layers="all")
+    everywhere = lora_model(tiny_model_dir, layers="all")
     assert "every block" in FrozenBlockStates.usable(everywhere, {"gradient_checkpointing": False})
-    last = _lora_model(tiny_model_dir, layers=1)
+    last = lora_model(tiny_model_dir, layers=1)
     assert "checkpointing" in FrozenBlockStates.usable(last, {"gradient_checkpointing": True})
     last.config.attention_dropout = 0.1
     assert "dropout" in FrozenBlockStates.usable(last, {"gradient_checkpointing": False})

@@ -8,27 +8,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_SAFETENSORS, made_up_pairs
+from tiny import TINY_SAFETENSORS, lora_model, made_up_pairs
 
-from qlora_nli.model import adapters, loading
+from qlora_nli.model import loading
 from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
 from qlora_nli.train import loop
 from qlora_nli.train.batches import epoch_batches
 from qlora_nli.train.checkpoints import Checkpoints
 from qlora_nli.train.examples import Examples
 from qlora_nli.train.loop import TrainingSetup, fit, make_scheduler, train_one_epoch
-
-
-def _lora_model(path, dropout=0.0):
-    params = {"name": str(path), "load_in_4bit": False, "compute_dtype": "float32", "device": "cpu"}
-    torch.manual_seed(0)
-    model = adapters.attach_lora(loading.load_base_model(params, "cpu"),
-                                 {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear",
-                                  "layers": "all"})
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # peft starts lora_B at zero: random values give every adapter a gradient
-            torch.nn.init.normal_(p, std=0.1)
-    return model.train()
 
 
 def _examples(path, n=6):
@@ -53,7 +41,7 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
 def test_each_optimizer_step_moves_the_schedule_and_clips_the_gradient(tiny_model_dir):
     """SGD at lr 1: each step moves the weights by exactly the clipped gradient, whose norm is max_grad_norm when the
     raw gradient is larger; the learning rate reported per step follows the schedule."""
-    model = _lora_model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     tokenizer, prompt_ids, answer_ids = _examples(tiny_model_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = 1e-3
@@ -115,7 +103,7 @@ def test_latest_is_the_newest_epoch_by_number(tmp_path):
 
 def test_restore_gives_back_the_rng_states_of_the_save(tiny_model_dir, tmp_path):
     """With lora.dropout > 0 the next epoch's dropout masks come from the torch RNG: a resume must continue it."""
-    model = _lora_model(tiny_model_dir, dropout=0.1)
+    model = lora_model(tiny_model_dir, dropout=0.1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     scheduler = make_scheduler(optimizer, total_steps=4, warmup_ratio=0.0)
