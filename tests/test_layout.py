@@ -46,3 +46,17 @@ def test_the_check_sees_every_form_of_import():
                                  "def f():\n    from .test_scoring import y\n"
                                  "import tiny, helpers.stages\nfrom helpers import artifacts\nfrom pipeline import run\n")
     assert seen == [".test_scoring", ".test_stats", "test_data", "test_training", "unit.train.test_loop"]
+
+
+def test_test_files_sit_by_kind_and_their_names_are_unique():
+    """Unit tests under tests/unit/ (by the package's subpackage: runtime/, data/, model/, train/, infer/, analysis/,
+    and bench/ for benchmarks/; config and prompts at tests/unit/), tests that run stages, DVC or whole commands as
+    processes under tests/e2e/, checks of the repository's tests and docs at tests/. A file name says which test file
+    is meant wherever it sits (docs/reliability.md names files so), and pytest imports test files by name."""
+    files = sorted(TESTS.rglob("test_*.py"))
+    places = {f.relative_to(TESTS).parent.as_posix() for f in files}
+    allowed = {".", "unit", "e2e"} | {f"unit/{p}" for p in ("runtime", "data", "model", "train", "infer", "analysis",
+                                                            "report", "bench")}
+    assert places <= allowed, places - allowed
+    names = [f.name for f in files]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

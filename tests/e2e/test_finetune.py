@@ -13,26 +13,26 @@ from qlora_nli.runtime.errors import RunError
 
 pytestmark = pytest.mark.slow  # every test here runs stages end to end (subprocesses, dvc, kills)
 
-STAGE_ORDER = ["stages/prepare.py", "stages/finetune.py"]
+STAGE_ORDER = [["-m", "stages.prepare"], ["-m", "stages.finetune"]]  # as dvc.yaml runs them
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = make_project(tmp_path_factory.mktemp("full") / "project", overrides={"train.epochs": 3})
-    for script in STAGE_ORDER:
-        run(["python", script], root)
+    for module in STAGE_ORDER:
+        run(["python", *module], root)
     return root
 
 
 def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
-    run(["python", "stages/prepare.py"], root)
-    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.prepare"], root)
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert not (root / "models/adapter").exists()
 
-    resumed = run(["python", "stages/finetune.py"], root)
+    resumed = run(["python", "-m", "stages.finetune"], root)
     assert "resuming after epoch 1" in resumed.stderr
     adapter = "models/adapter/adapter_model.safetensors"
     assert (root / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
@@ -51,11 +51,11 @@ def test_resume_with_lora_dropout_matches_uninterrupted_run(tmp_path):
     full = make_project(tmp_path / "full", overrides=overrides)
     root = make_project(tmp_path / "killed", overrides=overrides)
     for project in (full, root):
-        run(["python", "stages/prepare.py"], project)
-    run(["python", "stages/finetune.py"], full)
-    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+        run(["python", "-m", "stages.prepare"], project)
+    run(["python", "-m", "stages.finetune"], full)
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
-    resumed = run(["python", "stages/finetune.py"], root)
+    resumed = run(["python", "-m", "stages.finetune"], root)
     assert "resuming after epoch 1" in resumed.stderr
     adapter = "models/adapter/adapter_model.safetensors"
     assert (root / adapter).read_bytes() == (full / adapter).read_bytes()
@@ -63,10 +63,10 @@ def test_resume_with_lora_dropout_matches_uninterrupted_run(tmp_path):
 
 def test_changed_params_start_fresh(uninterrupted, tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
-    run(["python", "stages/prepare.py"], root)
-    run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.prepare"], root)
+    run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     set_param(root, "train.learning_rate", 0.002)
-    result = run(["python", "stages/finetune.py"], root)
+    result = run(["python", "-m", "stages.finetune"], root)
     assert "resuming" not in result.stderr and "starting fresh" in result.stderr
     assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] is None
 
@@ -76,13 +76,13 @@ def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
     """A module the stage imports only indirectly, or that the old four-file fingerprint left out: a changed comment
     makes the next run train from epoch 1 instead of resuming epochs the old code trained."""
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
-    run(["python", "stages/prepare.py"], root)
-    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.prepare"], root)
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     with open(root / module, "a") as f:
         f.write("# a comment changes the bytes, not what runs\n")
-    result = run(["python", "stages/finetune.py"], root)
+    result = run(["python", "-m", "stages.finetune"], root)
     assert "resuming" not in result.stderr and "starting fresh" in result.stderr
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["resumed_from_epoch"] is None and train["epochs"] == 2
@@ -102,8 +102,8 @@ def test_parameter_counts_are_dense_counts(uninterrupted):
 
 def test_unknown_target_module_is_one_line(tmp_path):
     root = make_project(tmp_path / "project", overrides={"lora.target_modules": ["no_such_proj"]})
-    run(["python", "stages/prepare.py"], root)
-    result = run(["python", "stages/finetune.py"], root, check=False)
+    run(["python", "-m", "stages.prepare"], root)
+    result = run(["python", "-m", "stages.finetune"], root, check=False)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "lora.target_modules" in last and "no_such_proj" in last and "Traceback" not in result.stderr
@@ -113,9 +113,9 @@ def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
     """SIGKILL at several points of a run: every checkpoint and output present is complete, nothing half-written
     (atomic writes), and the next run finishes from there."""
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
-    run(["python", "stages/prepare.py"], root)
+    run(["python", "-m", "stages.prepare"], root)
     for delay in (0.5, 2.0, 4.0, 6.0):
-        proc = subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=root, env=env(root),
+        proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=root, env=env(root),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.kill()
@@ -125,7 +125,7 @@ def test_kill_at_any_moment_leaves_only_complete_outputs(tmp_path):
             assert {"state.pt", "adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in checkpoint.iterdir()}
         if (root / "metrics/train.json").exists():
             json.loads((root / "metrics/train.json").read_text())  # complete JSON, never truncated
-    run(["python", "stages/finetune.py"], root)
+    run(["python", "-m", "stages.finetune"], root)
     assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 3
     # the next write of the same output removes what a killed write left behind
     assert not [p for d in ("checkpoints", "metrics", "models") for p in (root / d).glob(".*")]
@@ -144,7 +144,7 @@ def _load_stage(root):
 ])
 def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch, error, expected):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
-    run(["python", "stages/prepare.py"], root)
+    run(["python", "-m", "stages.prepare"], root)
     monkeypatch.chdir(root)
     stage = _load_stage(root)
     from qlora_nli.train import loop

@@ -145,7 +145,7 @@ def nodes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     root = make_project(tmp_path_factory.mktemp("one") / "project")
-    for script in (["stages/prepare.py"], ["stages/finetune.py"], ["stages/evaluate.py", "finetuned"]):
+    for script in (["-m", "stages.prepare"], ["-m", "stages.finetune"], ["-m", "stages.evaluate", "finetuned"]):
         run(["python", *script], root, extra_env={"OMP_NUM_THREADS": "1"})
     return root
 

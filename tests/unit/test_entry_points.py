@@ -6,9 +6,9 @@ import importlib
 import runpy
 import shlex
 import sys
+import tomllib
 
 import pytest
-import tomllib
 import yaml
 from pipeline import REPO, make_project
 

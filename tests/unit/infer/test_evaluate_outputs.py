@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 from helpers.calibration import reference_temperature
+from pipeline import REPO
 from tiny import made_up_pairs
 
-COMMITTED = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"))
+COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
 VALIDATION_MARK = "at night"  # the fake scorer makes validation scores sharper than test scores
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline import REPO
 
 from qlora_nli.runtime.code import code_sha256, import_closure
 
-REPO = Path(__file__).resolve().parents[1]
 STAGE = "stages/finetune.py"
 
 

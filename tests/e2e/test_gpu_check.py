@@ -10,9 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from pipeline import REPO
 from tiny import make_tokenizer, write_nli_dir
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 

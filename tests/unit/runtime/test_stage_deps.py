@@ -1,14 +1,13 @@
 """dvc.yaml declares exactly what each stage's code uses: the package modules it imports (transitively) and the
 params groups (or single keys) it reads, so that a change to either reruns the stage and nothing else does."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from pipeline import REPO
 
 from qlora_nli.runtime.code import import_closure
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pipeline import REPO, dvc, make_project, run, set_param
 
-FAULT_RUNNER = Path(__file__).resolve().parent / "fault_runner.py"
+FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 
 
 def dvc_stages():
@@ -46,7 +46,8 @@ ALL_OUTPUTS = [o for _, _, outputs in STAGES for o in outputs] + ["models/adapte
 
 
 def command(stage, arg):
-    return [f"stages/{stage}.py"] + ([arg] if arg else [])
+    """The stage as dvc.yaml runs it (fault_runner.py's -m runs a module)."""
+    return ["-m", f"stages.{stage}"] + ([arg] if arg else [])
 
 
 def run_with_fault(root, stage, arg, fault):
@@ -148,7 +149,7 @@ def test_kill_during_a_directory_replace_keeps_a_complete_adapter(project):
             assert after["models/adapter"] == before["models/adapter"] or (
                 after["models/adapter"] and "adapter_model.safetensors" in after["models/adapter"]), fault
     finally:
-        run(["python", "stages/finetune.py"], root)  # repaired either way, for the tests after this one
+        run(["python", "-m", "stages.finetune"], root)  # repaired either way, for the tests after this one
     assert "adapter_model.safetensors" in snapshot(root, "models/adapter")
 
 
@@ -175,13 +176,13 @@ def test_dvc_repro_resumes_persisted_checkpoints_after_a_kill(tmp_path):
 @pytest.mark.slow
 def test_changed_training_data_starts_fresh(tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
-    run(["python", "stages/prepare.py"], root)
-    run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.prepare"], root)
+    run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert (root / "checkpoints/epoch-1").is_dir()
     rows = [json.loads(line) for line in (root / "data/train.jsonl").read_text().splitlines()]
     rows[0]["hypothesis"] += " today"  # same params, same number of pairs, one pair changed
     (root / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run(["python", "stages/finetune.py"], root)
+    result = run(["python", "-m", "stages.finetune"], root)
     assert "resuming" not in result.stderr and "starting fresh" in result.stderr
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["resumed_from_epoch"] is None and metrics["epochs"] == 2
@@ -280,8 +281,8 @@ def interrupted_note(root, stage):
 @pytest.mark.slow
 def test_ctrl_c_in_finetune_names_the_epoch_a_rerun_resumes_from(tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
-    run(["python", "stages/prepare.py"], root)
-    run(["python", "stages/finetune.py"], root)  # the previous outputs
+    run(["python", "-m", "stages.prepare"], root)
+    run(["python", "-m", "stages.finetune"], root)  # the previous outputs
     set_param(root, "train.learning_rate", 0.002)  # a new run, which deletes the previous run's checkpoints
     outputs = ["models/adapter", "dvclive/plots", "dvclive/metrics.json", "metrics/train.json"]
     before = {o: snapshot(root, o) for o in outputs}
@@ -300,7 +301,7 @@ def test_ctrl_c_in_finetune_names_the_epoch_a_rerun_resumes_from(tmp_path):
     # Ctrl-C while epoch 1's checkpoint is renamed into place: it waits until the rename is done
     interrupted({"at": "rename", "path": "checkpoints/epoch-1"},
                 "epoch 1 is complete, `dvc repro` resumes from it", ["epoch-1"])
-    resumed = run(["python", "stages/finetune.py"], root)
+    resumed = run(["python", "-m", "stages.finetune"], root)
     assert "resuming after epoch 1" in resumed.stderr
     assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] == 1
 

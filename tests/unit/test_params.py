@@ -1,16 +1,16 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from pipeline import REPO
 
 from qlora_nli.config import SCHEMA, load_params
 from qlora_nli.data.sources import check_split_size
 from qlora_nli.model.loading import check_target_modules
 from qlora_nli.runtime.errors import ParamsError
 
-COMMITTED = Path(__file__).resolve().parents[1] / "params.yaml"
+COMMITTED = REPO / "params.yaml"
 
 
 def committed():
@@ -266,7 +266,7 @@ def run_with_timeout(code, seconds=60):
     import sys
 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,7 @@ from helpers.stages import (
     run_prepare,
     stage_module,
 )
-from pipeline import dvc, make_project, run, set_param, stages_run
+from pipeline import REPO, dvc, make_project, run, set_param, stages_run
 from tiny import made_up_pairs, make_tiny_model
 
 from qlora_nli.config import load_params
@@ -30,8 +29,6 @@ from qlora_nli.data.sources import load_splits
 from qlora_nli.model import adapters, loading
 from qlora_nli.runtime import errors, hub
 from qlora_nli.runtime.errors import DataError, ModelLoadError, ParamsError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_line(error_type, call):

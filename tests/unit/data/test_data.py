@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from helpers.nli_files import SPLITS, write_hf_dir, write_split
 from helpers.stages import prepare_project, run_prepare
+from pipeline import REPO
 
 from qlora_nli.data import sources
 from qlora_nli.data.sources import evenly_spaced, load_splits, resolve_source
 from qlora_nli.runtime.errors import NLIError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Made-up pairs (never SNLI text). The -1 row is unlabeled, the blank hypothesis is skipped as empty.
 RAW = [

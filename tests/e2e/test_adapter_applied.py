@@ -26,8 +26,8 @@ def test_finetuned_evaluation_applies_the_adapter(tmp_path):
 
     # a larger step than the default, so that one short epoch moves the scores well beyond their rounding
     root = make_project(tmp_path / "project", overrides={"train.epochs": 1, "train.learning_rate": 0.01})
-    for script in (["stages/prepare.py"], ["stages/finetune.py"], ["stages/evaluate.py", "baseline"],
-                   ["stages/evaluate.py", "finetuned"]):
+    for script in (["-m", "stages.prepare"], ["-m", "stages.finetune"], ["-m", "stages.evaluate", "baseline"],
+                   ["-m", "stages.evaluate", "finetuned"]):
         run(["python", *script], root)
     baseline, finetuned = (read_jsonl(root / f"predictions/{name}.jsonl") for name in ("baseline", "finetuned"))
     assert [(r["id"], r["premise"], r["hypothesis"]) for r in baseline] == [

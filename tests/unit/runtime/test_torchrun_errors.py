@@ -111,7 +111,7 @@ def test_more_ranks_than_the_memory_holds_are_refused(cores, monkeypatch, device
         check_process_count(arguments, device, 4 * 2**30)
         return
     message = one_line(lambda: check_process_count(arguments, device, 4 * 2**30))
-    assert f"x 4.0 GiB" in message and f"the {free_gib:.1f} GiB made up" in message
+    assert "x 4.0 GiB" in message and f"the {free_gib:.1f} GiB made up" in message
 
 
 def test_available_memory_reads_meminfo_and_the_emptiest_gpu(monkeypatch):

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from pipeline import REPO
 from tiny import TINY_SAFETENSORS, lora_model, made_up_pairs
 
 from qlora_nli.model import loading
@@ -168,7 +169,7 @@ def test_two_ranks_sum_their_gradients_and_losses(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), str(tmp_path / "init"),
                                str(tmp_path / f"rank{rank}.pt")], env=env) for rank in (0, 1)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]

@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 import pytest
-import qlora_nli.runtime.io
 import torch
 from pipeline import REPO, env, make_project, run
 
+import qlora_nli.runtime.io
 from qlora_nli.model import loading
 from qlora_nli.runtime.errors import CheckpointError, ModelLoadError, OutputError
 from qlora_nli.runtime.files import write_text
@@ -105,13 +105,13 @@ def test_numpy_rng_state_survives_a_weights_only_round_trip(tmp_path):
 @pytest.mark.slow
 def test_finetune_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
     root = make_project(tmp_path / "project")
-    run(["python", "stages/prepare.py"], root)
-    killed = run(["python", "stages/finetune.py"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.prepare"], root)
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
     marker = tmp_path / "ran"
     state_file = root / "checkpoints/epoch-1/state.pt"
     torch.save({"x": CreatesFile(marker)}, state_file)  # run.json stays valid: the attacker can forge it
-    result = run(["python", "stages/finetune.py"], root, check=False)
+    result = run(["python", "-m", "stages.finetune"], root, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "checkpoints/epoch-1/state.pt" in last and "delete checkpoints/ to start fresh" in last
@@ -401,11 +401,11 @@ def test_two_finetune_runs_of_different_projects_do_not_touch_each_others_files(
     a = make_project(tmp_path / "a", overrides={"train.epochs": 2})
     b = make_project(tmp_path / "b", overrides={"train.epochs": 1, "train.learning_rate": 0.002})
     for root in (a, b):
-        run(["python", "stages/prepare.py"], root)
+        run(["python", "-m", "stages.prepare"], root)
     shared_tmp = tmp_path / "shared-tmp"
     shared_tmp.mkdir()
     before = snapshot(tmp_path, skip=[a, b])
-    runs = [subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=root, env={**env(root), "TMPDIR": str(shared_tmp)},
+    runs = [subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=root, env={**env(root), "TMPDIR": str(shared_tmp)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for root in (a, b)]
     errors = [p.communicate(timeout=600)[1] for p in runs]
     assert [p.returncode for p in runs] == [0, 0], [e[-2000:] for e in errors]
