@@ -532,3 +532,21 @@ def test_nli_predict_params_with_a_key_given_twice(project, tmp_path):
     message = run_nli_predict(SimpleNamespace(params=tmp_path / "params.yaml"), "--premise", "p", "--hypothesis", "h")
     assert message == (f"{tmp_path / 'params.yaml'} line {line}: model is given a second time (first at line "
                        f"{first}); YAML would silently keep only the last, so delete one of them or merge the two")
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_a_bad_extra_split_stops_before_prepare_deletes_anything(tmp_path):
+    root = make_project(tmp_path / "project", overrides={"train.epochs": 1})
+    nli = tmp_path / "project-nli"  # make_project's data
+    set_param(root, "data.extra_sets", {"more": {"source": str(nli), "split": "validation", "n": 3}})
+    dvc(root, "repro", "prepare")
+    data_files = sorted(p for p in (root / "data").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in data_files}
+    assert (root / "data/sets/more.jsonl") in before and (root / "data/manifest.json") in before
+    set_param(root, "data.extra_sets", {"more": {"source": str(nli), "split": "validation_matched", "n": 3}})
+    result = dvc(root, "repro", "prepare", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"data.extra_sets.more.source: {nli} has no validation_matched split" in output
+    assert "Running stage 'prepare'" not in output
+    assert {p: p.read_bytes() for p in sorted(p for p in (root / "data").rglob("*") if p.is_file())} == before

@@ -100,3 +100,19 @@ def test_dvc_repro_with_the_switch(tmp_path):
     assert len(_predictions(root, "baseline")) == len(_predictions(root, "finetuned")) == 9
     # the switch is not a param: without it, nothing is out of date
     assert "up to date" in dvc(root, "status").stdout
+
+
+@pytest.mark.slow
+def test_a_ranks_error_is_one_line_without_torchruns_traceback(tmp_path):
+    """compute_dtype float16 passes params.yaml's value checks and is refused on the CPU by every rank after they
+    start: the launcher prints the line once and exits 1."""
+    root = make_project(tmp_path / "project", overrides={"model.compute_dtype": "float16"})
+    run(["python", "-m", "stages.prepare"], root)
+    result = run(["python", "-m", "stages.evaluate", "baseline"], root, check=False,
+                 extra_env={"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
+    line = "params.yaml model.compute_dtype = float16 on CPU"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count(line) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(line)
+    assert not (root / "metrics").exists() and not (root / "predictions").exists()

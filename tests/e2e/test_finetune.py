@@ -163,3 +163,16 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
         assert "train.micro_batch_tokens" in str(e.value) and "gradient_checkpointing" in str(e.value)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert {"state.pt", "adapter_model.safetensors"} <= {p.name for p in (root / "checkpoints/epoch-1").iterdir()}
+
+
+def test_finetune_refuses_a_checkpoint_without_weights_in_one_line(tmp_path):
+    root = make_project(tmp_path / "project")
+    run(["python", "-m", "stages.prepare"], root)
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    (root / "checkpoints/epoch-1/adapter_model.safetensors").unlink()
+    result = run(["python", "-m", "stages.finetune"], root, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("checkpoints/epoch-1: no adapter_model.safetensors") and "delete checkpoints/" in last
+    assert not (root / "models/adapter").exists()

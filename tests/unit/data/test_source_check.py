@@ -1,11 +1,11 @@
 """check_params checks every data source and split it can without reading the data (data.check_source), so that a bad
-one stops `dvc repro` before DVC deletes prepare's outputs. The Hub is asked only when it can be reached."""
+one stops `dvc repro` before DVC deletes prepare's outputs. The Hub is asked only when it can be reached.
+Under `dvc repro`: tests/e2e/test_bad_input.py."""
 import json
 import sys
 import time
 
 import pytest
-from pipeline import dvc, make_project, set_param
 from tiny import write_nli_dir
 
 from qlora_nli.data import sources
@@ -86,21 +86,3 @@ def test_the_real_probe_does_not_hang_without_the_hub(monkeypatch):
     if note is None:
         pytest.skip("the Hugging Face Hub is reachable here")
     assert "could not be checked" in note and time.monotonic() - start < 60
-
-
-@pytest.mark.slow
-def test_dvc_repro_with_a_bad_extra_split_stops_before_prepare_deletes_anything(tmp_path):
-    root = make_project(tmp_path / "project", overrides={"train.epochs": 1})
-    nli = tmp_path / "project-nli"  # make_project's data
-    set_param(root, "data.extra_sets", {"more": {"source": str(nli), "split": "validation", "n": 3}})
-    dvc(root, "repro", "prepare")
-    data_files = sorted(p for p in (root / "data").rglob("*") if p.is_file())
-    before = {p: p.read_bytes() for p in data_files}
-    assert (root / "data/sets/more.jsonl") in before and (root / "data/manifest.json") in before
-    set_param(root, "data.extra_sets", {"more": {"source": str(nli), "split": "validation_matched", "n": 3}})
-    result = dvc(root, "repro", "prepare", check=False)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert f"data.extra_sets.more.source: {nli} has no validation_matched split" in output
-    assert "Running stage 'prepare'" not in output
-    assert {p: p.read_bytes() for p in sorted(p for p in (root / "data").rglob("*") if p.is_file())} == before

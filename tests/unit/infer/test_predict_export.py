@@ -1,5 +1,6 @@
 """nli-predict and nli-export on tiny models: evaluate's scores, every input form, one-line errors, and a merged
-export that plain transformers loads and that predicts like base + adapter."""
+export that plain transformers loads and that predicts like base + adapter. As a command on stdin:
+tests/e2e/test_predict_command.py."""
 import importlib
 import io
 import json
@@ -85,19 +86,6 @@ def test_three_input_forms_agree(project, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", stdin())
     assert run_predict(capsys, project, "--input", "-", "--adapter", project.adapter, "--output", output) == []
     assert [json.loads(line) for line in output.read_text().splitlines()] == from_file
-
-
-@pytest.mark.slow
-def test_predict_runs_as_a_command_on_stdin(project):
-    """The module entry point end to end, in its own process, reading stdin and writing stdout."""
-    result = subprocess.run([sys.executable, "-m", "qlora_nli.cli", "predict", "--params", str(project.params)],
-                            input=(project.root / "pairs.jsonl").read_text(), cwd=project.root, env=env(REPO),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["id"] for r in rows] == [p["id"] for p in project.pairs]
-    assert all(r["prediction"] in LABELS and sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-               for r in rows)
 
 
 ERRORS = {

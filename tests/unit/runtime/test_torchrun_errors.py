@@ -1,9 +1,9 @@
 """Under QLORA_NLI_TORCHRUN: a bad switch or process count is one line before any rank starts, and a rank's one-line
-error is printed once, by the launcher, without torchrun's ChildFailedError traceback."""
+error is printed once, by the launcher, without torchrun's ChildFailedError traceback (under torchrun:
+tests/e2e/test_distributed.py)."""
 from types import SimpleNamespace
 
 import pytest
-from pipeline import make_project, run
 
 from qlora_nli.runtime import errors, launch, threads
 from qlora_nli.runtime.errors import ParamsError
@@ -147,19 +147,3 @@ def test_the_launcher_prints_the_lowest_ranks_line_once(tmp_path):
 def test_a_killed_rank_is_named_with_the_shells_exit_status(tmp_path):
     status, line = launch._failure({1: SimpleNamespace(exitcode=-9), 3: SimpleNamespace(exitcode=1)}, tmp_path)
     assert status == 128 + 9 and line == "QLORA_NLI_TORCHRUN: rank 1 failed (killed by SIGKILL); its output is above"
-
-
-@pytest.mark.slow
-def test_a_ranks_error_is_one_line_without_torchruns_traceback(tmp_path):
-    """compute_dtype float16 passes params.yaml's value checks and is refused on the CPU by every rank after they
-    start: the launcher prints the line once and exits 1."""
-    root = make_project(tmp_path / "project", overrides={"model.compute_dtype": "float16"})
-    run(["python", "-m", "stages.prepare"], root)
-    result = run(["python", "-m", "stages.evaluate", "baseline"], root, check=False,
-                 extra_env={"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
-    line = "params.yaml model.compute_dtype = float16 on CPU"
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.count(line) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(line)
-    assert not (root / "metrics").exists() and not (root / "predictions").exists()
