@@ -32,7 +32,7 @@ def dvc_stages():
 
 DVC_STAGES = list(dvc_stages())
 
-STAGES = [  # (script, argument, outputs written through qlora_nli.io), in pipeline order
+STAGES = [  # (stage, argument, outputs written through qlora_nli.runtime.io), in pipeline order
     ("prepare", None, ["data/train.jsonl", "data/validation.jsonl", "data/test.jsonl", "data/manifest.json"]),
     ("finetune", None, ["metrics/train.json"]),
     ("evaluate", "baseline", ["predictions/baseline.jsonl", "metrics/baseline.json", "plots/baseline/confusion.csv"]),

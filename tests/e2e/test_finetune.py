@@ -71,7 +71,7 @@ def test_changed_params_start_fresh(uninterrupted, tmp_path):
     assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] is None
 
 
-@pytest.mark.parametrize("module", ["qlora_nli/prompts.py", "qlora_nli/distributed.py"])
+@pytest.mark.parametrize("module", ["qlora_nli/prompts.py", "qlora_nli/runtime/distributed.py"])
 def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
     """A module the stage imports only indirectly, or that the old four-file fingerprint left out: a changed comment
     makes the next run train from epoch 1 instead of resuming epochs the old code trained."""
@@ -80,6 +80,7 @@ def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
     killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
+    assert (root / module).is_file()  # appending to a file that is not there would create one the stage never reads
     with open(root / module, "a") as f:
         f.write("# a comment changes the bytes, not what runs\n")
     result = run(["python", "-m", "stages.finetune"], root)

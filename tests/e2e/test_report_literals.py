@@ -3,7 +3,7 @@
 The other report tests build their expectations with the project's own statistics and formatters, so a wrong formula
 would agree with itself. Here the expected numbers were computed independently: accuracies and slice error rates by
 counting the table below, Wilson intervals and the McNemar p-value with scipy.stats.binomtest, and the paired
-interval from Newcombe (1998), method 10, written out separately from qlora_nli.stats.
+interval from Newcombe (1998), method 10, written out separately from qlora_nli.analysis.stats.
 """
 import pytest
 import yaml
