@@ -22,3 +22,21 @@ def torch_threads_as_they_were():
     yield
     threads.reset()
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """Every input of failure_cases and report, made up (helpers/artifacts.py), in tmp_path."""
+    from helpers.artifacts import make_workdir
+
+    return make_workdir(tmp_path)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """Valid params (the model path leads nowhere) and valid data/ and models/adapter, as the stages find them; the
+    working directory (helpers/stages.py)."""
+    from helpers.stages import make_stage_dir
+
+    monkeypatch.chdir(tmp_path)
+    return make_stage_dir(tmp_path)

@@ -1,6 +1,7 @@
-"""Run a stage script with one fault injected at the OS calls an atomic write goes through.
+"""Run a stage with one fault injected at the OS calls an atomic write goes through; the stage as a module
+(`-m stages.<name>`, the way dvc.yaml runs it) or as a script.
 
-    QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py stages/finetune.py
+    QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py -m stages.finetune
 
 SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
   rename   os.replace / os.rename onto `path`, or qlora_nli.runtime.io.exchange_paths swapping a new directory in: before

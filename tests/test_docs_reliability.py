@@ -5,7 +5,15 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"`((?:tests/)?test_\w+\.py)?(?:::(\w+))?`")
+NAME = re.compile(r"`((?:tests/(?:\w+/)*)?test_\w+\.py)?(?:::(\w+))?`")
+
+
+def find_test_file(name):
+    """The file under tests/ (at any depth: unit/<subpackage>/, e2e/) of this name; test file names are unique, so
+    the document may name a file without its folder. A name that is no such file, or more than one, gives a path
+    that does not exist."""
+    found = sorted((REPO / "tests").rglob(Path(name).name))
+    return found[0] if len(found) == 1 else REPO / "tests" / "no-single-file" / Path(name).name
 
 
 def named_tests(text):
@@ -13,7 +21,7 @@ def named_tests(text):
     found, last = [], None
     for file, test in NAME.findall(text):
         if file:
-            last = REPO / "tests" / Path(file).name
+            last = find_test_file(file)
         if file or test:
             found.append((last, test or None))
     return found

@@ -96,7 +96,25 @@ def make_adapter(model_dir, out_dir, seed=0):
 
 
 def model_params(model_dir, load_in_4bit):
-    return {"name": str(model_dir), "load_in_4bit": load_in_4bit, "compute_dtype": "float32", "device": "cpu"}
+    return {"name": str(model_dir), "load_in_4bit": load_in_4bit, "compute_dtype": "float32"}
+
+
+def lora_model(path, layers="all", dropout=0.0):
+    """The tiny model at `path` (float32, not 4-bit) with LoRA on every linear layer of the `layers` last blocks, in
+    training mode. peft starts lora_B at zero; random values here give every adapter a gradient that depends on the
+    whole forward path."""
+    import torch
+
+    from qlora_nli.model import adapters, loading
+
+    torch.manual_seed(0)
+    model = adapters.attach_lora(loading.load_base_model(model_params(path, False), "cpu"),
+                                 {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear",
+                                  "layers": layers})
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
 
 
 def base_plus_adapter(model_dir, adapter_dir, load_in_4bit):
