@@ -1,11 +1,16 @@
 """Run a stage with one fault injected at the OS calls an atomic write goes through; the stage as a module
 (`-m stages.<name>`, the way dvc.yaml runs it) or as a script.
 
-    QLORA_NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py -m stages.finetune
+    NLI_FAULT='{"at": "rename", "path": "metrics/train.json"}' python tests/fault_runner.py -m stages.finetune
+
+or, in every process a command starts (the ranks of a torchrun stage too), with tests/faults/ first on PYTHONPATH
+(its sitecustomize.py imports this module): `pipeline.fault_env(root, fault)` gives the environment.
 
 SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
   rename   os.replace / os.rename onto `path`, or qlora_nli.runtime.io.exchange_paths swapping a new directory in: before
            the call (the new version is complete but not in place)
+  renamed  the same calls, just after them (the new version is in place: e.g. "checkpoints/epoch-1", a complete
+           checkpoint, then the kill)
   moveaway os.replace / os.rename of `path` itself to elsewhere, just after the call (the old version was moved away)
   rmtree   shutil.rmtree of `path`: just after the call (the old version was deleted)
   close    the close of a file opened for writing whose name is the name of `path` (the file it writes to, the
@@ -31,7 +36,7 @@ import shutil
 import signal
 import sys
 
-SPEC = json.loads(os.environ["QLORA_NLI_FAULT"])
+SPEC = json.loads(os.environ["NLI_FAULT"])
 TARGET = os.path.abspath(SPEC["path"])
 _calls = 0
 
@@ -46,8 +51,16 @@ def _die(*filenames):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _in_dvc():
+    """Whether this process is DVC's own (`dvc repro` starting the stages): a fault is for the stages only."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.split(".")[0] == "dvc"
+
+
 def _hit(kind, path):
     global _calls
+    if _in_dvc():
+        return False
     path = os.path.abspath(os.fspath(path))
     inside = "raise" in SPEC and kind == "rename" and path.startswith(TARGET + os.sep)
     if SPEC["at"] != kind or (path != TARGET and not inside):
@@ -60,9 +73,9 @@ def _renaming(real):
     def rename(src, dst, *args, **kwargs):
         if _hit("rename", dst):
             _die(os.fspath(src), None, os.fspath(dst))
-        moved_away = _hit("moveaway", src)
+        moved_away, renamed = _hit("moveaway", src), _hit("renamed", dst)
         result = real(src, dst, *args, **kwargs)
-        if moved_away:
+        if moved_away or renamed:
             _die()
         return result
     return rename
@@ -113,7 +126,7 @@ def _opening(real):
     def open_(file, mode="r", *args, **kwargs):
         f = real(file, mode, *args, **kwargs)
         writes = any(c in mode for c in "wax+")
-        if (SPEC["at"] == "close" and writes and isinstance(file, (str, os.PathLike))
+        if (SPEC["at"] == "close" and writes and isinstance(file, (str, os.PathLike)) and not _in_dvc()
                 and os.path.basename(os.fspath(file)) == os.path.basename(TARGET)):
             return _KillOnClose(f)
         return f

@@ -1,4 +1,5 @@
 """A throwaway copy of the project wired to a tiny model and made-up data, for end-to-end tests."""
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import yaml
 from tiny import make_tiny_model, write_nli_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+FAULTS = Path(__file__).resolve().parent / "faults"  # its sitecustomize.py puts a fault in every process
 
 
 def make_project(root, arch="phi", overrides=None):
@@ -46,6 +49,17 @@ def env(root):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false",
             "DVC_NO_ANALYTICS": "1"}  # no background process trying to reach the network after each dvc call
+
+
+def fault_env(root, fault):
+    """The environment (for `run`'s extra_env) that gives every Python process of a command, the ranks of a torchrun
+    stage too, the fault `fault` of tests/fault_runner.py (through tests/faults/sitecustomize.py)."""
+    return {"NLI_FAULT": json.dumps(fault), "PYTHONPATH": f"{FAULTS}{os.pathsep}{root}"}
+
+
+def kill_after_epoch(root, epoch):
+    """`fault_env` for a finetune killed (SIGKILL) just after checkpoints/epoch-`epoch` is complete and in place."""
+    return fault_env(root, {"at": "renamed", "path": f"checkpoints/epoch-{epoch}"})
 
 
 def run(cmd, root, check=True, extra_env=None):

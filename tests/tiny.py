@@ -5,6 +5,9 @@ from pathlib import Path
 
 SUBJECTS = ["a man", "a woman", "two kids", "the dog", "an old cook", "three girls", "a tall player", "the band"]
 VERBS = ["runs across", "sits near", "paints", "climbs", "waits beside", "jumps over", "cleans", "watches"]
+# The instruction-first template of params.yaml, as tests write it into their prompts
+TEMPLATE = ("Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
+            "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:")
 OBJECTS = ["the fence", "a red car", "the river", "a small boat", "the old bridge", "a green door", "the stage"]
 
 

@@ -1,18 +1,16 @@
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qlora_nli.model.adapters import ADAPTER_WEIGHTS, check_weights_file, save_adapter
-from qlora_nli.runtime import distributed, env
+from qlora_nli.runtime import distributed
 from qlora_nli.runtime.errors import CheckpointError
 from qlora_nli.runtime.io import atomic_path
 from qlora_nli.train.record import RECORD_KEYS
@@ -63,9 +61,6 @@ class Checkpoints:
                 **({"rng_of_ranks": rng_of_ranks} if rng_of_ranks else {}),
                 "history": history,
             }, tmp / "state.pt")
-        # Fault injection for the resume test: die the hard way right after a complete checkpoint.
-        if env.get("KILL_AFTER_EPOCH") == str(epoch):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def save_epoch(self, epoch, setup, ranks, make_record=None):
         """Checkpoint `epoch` of `setup` (TrainingSetup). With several ranks: rank 0's record (`make_record()`, its

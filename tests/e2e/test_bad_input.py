@@ -21,7 +21,7 @@ from helpers.stages import (
     run_prepare,
     stage_module,
 )
-from pipeline import REPO, dvc, make_project, run, set_param, stages_run
+from pipeline import REPO, dvc, kill_after_epoch, make_project, run, set_param, stages_run
 from tiny import made_up_pairs, make_tiny_model
 
 from qlora_nli.config import load_params
@@ -377,7 +377,7 @@ def test_killed_finetune_then_repro_restores_a_consistent_set(committed_project)
     root = committed_project
     set_param(root, "train.epochs", 3)
     killed = run([sys.executable, "-m", "dvc", "repro"], root, check=False,
-                 extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "2"})
+                 extra_env=kill_after_epoch(root, 2))
     assert killed.returncode != 0
     assert stages_run(killed.stdout) == {"check_params", "finetune"}
     # What a kill leaves (docs/errors.md): DVC deleted finetune's outputs before the run, and finetune writes them
@@ -432,7 +432,8 @@ def token_count(model, text):
                                                (("finetune",), "train", 4), (("finetune",), "validation", 5)])
 def test_a_pair_longer_than_the_context_stops_the_stage_before_the_weights_load(stage_dir, tiny_model, monkeypatch,
                                                                                 stage, split, row):
-    from qlora_nli.prompts import TEMPLATE, format_prompt
+    from tiny import TEMPLATE
+    from qlora_nli.prompts import format_prompt
 
     use_model(stage_dir, tiny_model)
     long = "A cook stirs a pot of soup. " * 40  # about 1,100 characters: within the text bound, beyond 256 tokens
@@ -452,7 +453,8 @@ def test_a_pair_longer_than_the_context_stops_the_stage_before_the_weights_load(
 
 def test_a_probe_longer_than_the_context_is_named(stage_dir, tiny_model):
     # premise_as_hypothesis doubles the premise: a test pair that fits can make a probe pair that does not
-    from qlora_nli.prompts import TEMPLATE, format_prompt
+    from tiny import TEMPLATE
+    from qlora_nli.prompts import format_prompt
 
     use_model(stage_dir, tiny_model)
     params = yaml.safe_load((stage_dir / "params.yaml").read_text())
@@ -511,7 +513,8 @@ def test_nli_predict_refuses_control_characters_given_as_options(project):
 
 
 def test_nli_predict_refuses_a_pair_longer_than_the_context(project, tmp_path):
-    from qlora_nli.prompts import TEMPLATE, format_prompt
+    from tiny import TEMPLATE
+    from qlora_nli.prompts import format_prompt
 
     long = {"premise": "A cook stirs a pot of soup. " * 40, "hypothesis": "Someone cooks."}
     (tmp_path / "in.jsonl").write_text(json.dumps({"premise": "a", "hypothesis": "b"}) + "\n\n" + json.dumps(long)

@@ -4,13 +4,13 @@ same in one process, fast: tests/unit/runtime/test_ranks.py."""
 import json
 
 import pytest
-from pipeline import dvc, make_project, run
+from pipeline import dvc, kill_after_epoch, make_project, run
 from safetensors.torch import load_file
 
 from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE
 
 # one torch thread per rank: the 2 ranks then use what 1 process uses, and runs are repeatable
-TWO = {"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"}
+TWO = {"NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"}
 ONE = {"OMP_NUM_THREADS": "1"}
 ADAPTER = "models/adapter/adapter_model.safetensors"
 STEP_LOSSES = "dvclive/plots/metrics/train/step_loss.tsv"
@@ -77,7 +77,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(projects, tm
     root = make_project(tmp_path / "project")
     run(["python", "-m", "stages.prepare"], root)
     killed = run(["python", "-m", "stages.finetune"], root, check=False,
-                 extra_env={**TWO, "QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+                 extra_env={**TWO, **kill_after_epoch(root, 1)})
     assert killed.returncode != 0
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert not (root / "models/adapter").exists()
@@ -109,7 +109,7 @@ def test_a_ranks_error_is_one_line_without_torchruns_traceback(tmp_path):
     root = make_project(tmp_path / "project", overrides={"model.compute_dtype": "float16"})
     run(["python", "-m", "stages.prepare"], root)
     result = run(["python", "-m", "stages.evaluate", "baseline"], root, check=False,
-                 extra_env={"QLORA_NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
+                 extra_env={"NLI_TORCHRUN": "2", "OMP_NUM_THREADS": "1"})
     line = "params.yaml model.compute_dtype = float16 on CPU"
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count(line) == 1, result.stderr[-3000:]

@@ -20,7 +20,7 @@ from pipeline import REPO, dvc, make_project, run, stages_run
 from tiny import make_tiny_model, write_nli_dir
 
 from qlora_nli.data.sources import resolve_source
-from qlora_nli.model import adapters, loading
+from qlora_nli.model import adapters, embedded, loading
 from qlora_nli.runtime.errors import DataError
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a new shell: no virtual environment on PATH
@@ -60,7 +60,7 @@ def test_saved_adapter_config_is_sorted_and_names_the_embedded_alias(tmp_path, m
     """peft writes target_modules in hash order and the base model as the per-user cache path of the conversion."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     alias = "embedded:smollm2-135m-instruct"
-    converted = loading._cache_dir() / alias.split(":", 1)[1]
+    converted = embedded.cache_dir() / alias.split(":", 1)[1]
     make_tiny_model("llama", converted)  # stands in for the converted GGUF: resolve_model_path finds it, no export
     model = loading.load_base_model({"name": alias, "load_in_4bit": False, "compute_dtype": "auto"}, "cpu")
     model = adapters.attach_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline import REPO, dvc, make_project, run, set_param
+from pipeline import REPO, dvc, kill_after_epoch, make_project, run, set_param
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 
@@ -52,7 +52,7 @@ def command(stage, arg):
 
 def run_with_fault(root, stage, arg, fault):
     return run([sys.executable, str(FAULT_RUNNER), *command(stage, arg)], root, check=False,
-               extra_env={"QLORA_NLI_FAULT": json.dumps(fault)})
+               extra_env={"NLI_FAULT": json.dumps(fault)})
 
 
 def snapshot(root, rel):
@@ -157,7 +157,7 @@ def test_kill_during_a_directory_replace_keeps_a_complete_adapter(project):
 def test_dvc_repro_resumes_persisted_checkpoints_after_a_kill(tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
     killed = run([sys.executable, "-m", "dvc", "repro"], root, check=False,
-                 extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+                 extra_env=kill_after_epoch(root, 1))
     assert killed.returncode != 0 and not (root / "models/adapter").exists()
     # persist: true, so DVC keeps the finished epoch for the next repro instead of deleting the stage's outputs
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
@@ -177,7 +177,7 @@ def test_dvc_repro_resumes_persisted_checkpoints_after_a_kill(tmp_path):
 def test_changed_training_data_starts_fresh(tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
     run(["python", "-m", "stages.prepare"], root)
-    run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert (root / "checkpoints/epoch-1").is_dir()
     rows = [json.loads(line) for line in (root / "data/train.jsonl").read_text().splitlines()]
     rows[0]["hypothesis"] += " today"  # same params, same number of pairs, one pair changed
@@ -316,7 +316,7 @@ def test_ctrl_c_in_finetune_names_the_epoch_a_rerun_resumes_from(tmp_path):
 def test_ctrl_c_in_nli_predict_and_export_is_one_line_and_writes_nothing(changed_project, name, arguments, output, at):
     root = changed_project
     result = run([sys.executable, str(FAULT_RUNNER), "-m", "qlora_nli.cli", name.split("-")[1], *arguments], root,
-                 check=False, extra_env={"QLORA_NLI_FAULT": json.dumps({"at": "close", "path": at,
+                 check=False, extra_env={"NLI_FAULT": json.dumps({"at": "close", "path": at,
                                                                        "signal": "SIGINT"})})
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == f"{name}: interrupted; no output was changed; run it again to finish"

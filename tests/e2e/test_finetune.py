@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from pipeline import env, make_project, run, set_param
+from pipeline import env, kill_after_epoch, make_project, run, set_param
 
 from qlora_nli.runtime.errors import RunError
 
@@ -27,7 +27,7 @@ def uninterrupted(tmp_path_factory):
 def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "-m", "stages.prepare"], root)
-    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert not (root / "models/adapter").exists()
@@ -53,7 +53,7 @@ def test_resume_with_lora_dropout_matches_uninterrupted_run(tmp_path):
     for project in (full, root):
         run(["python", "-m", "stages.prepare"], project)
     run(["python", "-m", "stages.finetune"], full)
-    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert killed.returncode == -signal.SIGKILL
     resumed = run(["python", "-m", "stages.finetune"], root)
     assert "resuming after epoch 1" in resumed.stderr
@@ -64,7 +64,7 @@ def test_resume_with_lora_dropout_matches_uninterrupted_run(tmp_path):
 def test_changed_params_start_fresh(uninterrupted, tmp_path):
     root = make_project(tmp_path / "project", overrides={"train.epochs": 3})
     run(["python", "-m", "stages.prepare"], root)
-    run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     set_param(root, "train.learning_rate", 0.002)
     result = run(["python", "-m", "stages.finetune"], root)
     assert "resuming" not in result.stderr and "starting fresh" in result.stderr
@@ -77,7 +77,7 @@ def test_changed_code_in_the_import_closure_starts_fresh(tmp_path, module):
     makes the next run train from epoch 1 instead of resuming epochs the old code trained."""
     root = make_project(tmp_path / "project", overrides={"train.epochs": 2})
     run(["python", "-m", "stages.prepare"], root)
-    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     assert (root / module).is_file()  # appending to a file that is not there would create one the stage never reads
@@ -169,7 +169,7 @@ def test_oom_names_the_param_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, monk
 def test_finetune_refuses_a_checkpoint_without_weights_in_one_line(tmp_path):
     root = make_project(tmp_path / "project")
     run(["python", "-m", "stages.prepare"], root)
-    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert killed.returncode == -signal.SIGKILL
     (root / "checkpoints/epoch-1/adapter_model.safetensors").unlink()
     result = run(["python", "-m", "stages.finetune"], root, check=False)

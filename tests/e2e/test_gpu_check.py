@@ -38,7 +38,7 @@ def check(tmp_path, plan):
                f"tiny={tmp_path / 'tiny.json'}", "--tokenizer", str(tmp_path / "tokenizer"), "--plan", plan,
                "--epochs", str(EPOCHS), "--workdir", str(tmp_path / "work"), "--out", str(out),
                "--set", f"data.source={data}", *[a for item in SMALL for a in ("--set", item)]]
-    env = {key: value for key, value in os.environ.items() if key != "QLORA_NLI_TORCHRUN"}
+    env = {key: value for key, value in os.environ.items() if key != "NLI_TORCHRUN"}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", GPU_CHECK_DVCLIVE_STANDIN="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)

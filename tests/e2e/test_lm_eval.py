@@ -20,7 +20,8 @@ from tiny import (
 
 from qlora_nli.infer.export import export_merged
 from qlora_nli.infer.scoring import score_labels
-from qlora_nli.prompts import TEMPLATE, format_prompt
+from tiny import TEMPLATE
+from qlora_nli.prompts import format_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline import dvc, env, make_project, run
+from pipeline import dvc, env, kill_after_epoch, make_project, run
 from safetensors.torch import load_file
 
 from qlora_nli.runtime.distributed import SAME_RESULT_RELATIVE
@@ -80,7 +80,7 @@ def _free_port():
 
 
 def _switch(node, port, nodes=2):
-    return {"QLORA_NLI_TORCHRUN": f"--nnodes {nodes} --node-rank {node} --nproc-per-node 1 --rdzv-backend c10d "
+    return {"NLI_TORCHRUN": f"--nnodes {nodes} --node-rank {node} --nproc-per-node 1 --rdzv-backend c10d "
                                   f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id test "
                                   f"--rdzv-conf join_timeout={JOIN_TIMEOUT}",
             "OMP_NUM_THREADS": "1"}
@@ -182,13 +182,13 @@ def test_every_node_ends_with_the_outputs_of_one_process(nodes, one_process):
 @pytest.mark.slow
 def test_a_node_killed_after_an_epoch_resumes_with_the_other(nodes, tmp_path):
     roots = _checkouts(tmp_path)
-    killed = _repro(roots, "finetune", extra={1: {"QLORA_NLI_KILL_AFTER_EPOCH": "1"}})
+    killed = _repro(roots, "finetune", extra={1: kill_after_epoch(roots[1], 1)})
     print(f"killed run: node 0 ended {killed[0][2]:.0f} s after the start, node 1 {killed[1][2]:.0f} s")
     for node, (code, output, _) in enumerate(killed):
         assert code != 0, f"node {node}:\n{output[-3000:]}"
         assert sorted(p.name for p in (roots[node] / "checkpoints").iterdir()) == ["epoch-1"], node
         assert not (roots[node] / "models/adapter").exists()
-    assert re.search(r"QLORA_NLI_TORCHRUN: rank [01] failed \(killed by SIGKILL\); its output is above; rerun `dvc "
+    assert re.search(r"NLI_TORCHRUN: rank [01] failed \(killed by SIGKILL\); its output is above; rerun `dvc "
                      r"repro` on every node", killed[1][1]), killed[1][1][-3000:]
     resumed = _repro(roots, "finetune")
     uninterrupted = nodes[0][0]

@@ -5,7 +5,7 @@ import json
 import sys
 
 import pytest
-from pipeline import dvc, make_project, run
+from pipeline import dvc, kill_after_epoch, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def project(tmp_path_factory):
 def test_resume_keeps_times_a_finished_training_carries_its_record_and_resume_false_retrains(project):
     root = project
     killed = run([sys.executable, "-m", "dvc", "repro", "finetune"], root, check=False,
-                 extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+                 extra_env=kill_after_epoch(root, 1))
     assert killed.returncode != 0 and sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch-1"]
     epoch_1 = _record(root, 1)["epoch_seconds"]["1"]
     assert epoch_1 > 0

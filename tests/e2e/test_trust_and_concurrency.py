@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from pipeline import REPO, env, make_project, run
+from pipeline import REPO, env, kill_after_epoch, make_project, run
 
 import qlora_nli.runtime.io
 from qlora_nli.model import loading
@@ -106,7 +106,7 @@ def test_numpy_rng_state_survives_a_weights_only_round_trip(tmp_path):
 def test_finetune_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
     root = make_project(tmp_path / "project")
     run(["python", "-m", "stages.prepare"], root)
-    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env={"QLORA_NLI_KILL_AFTER_EPOCH": "1"})
+    killed = run(["python", "-m", "stages.finetune"], root, check=False, extra_env=kill_after_epoch(root, 1))
     assert killed.returncode == -signal.SIGKILL
     marker = tmp_path / "ran"
     state_file = root / "checkpoints/epoch-1/state.pt"
@@ -173,7 +173,7 @@ FILES = {"config.json": "{}\n", "weights.bin": "w" * 4096, "tokenizer.json": "t"
 CONVERTER = """
 import os, sys, time
 from pathlib import Path
-from qlora_nli.model import loading
+from qlora_nli.model import embedded
 
 go, log, files = Path(sys.argv[1]), Path(sys.argv[2]), {files!r}
 
@@ -186,10 +186,10 @@ def slow_conversion(alias, out_dir):
         time.sleep(0.05)
         (out_dir / name).write_text(text)
 
-loading.export_embedded_model = slow_conversion
+embedded.export_embedded_model = slow_conversion
 while not go.exists():
     time.sleep(0.005)
-path = Path(loading.resolve_model_path({alias!r}))
+path = Path(embedded.resolve_model_path({alias!r}))
 assert {{p.name: p.read_text() for p in path.iterdir()}} == files, "incomplete directory returned"
 print(path)
 """

@@ -437,3 +437,34 @@ def test_committed_params_are_within_their_typical_ranges(caplog):
     with caplog.at_level("WARNING", logger="qlora_nli.config"):
         load_params(COMMITTED)
     assert caplog.records == []
+
+
+def test_every_bad_value_is_reported_at_once_one_line_each(tmp_path):
+    """Three problems in three groups: one error, a line for each, in schema order; nothing is dropped."""
+    params = committed()
+    params["train"]["epochs"] = 0
+    params["lora"]["dropout"] = 1.5
+    params["compute"]["device"] = "tpu"
+    path = write(tmp_path, params)
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert str(e.value).split("\n") == [
+        f"{path}: lora.dropout = 1.5 is out of range; allowed: a number with 0 <= x < 1",
+        f"{path}: train.epochs = 0 is out of range; allowed: an integer >= 1",
+        f"{path}: compute.device = 'tpu' is out of range; allowed: one of auto, cpu, cuda",
+    ]
+
+
+def test_a_flood_of_problems_is_cut_to_a_readable_list(tmp_path):
+    params = committed()
+    params["data"].update({f"extra_key_{i}": i for i in range(40)})
+    lines = error_lines_of(lambda: load_params(write(tmp_path, params)))
+    assert len(lines) == 20 and lines[-1] == "... and 21 more problems of the same kind"
+    assert lines[0].endswith("unknown key data.extra_key_0; allowed keys in data: source, n_train, n_val, n_test, "
+                             "splits, extra_sets")
+
+
+def error_lines_of(call):
+    with pytest.raises(ParamsError) as e:
+        call()
+    return str(e.value).split("\n")

@@ -20,7 +20,8 @@ from qlora_nli import cli
 from qlora_nli.infer.export import export_merged
 from qlora_nli.infer.scoring import score_labels
 from qlora_nli.model import adapters, loading
-from qlora_nli.prompts import LABELS, TEMPLATE, format_prompt
+from tiny import TEMPLATE
+from qlora_nli.prompts import LABELS, format_prompt
 
 
 def _prompts(pairs):

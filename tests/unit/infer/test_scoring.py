@@ -6,9 +6,10 @@ from qlora_nli import forward
 from qlora_nli.forward import answer_loss, mean_answer_nll
 from qlora_nli.infer import scoring
 from qlora_nli.infer.generate import generate_answers, parse_label
-from qlora_nli.infer.scoring import score_labels
+from qlora_nli.infer.scoring import score_labels, score_labels_plain
 from qlora_nli.model import loading
-from qlora_nli.prompts import LABELS, TEMPLATE, encode_answers, encode_prompts
+from tiny import TEMPLATE
+from qlora_nli.prompts import LABELS, encode_answers, encode_prompts
 
 
 def _model(path, load_in_4bit):
@@ -53,7 +54,7 @@ def test_answers_of_any_token_counts_score_as_one_sequence_each(tiny_model_dir, 
     model, tokenizer = _model(tiny_model_dir, False)
     monkeypatch.setattr(scoring, "encode_answers", lambda tokenizer: answers)
     prompts = _prompts(7) + [_prompts(1)[0] + " and true is true"]  # related prompts form groups
-    fast = score_labels(model, tokenizer, prompts, batch_size=3, group_prefixes=group_prefixes)
+    fast = (score_labels if group_prefixes else score_labels_plain)(model, tokenizer, prompts, batch_size=3)
     slow = brute_force_scores(model, tokenizer, prompts, answers)
     assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
 
@@ -71,7 +72,7 @@ def test_the_prefix_all_prompts_share_runs_once_per_call(tiny_model_dir):
     try:
         score_labels(model, tokenizer, prompts, batch_size=3)
         grouped, unmasked[:] = sum(unmasked), []
-        score_labels(model, tokenizer, prompts, batch_size=3, group_prefixes=False)
+        score_labels_plain(model, tokenizer, prompts, batch_size=3)
     finally:
         hook.remove()
     assert (grouped, sum(unmasked)) == (1, 3)
@@ -157,7 +158,7 @@ def test_token_trees_give_the_per_prompt_scores(tiny_model_dir, batch_size, monk
     grouped = score_labels(model, tokenizer, prompts, batch_size)
     assert max(len(tree.reads) for tree in planned[0]) >= 4, "the variants of a pair should share a tree"
     assert any(len(row) >= 2 for rows in packed[0] for row in rows), "rows should hold several trees"
-    single = score_labels(model, tokenizer, prompts, batch_size=1, group_prefixes=False)
+    single = score_labels_plain(model, tokenizer, prompts, batch_size=1)
     assert torch.allclose(grouped, single, atol=1e-4), (grouped - single).abs().max()
     assert torch.equal(grouped.argmax(1), single.argmax(1))
     assert len({tuple(row) for row in single.tolist()}) == len(prompts) - 1  # only the duplicate scores alike

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from qlora_nli.model import loading
+from qlora_nli.model import embedded
 
 ALIAS = "embedded:smollm2-135m-instruct"
 BLOCKS = (0, 14, 29)
@@ -22,7 +22,7 @@ def converted(tmp_path_factory):
     """The conversion the pipeline runs, into an empty per-test cache (as tests/test_modeling.py does)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        path = loading.resolve_model_path(ALIAS)
+        path = embedded.resolve_model_path(ALIAS)
     weights = {}
     for shard in sorted(Path(path).glob("*.safetensors")):
         weights.update(load_file(shard))
@@ -33,7 +33,7 @@ def converted(tmp_path_factory):
 def gguf_file():
     import gguf
 
-    reader = gguf.GGUFReader(loading.embedded_gguf_path(ALIAS))
+    reader = gguf.GGUFReader(embedded.embedded_gguf_path(ALIAS))
     tensors = {t.name: t for t in reader.tensors}
 
     def field(name):

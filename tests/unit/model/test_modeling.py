@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qlora_nli.model import adapters, loading
+from qlora_nli.model import adapters, embedded, loading
 from qlora_nli.runtime.errors import ModelLoadError, ParamsError
 
 
@@ -13,7 +13,7 @@ from qlora_nli.runtime.errors import ModelLoadError, ParamsError
 def test_embedded_gguf_converts_and_loads_in_4bit(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     name = "embedded:smollm2-135m-instruct"
-    path = loading.resolve_model_path(name)
+    path = embedded.resolve_model_path(name)
     assert (tmp_path / "qlora-nli/models/smollm2-135m-instruct/config.json").exists() and path.startswith(str(tmp_path))
     tokenizer = loading.load_tokenizer(name)
     assert tokenizer.pad_token is not None and len(tokenizer("Premise: a dog runs.").input_ids) > 3

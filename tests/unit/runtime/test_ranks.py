@@ -8,7 +8,8 @@ from tiny import lora_model, made_up_pairs
 
 from qlora_nli.infer.scoring import length_sorted_batches
 from qlora_nli.model import loading
-from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from tiny import TEMPLATE
+from qlora_nli.prompts import encode_answers, encode_prompts
 from qlora_nli.runtime.distributed import Ranks, pick_backend
 from qlora_nli.runtime.errors import ParamsError
 from qlora_nli.runtime.launch import torchrun_arguments
@@ -22,7 +23,7 @@ def test_the_switch_maps_to_torchrun_arguments():
     multi_node = "--nnodes 2 --node-rank 1 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29500"
     assert torchrun_arguments(multi_node) == multi_node.split()
     for bad in ("0", "--nnodes 2"):
-        with pytest.raises(ParamsError, match="QLORA_NLI_TORCHRUN"):
+        with pytest.raises(ParamsError, match="NLI_TORCHRUN"):
             torchrun_arguments(bad)
 
 
@@ -53,7 +54,7 @@ def test_torchrun_starts_with_the_openmp_threads_it_would_set_itself(monkeypatch
     if preset is not None:
         monkeypatch.setenv("OMP_NUM_THREADS", preset)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setenv("QLORA_NLI_TORCHRUN", switch)
+    monkeypatch.setenv("NLI_TORCHRUN", switch)
     with pytest.raises(SystemExit):
         launch.start("cpu")
     given = torchrun_arguments(switch)  # several nodes: a per-stage --rdzv-id follows (test_multinode.py)
@@ -160,13 +161,28 @@ def test_sharded_scoring_gives_every_rank_the_one_process_scores_in_order(tiny_m
         assert torch.allclose(got, one, atol=1e-5), (r, (got - one).abs().max())
 
 
+class RowsInMemory:
+    """The rows kept as tensors: what the file store (RowsInFile, the default) must give back bit for bit."""
+
+    def __init__(self):
+        self.rows, self.nbytes = [], 0
+
+    def append(self, row):
+        self.rows.append(row.clone())
+        self.nbytes += row.numel() * row.element_size()
+        return len(self.rows) - 1
+
+    def read(self, key):
+        return self.rows[key]
+
+
 def test_frozen_states_in_a_file_are_the_in_memory_bits(tiny_model_dir):
     model, tokenizer = lora_model(tiny_model_dir, layers=1), loading.load_tokenizer(str(tiny_model_dir))
     prompt_ids = encode_prompts(tokenizer, [TEMPLATE.format(**r) for r in made_up_pairs(9, 5)])
     answers = encode_answers(tokenizer)
     sequences = [p + answers[k % 3] for k, p in enumerate(prompt_ids)]
     kept = [FrozenBlockStates(model, sequences, prompt_ids, tokenizer.pad_token_id, torch.float32, batch_size=4,
-                              in_memory=in_memory) for in_memory in (True, False)]
+                              store=store) for store in (RowsInMemory(), None)]
     in_memory, in_file = kept
     assert in_file.rows.nbytes == in_memory.rows.nbytes > 0
     for part in ([0, 1, 2], [8, 3], [5]):

@@ -1,4 +1,4 @@
-"""Under QLORA_NLI_TORCHRUN: a bad switch or process count is one line before any rank starts, and a rank's one-line
+"""Under NLI_TORCHRUN: a bad switch or process count is one line before any rank starts, and a rank's one-line
 error is printed once, by the launcher, without torchrun's ChildFailedError traceback (under torchrun:
 tests/e2e/test_distributed.py)."""
 from types import SimpleNamespace
@@ -14,7 +14,7 @@ def one_line(call):
     with pytest.raises(ParamsError) as e:
         call()
     message = str(e.value)
-    assert message and "\n" not in message and message.startswith("QLORA_NLI_TORCHRUN")
+    assert message and "\n" not in message and message.startswith("NLI_TORCHRUN")
     return message
 
 
@@ -69,10 +69,10 @@ def test_start_refuses_64_ranks_on_2_cores_before_launching(cores, monkeypatch):
     launched = []
     monkeypatch.setattr(launch, "launch", launched.append)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setenv("QLORA_NLI_TORCHRUN", "64")
+    monkeypatch.setenv("NLI_TORCHRUN", "64")
     one_line(lambda: launch.start("cpu"))
     assert launched == []
-    monkeypatch.setenv("QLORA_NLI_TORCHRUN", "2")
+    monkeypatch.setenv("NLI_TORCHRUN", "2")
     launch.start("cpu")
     assert launched == [["--standalone", "--nproc-per-node=2"]]
 
@@ -146,4 +146,4 @@ def test_the_launcher_prints_the_lowest_ranks_line_once(tmp_path):
 
 def test_a_killed_rank_is_named_with_the_shells_exit_status(tmp_path):
     status, line = launch._failure({1: SimpleNamespace(exitcode=-9), 3: SimpleNamespace(exitcode=1)}, tmp_path)
-    assert status == 128 + 9 and line == "QLORA_NLI_TORCHRUN: rank 1 failed (killed by SIGKILL); its output is above"
+    assert status == 128 + 9 and line == "NLI_TORCHRUN: rank 1 failed (killed by SIGKILL); its output is above"

@@ -5,7 +5,8 @@ from tiny import lora_model, made_up_pairs
 
 from qlora_nli.forward import answer_loss, body_and_head, shared_prefix_length
 from qlora_nli.model import loading
-from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from tiny import TEMPLATE
+from qlora_nli.prompts import encode_answers, encode_prompts
 from qlora_nli.train.batches import micro_batches
 from qlora_nli.train.examples import Examples
 from qlora_nli.train.loop import TrainingSetup, make_scheduler, train_one_epoch

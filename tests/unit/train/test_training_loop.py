@@ -12,7 +12,8 @@ from pipeline import REPO
 from tiny import TINY_SAFETENSORS, lora_model, made_up_pairs
 
 from qlora_nli.model import loading
-from qlora_nli.prompts import TEMPLATE, encode_answers, encode_prompts
+from tiny import TEMPLATE
+from qlora_nli.prompts import encode_answers, encode_prompts
 from qlora_nli.train import loop
 from qlora_nli.train.batches import epoch_batches
 from qlora_nli.train.checkpoints import Checkpoints
