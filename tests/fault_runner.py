@@ -9,8 +9,8 @@ or, in every process a command starts (the ranks of a torchrun stage too), with 
 SIGKILLs the process (no cleanup, no finally) at the `nth` (default 1) matching call:
   rename   os.replace / os.rename onto `path`, or qlora_nli.runtime.io.exchange_paths swapping a new directory in: before
            the call (the new version is complete but not in place)
-  renamed  the same calls, just after them (the new version is in place: e.g. "checkpoints/epoch-1", a complete
-           checkpoint, then the kill)
+  renamed  the same calls, once the write that made them is over (its temporary folder beside `path` removed): the
+           new version is complete and in place, e.g. "checkpoints/epoch-1", a finished checkpoint, then the kill
   moveaway os.replace / os.rename of `path` itself to elsewhere, just after the call (the old version was moved away)
   rmtree   shutil.rmtree of `path`: just after the call (the old version was deleted)
   close    the close of a file opened for writing whose name is the name of `path` (the file it writes to, the
@@ -39,6 +39,7 @@ import sys
 SPEC = json.loads(os.environ["NLI_FAULT"])
 TARGET = os.path.abspath(SPEC["path"])
 _calls = 0
+_renamed = False  # "renamed": the new version of `path` is in place
 
 
 def _die(*filenames):
@@ -71,12 +72,14 @@ def _hit(kind, path):
 
 def _renaming(real):
     def rename(src, dst, *args, **kwargs):
+        global _renamed
         if _hit("rename", dst):
             _die(os.fspath(src), None, os.fspath(dst))
         moved_away, renamed = _hit("moveaway", src), _hit("renamed", dst)
         result = real(src, dst, *args, **kwargs)
-        if moved_away or renamed:
+        if moved_away:
             _die()
+        _renamed = _renamed or renamed  # "renamed" kills when the write's temporary folder is gone (_removing)
         return result
     return rename
 
@@ -84,8 +87,10 @@ def _renaming(real):
 def _removing(real):
     def rmtree(path, *args, **kwargs):
         hit = _hit("rmtree", path)
+        name = os.path.basename(os.path.abspath(os.fspath(path)))
+        write_over = _renamed and name.startswith(f".{os.path.basename(TARGET)}.tmp-")
         result = real(path, *args, **kwargs)
-        if hit:
+        if hit or write_over:
             _die()
         return result
     return rmtree
