@@ -132,11 +132,11 @@ def pack(args):
     from transformers import AutoConfig, AutoTokenizer
 
     from qlora_nli.data.sources import mirror_directory
-    from qlora_nli.model import loading
+    from qlora_nli.model import embedded
 
     out = Path(args.pack)
     out.mkdir(parents=True, exist_ok=True)
-    gguf = loading.embedded_gguf_path(EMBEDDED)
+    gguf = embedded.embedded_gguf_path(EMBEDDED)
     log.info("tokenizer and config of %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     shutil.rmtree(out / "tokenizer", ignore_errors=True)

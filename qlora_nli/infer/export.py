@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_nli.model import adapters, loading
+from qlora_nli.model import adapters, embedded, loading
 from qlora_nli.model.adapters import adapter_sha256, check_adapter_dir
 from qlora_nli.runtime.errors import ArtifactError
 from qlora_nli.runtime.io import atomic_path
@@ -55,7 +55,7 @@ def merged_model(model_params, adapter_dir, merge_into="trained"):
                                         adapter_fix=f"it was not trained on '{model_params['name']}': give that base "
                                                     f"model with --model or model.name")
     tokenizer = loading.load_tokenizer(model_params["name"], model_params.get("trust_remote_code", False))
-    return loading.plain_copy(model, model_params.get("trust_remote_code", False)), tokenizer
+    return embedded.plain_copy(model, model_params.get("trust_remote_code", False)), tokenizer
 
 
 def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite=False, merge_into="trained",

@@ -51,7 +51,8 @@ def evaluated(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "check_prompt_lengths", lambda *a, **k: None)
     monkeypatch.setattr(evaluate.loading, "context_length", lambda *a, **k: None)
     monkeypatch.setattr(evaluate.adapters, "load_for_inference", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate, "score_labels", lambda model, tok, prompts, *a, **k: _fake_scores(prompts))
+    monkeypatch.setattr("qlora_nli.analysis.evaluation.score_labels",
+                        lambda model, tok, prompts, *a, **k: _fake_scores(prompts))
     evaluate.main("baseline")
 
     def read(path):
