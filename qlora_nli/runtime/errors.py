@@ -103,7 +103,7 @@ def on_interrupt(note):
 def _interrupted_line(name):
     # qlora_nli.io's record of the outputs put in place; not imported here: a process that has not imported it (or
     # was interrupted while importing it) has written none
-    committed = getattr(sys.modules.get("qlora_nli.io"), "COMMITTED", [])
+    committed = getattr(sys.modules.get("qlora_nli.runtime.io"), "COMMITTED", [])
     note = "no output was changed; run it again to finish"
     if committed:
         note = f"{', '.join(map(str, committed))} already written in full, nothing is half-written"
