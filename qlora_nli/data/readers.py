@@ -123,7 +123,8 @@ def _parquet_rows(path, data, columns):
 def _check_columns(where, found, columns):
     for column in columns:
         if column not in found:
-            raise DataError(f"{where}: missing column '{column}' (found: {', '.join(map(str, found)) or 'none'}); "
+            names = ", ".join(n if isinstance(n, str) and n.isprintable() else show(n) for n in found)  # one line
+            raise DataError(f"{where}: missing column '{column}' (found: {names or 'none'}); "
                             f"the split needs {', '.join(columns)}")
 
 

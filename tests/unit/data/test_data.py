@@ -452,3 +452,10 @@ def test_a_mirror_that_is_a_file(tmp_path, monkeypatch):
     assert one_line_error(lambda: resolve_source("stanfordnlp/snli")) == (
         f"data.source: NLI_DATA_MIRROR={tmp_path / 'mirror.tar'} is a file, not a directory; set it to the directory "
         f"that holds one folder per dataset (snli/, mnli/ ...), or unset it to use the Hub")
+
+
+def test_a_column_name_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
+    """A CSV header cell holding a newline (quoted) is shown escaped: the message stays one line."""
+    source = broken_train(tmp_path, '"pre\nmise",hypothesis,label\np,h,0\n', name="train.csv")
+    message = one_line_error(lambda: load_splits(source))
+    assert "missing column 'premise' (found: 'pre\\nmise', hypothesis, label)" in message
