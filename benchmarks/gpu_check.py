@@ -18,7 +18,7 @@ Per model: a random-weight directory (save_pretrained of the config, seed 0, the
 Per run (model:compute dtype:processes of --plan, in its order): a working directory with params.yaml (the
 repository's params.yaml, model.name = the directory, model.compute_dtype, train.epochs = --epochs, then each --set)
 and the sample that `stages.prepare` wrote once; then, without DVC, `python -m stages.finetune`, `stages.evaluate
-baseline` (1-process runs only: 2-process scoring is byte-identical to 1 process, tests/test_distributed.py) and
+baseline` (1-process runs only: 2-process scoring is byte-identical to 1 process, tests/unit/runtime/test_ranks.py) and
 `stages.evaluate finetuned`; 2 processes through NLI_TORCHRUN=2. A run that would not end inside
 --budget-seconds (judged by the same model's runs so far) is skipped and recorded as skipped. The JSON is rewritten
 after every run, so a killed check leaves the runs it finished.

@@ -1,7 +1,7 @@
 """The code a stage runs: its script and the package modules it imports, directly or through each other.
 
 One source for two uses: dvc.yaml's code deps of every stage are checked against `import_closure`
-(tests/test_stage_deps.py), and finetune's checkpoint fingerprint hashes `code_sha256` of the same files, so a change
+(tests/unit/runtime/test_stage_deps.py), and finetune's checkpoint fingerprint hashes `code_sha256` of the same files, so a change
 that reruns the stage in DVC also stops it from resuming epochs that the old code trained.
 """
 import ast
@@ -23,7 +23,7 @@ def _imported_names(tree):
 
 def _module_files(name, root):
     """The files of the package that importing the dotted `name` runs: its module, if it is one; a package's
-    `__init__.py` is left out (each holds only a docstring, tests/test_layers.py checks it)."""
+    `__init__.py` is left out (each holds only a docstring, tests/unit/test_layers.py checks it)."""
     parts = name.split(".")
     if parts[0] != PACKAGE or len(parts) < 2:
         return []

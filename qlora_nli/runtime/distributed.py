@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # How far 1 and N processes may differ (relative), in float32: only the order of summation differs between them (each
 # rank sums its micro-batches, then the ranks' sums are added), which moves results by a few float32 epsilons
 # (1.2e-7) per step. 1e-4 is orders of magnitude above that, and far below what a wrongly weighted or missing
-# gradient sum produces. Used by tests/test_distributed.py and benchmarks/gpu_check.py.
+# gradient sum produces. Used by tests/unit/runtime/test_ranks.py and benchmarks/gpu_check.py.
 SAME_RESULT_RELATIVE = 1e-4
 
 

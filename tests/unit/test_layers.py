@@ -16,7 +16,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "qlora_nli"
 
 # Top to bottom: each layer may import only those below it. Written out here, not read from pyproject.toml, so that
