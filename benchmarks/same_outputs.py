@@ -115,15 +115,15 @@ def digest(path):
 
         state = torch.load(path, weights_only=True)
         state.pop("fingerprint")
-        return hashlib.sha256(json.dumps(_plain(state), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(_plain(state)).encode()).hexdigest()
     if path.name == "run.json" and "checkpoints" in path.parts:
         run = json.loads(path.read_text())
         run.pop("fingerprint")
-        return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(run).encode()).hexdigest()
     data = path.read_bytes()
     if path.suffix == ".json" and ("metrics" in path.parts or path.parent.name == "dvclive"
                                    or path.name == "record.json"):
-        data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
+        data = json.dumps(without_timings(json.loads(data))).encode()  # key order kept: it is part of the bytes
     return hashlib.sha256(data).hexdigest()
 
 

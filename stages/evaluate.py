@@ -98,10 +98,9 @@ def main(name):
     if not ranks.writes:
         return
     scored = split_by_job(jobs, preds, scores, generations)
-    metrics, set_metrics, calibration = evaluation_metrics(scored, list(sets), p["method"])
-    metrics.update({"model": params["model"]["name"], "method": p["method"], "adapter": ADAPTERS[name],
-                    "eval_seconds": round(seconds, 2), "pairs_scored": len(preds),
-                    "pairs_per_second": round(len(preds) / seconds, 2)})
+    run = {"model": params["model"]["name"], "method": p["method"], "adapter": ADAPTERS[name],
+           "eval_seconds": round(seconds, 2), "pairs_scored": len(preds), "pairs_per_second": round(len(preds) / seconds, 2)}
+    metrics, set_metrics, calibration = evaluation_metrics(scored, list(sets), p["method"], run)
     write_outputs(name, scored, metrics, set_metrics, calibration)
     log.info("%s accuracy %.3f on %d test pairs; %d pairs scored in all (%.1f pairs/s)", name, metrics["accuracy"],
              len(scored["test"]), len(preds), len(preds) / seconds)

@@ -114,11 +114,11 @@ def _without_bins(summary):
     return {k: v for k, v in summary.items() if not k.startswith("bins")}
 
 
-def evaluation_metrics(scored, set_names, method):
-    """(the test metrics with validation accuracy, calibration and probes; {set: metrics}; the test calibration
-    summary with its bins, None for method generate) of `scored` (split_by_job)."""
+def evaluation_metrics(scored, set_names, method, run):
+    """(the test metrics, then `run` (what ran, how long), calibration, validation accuracy and probes; {set: metrics};
+    the test calibration summary with its bins, None for method generate) of `scored` (split_by_job)."""
     test, val = scored["test"], scored["validation"]
-    metrics = classification_metrics([r["label"] for r in test], [r["pred"] for r in test])
+    metrics = {**classification_metrics([r["label"] for r in test], [r["pred"] for r in test]), **run}
     calibration = None
     if method == "score":
         calibration = calibration_summary([r["scores"] for r in test], [r["label"] for r in test],
