@@ -136,3 +136,12 @@ def test_finetune_validation_accuracy_is_the_argmax_accuracy(monkeypatch):
     assert accuracy == pytest.approx(0.8)
     # mean NLL per answer token: -(-4 - 1 - 3 - 5 - 6) / (3 + 2 + 1 + 2 + 2)
     assert loss == pytest.approx(19 / 10)
+
+
+def test_metrics_keys_come_in_their_published_order(evaluated):
+    """metrics/<model>.json's bytes are part of what a run reproduces: the classification metrics, then what ran and
+    how long, then calibration, validation accuracy and probes."""
+    assert list(evaluated("metrics/baseline.json")) == [
+        "n", "accuracy", "accuracy_ci95", "macro_f1", "per_class", "confusion_matrix", "predicted_distribution",
+        "invalid_rate", "model", "method", "adapter", "eval_seconds", "pairs_scored", "pairs_per_second",
+        "calibration", "validation_accuracy", "probes"]
