@@ -120,11 +120,15 @@ def _parquet_rows(path, data, columns):
     return enumerate(table.select(list(columns)).to_pylist(), 1)
 
 
+def found_names(names):
+    """Names found in a file or folder, for a one-line message: a printable name as it is, any other quoted."""
+    return ", ".join(n if isinstance(n, str) and n.isprintable() else show(n) for n in names) or "none"
+
+
 def _check_columns(where, found, columns):
     for column in columns:
         if column not in found:
-            names = ", ".join(n if isinstance(n, str) and n.isprintable() else show(n) for n in found)  # one line
-            raise DataError(f"{where}: missing column '{column}' (found: {names or 'none'}); "
+            raise DataError(f"{where}: missing column '{column}' (found: {found_names(found)}); "
                             f"the split needs {', '.join(columns)}")
 
 

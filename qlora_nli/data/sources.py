@@ -31,6 +31,7 @@ from qlora_nli.data.readers import (
     _dataset_records,
     _load_from_disk,
     _read_file,
+    found_names,
 )
 from qlora_nli.runtime import env
 from qlora_nli.runtime.errors import DataError, ParamsError, shorten, show
@@ -104,7 +105,7 @@ def _refuse_hub_status(source, key, status):
 
 
 def _no_split(key, where, split, found):
-    return DataError(f"{key}: {where} has no '{split}' split (found: {', '.join(map(str, found)) or 'none'}); name "
+    return DataError(f"{key}: {where} has no '{split}' split (found: {found_names(found)}); name "
                      f"one of those")
 
 

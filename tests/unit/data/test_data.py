@@ -459,3 +459,11 @@ def test_a_column_name_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
     source = broken_train(tmp_path, '"pre\nmise",hypothesis,label\np,h,0\n', name="train.csv")
     message = one_line_error(lambda: load_splits(source))
     assert "missing column 'premise' (found: 'pre\\nmise', hypothesis, label)" in message
+
+
+def test_a_split_name_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
+    """The same for the split names a folder holds: a saved dataset's split called 'va\\nl' stays on one line."""
+    from qlora_nli.data.sources import _no_split
+
+    message = str(_no_split("data.source", "d", "validation", ["train", "va\nl"]))
+    assert "\n" not in message and "(found: train, 'va\\nl')" in message
