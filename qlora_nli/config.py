@@ -12,6 +12,7 @@ import yaml
 
 from qlora_nli.analysis.probes import NAMES as PROBES
 from qlora_nli.data.sources import SPLITS
+from qlora_nli.prompts import unicode_problem
 from qlora_nli.runtime.errors import ParamsError, shorten, show
 from qlora_nli.runtime.safe_yaml import _read_yaml
 
@@ -306,6 +307,19 @@ def far_off_values(params):
             yield name, value, low, high, consequence
 
 
+def _strings(value, where=""):
+    """(where, string) of every string in a checked value: its keys and items too."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key, where)
+            yield from _strings(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{where}[{i}]")
+
+
 def _checked(name, given, key, check, path):
     """(problem, None) or (None, the converted value) of `given[key]` under `check` (a SCHEMA entry)."""
     convert, in_range, allowed = check
@@ -322,6 +336,11 @@ def _checked(name, given, key, check, path):
     except TypeError:
         return (f"{path}: {name} = {show(value)} has the wrong type ({type(value).__name__}); allowed: {allowed}",
                 None)
+    # after the type check, which bounds the value's size (an alias bomb fails it unexpanded)
+    for where, text in _strings(converted):
+        problem = unicode_problem(text)
+        if problem:  # tokenizers and UTF-8 writers fail on such a string
+            return f"{path}: {name}{where} {problem}; write it as UTF-8 text", None
     if in_range is not None and not in_range(converted):
         return f"{path}: {name} = {show(value)} is out of range; allowed: {allowed}", None
     return None, converted

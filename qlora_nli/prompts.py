@@ -9,8 +9,6 @@ log = logging.getLogger(__name__)
 
 LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
-# The default of params.yaml prompt.template; tests use it too.
-
 def format_prompt(template, row):
     return template.format(premise=row["premise"].strip(), hypothesis=row["hypothesis"].strip())
 
@@ -30,17 +28,29 @@ MAX_TEXT_CHARS = 32_768
 # ordinary whitespace in text (a CSV cell may hold a line break). Format characters (soft hyphen, zero-width joiner)
 # and no-break spaces are text: MultiNLI holds some.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# A lone surrogate is no character: a JSON escape like "\ud800" or, on a command line, bytes that are not UTF-8.
+# Tokenizers and UTF-8 writers fail on it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_problem(text):
+    """What makes a string not valid Unicode text (a lone surrogate), or None."""
+    found = _SURROGATE.search(text)
+    if found:
+        return (f"holds U+{ord(found.group()):04X} at character {found.start() + 1}, which is not valid Unicode "
+                f"(a lone surrogate, from a JSON escape like \\ud800 or bytes that are not UTF-8)")
+    return None
 
 
 def text_problem(text):
     """What makes a premise or hypothesis (a string) unusable, or None: longer than MAX_TEXT_CHARS, or holding a
-    control character."""
+    control character or a lone surrogate."""
     if len(text) > MAX_TEXT_CHARS:
         return f"is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} a pair's text may have"
     control = _CONTROL.search(text)
     if control:
         return f"holds the control character U+{ord(control.group()):04X} at character {control.start() + 1}"
-    return None
+    return unicode_problem(text)
 
 
 def encode_prompts(tokenizer, prompts):

@@ -201,10 +201,6 @@ def _clean(name, unit, records, columns):
             text = record[key]
             if text is not None and not isinstance(text, str):
                 raise DataError(f"{where}: {key} = {show(text)} is not a string; fix or remove the row")
-            try:
-                (text or "").encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a JSON escape like "\ud800"
-                raise DataError(f"{where}: {key} holds invalid Unicode (a lone surrogate); fix or remove the row")
             problem = text and text_problem(text)
             if problem:
                 raise DataError(f"{where}: {key} {problem}; fix or remove the row")

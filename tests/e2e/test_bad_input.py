@@ -395,7 +395,11 @@ def test_killed_finetune_then_repro_restores_a_consistent_set(committed_project)
     assert "up to date" in dvc(root, "status").stdout
 
 
-# --- text the prompts cannot take: control characters, over-long text, pairs longer than the model's context -------
+# --- text the prompts cannot take: control characters, lone surrogates, over-long text, pairs longer than the
+# model's context ---------------------------------------------------------------------------------------------------
+NOT_UNICODE = ("which is not valid Unicode (a lone surrogate, from a JSON escape like \\ud800 or bytes that are not "
+               "UTF-8)")
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -416,6 +420,7 @@ def use_model(root, model):
     ("A dog\x00runs.", "holds the control character U+0000 at character 6"),
     ("A dog\x1b[2Jruns.", "holds the control character U+001B at character 6"),
     ("x" * 32_769, "is 32,769 characters long, more than the 32,768 a pair's text may have"),
+    ("A dog\ud800runs.", f"holds U+D800 at character 6, {NOT_UNICODE}"),
 ])
 def test_data_text_a_stage_refuses(stage_dir, stage, text, problem):
     split = "test" if stage[0] == "evaluate" else "train"
@@ -497,6 +502,8 @@ def run_nli_predict(project, *args):
      "line 2: premise holds the control character U+0000 at character 6; fix or remove the line"),
     ({"premise": "A dog runs.", "hypothesis": "An animal\x85moves."},
      "line 2: hypothesis holds the control character U+0085 at character 10; fix or remove the line"),
+    ({"premise": "A dog runs.", "hypothesis": "An animal\ud800moves."},  # json.dumps writes it as the escape \ud800
+     f"line 2: hypothesis holds U+D800 at character 10, {NOT_UNICODE}; fix or remove the line"),
     ({"premise": "word " * 20_000, "hypothesis": "h"},
      "line 2: premise is 100,000 characters long, more than the 32,768 a pair's text may have; fix or remove the "
      "line"),
@@ -507,9 +514,16 @@ def test_nli_predict_refuses_text_the_prompt_cannot_take(project, tmp_path, monk
     assert run_nli_predict(project, "--input", tmp_path / "in.jsonl") == f"{tmp_path / 'in.jsonl'} {expected}"
 
 
-def test_nli_predict_refuses_control_characters_given_as_options(project):
+def test_nli_predict_refuses_control_characters_and_lone_surrogates_given_as_options(project):
     assert run_nli_predict(project, "--premise", "A dog\x1bruns.", "--hypothesis", "h") == (
         "--premise holds the control character U+001B at character 6; give the text without it")
+    # bytes that are not UTF-8 on a command line reach Python as lone surrogates (surrogateescape): b"\xff" -> U+DCFF
+    assert run_nli_predict(project, "--premise", "p", "--hypothesis", b"A \xffdog".decode("utf-8", "surrogateescape")) \
+        == f"--hypothesis holds U+DCFF at character 3, {NOT_UNICODE}; give the text without it"
+    template = "\udcff{premise} {hypothesis}"
+    assert run_nli_predict(project, "--premise", "p", "--hypothesis", "h", "--template", template) == (
+        f"{project.params} with command-line options: prompt.template holds U+DCFF at character 1, {NOT_UNICODE}; "
+        f"write it as UTF-8 text")
 
 
 def test_nli_predict_refuses_a_pair_longer_than_the_context(project, tmp_path):

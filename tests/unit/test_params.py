@@ -358,6 +358,8 @@ def test_yaml_that_cannot_be_built_is_one_line(tmp_path, edit, expected):
 EXTRA_SETS_ALLOWED = ('a mapping of set names (letters, digits, _ or -) to {source, split, n} (n an integer >= 1 or '
                       '"all"), e.g. {mnli_matched: {source: nyu-mll/multi_nli, split: validation_matched, n: 300}}, '
                       'or {} for none')
+NOT_UNICODE = ("which is not valid Unicode (a lone surrogate, from a JSON escape like \\ud800 or bytes that are not "
+               "UTF-8)")
 SPLITS_ALLOWED = ("a mapping of train, validation and test to the source's split names, e.g. {train: train, "
                   "validation: validation_matched, test: validation_mismatched}")
 
@@ -394,6 +396,13 @@ SPLITS_ALLOWED = ("a mapping of train, validation and test to the source's split
      f"data.splits has an unknown key 'dev'; its keys are train, validation, test; allowed: {SPLITS_ALLOWED}"),
     ("data", "splits", {"train": "train", "validation": 3, "test": "test"},
      f"data.splits.validation = 3 is int, not a name (a string); allowed: {SPLITS_ALLOWED}"),
+    # a lone surrogate (YAML "\ud800") anywhere in a value, however deep: no check below it can use the string
+    ("prompt", "template", "Premise: {premise}\ud800 Hypothesis: {hypothesis}",
+     f"prompt.template holds U+D800 at character 19, {NOT_UNICODE}; write it as UTF-8 text"),
+    ("data", "extra_sets", {"m": {"source": "x\udcff", "split": "y", "n": 3}},
+     f"data.extra_sets.m.source holds U+DCFF at character 2, {NOT_UNICODE}; write it as UTF-8 text"),
+    ("lora", "target_modules", ["q_proj", "\udfff"],
+     f"lora.target_modules[1] holds U+DFFF at character 1, {NOT_UNICODE}; write it as UTF-8 text"),
     ("evaluate", "probes", ["tautology", 7], "evaluate.probes[1] = 7 is int, not a probe name (a string); allowed: "
                                             "a list of distinct probe names from hypothesis_only, swap_contradiction, "
                                             "premise_as_hypothesis, tautology, negation_tautology ([] for none)"),
