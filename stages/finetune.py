@@ -21,7 +21,7 @@ from qlora_nli.runtime.resources import ResourceMonitor
 from qlora_nli.train import examples as training_data
 from qlora_nli.train.checkpoints import Checkpoints, fingerprint
 from qlora_nli.train.loop import build_training, fit
-from qlora_nli.train.record import run_record, train_metrics, write_record
+from qlora_nli.train.record import train_metrics, write_record
 
 log = logging.getLogger("finetune")
 DATA = ["data/train.jsonl", "data/validation.jsonl"]
@@ -54,8 +54,7 @@ def main():
     log.info("loading %s on %s (%s, 4-bit: %s)", m["name"], device, dtype, m["load_in_4bit"])
     with ResourceMonitor() as monitor:
         setup = build_training(params, device, dtype, examples, checkpoints, ranks)
-        seconds = fit(setup, examples, validation, t, dtype, checkpoints, ranks,
-                      lambda epoch_seconds: run_record(device, ranks, epoch_seconds, monitor))
+        seconds = fit(setup, examples, validation, t, dtype, checkpoints, ranks, monitor)
         if not ranks.writes:
             distributed.from_rank0(ranks, None)  # the collective in which rank 0 sends the writers its record
             return

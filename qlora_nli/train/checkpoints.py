@@ -62,11 +62,11 @@ class Checkpoints:
                 "history": history,
             }, tmp / "state.pt")
 
-    def save_epoch(self, epoch, setup, ranks, make_record=None):
-        """Checkpoint `epoch` of `setup` (TrainingSetup). With several ranks: rank 0's record (`make_record()`, its
-        times and resources) and every rank's RNG states, so that every node writes the same checkpoint; the writer
-        of each node (its local rank 0) writes it."""
-        record = distributed.from_rank0(ranks, make_record) if make_record else None
+    def save_epoch(self, epoch, setup, ranks, run_record=None):
+        """Checkpoint `epoch` of `setup` (TrainingSetup) with `run_record` (record.run_record). With several ranks:
+        rank 0's record (its times and resources) and every rank's RNG states, so that every node writes the same
+        checkpoint; the writer of each node (its local rank 0) writes it."""
+        record = distributed.from_rank0(ranks, lambda: run_record) if run_record is not None else None
         rng = distributed.gather_by_index(ranks, {ranks.rank: rng_states()}) if ranks.world_size > 1 else {}
         if ranks.writes:
             self.save(epoch, setup.model, setup.optimizer, setup.scheduler, setup.scaler, setup.history, record,

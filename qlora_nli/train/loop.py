@@ -125,6 +125,7 @@ class TrainingSetup:
     resumed: tuple = None  # (epoch, directory, state) of the checkpoint resumed from, else None
     record: dict = None  # `run_record` of the run that wrote the resumed checkpoint, else None
     frozen: object = None  # FrozenBlockStates, or None when every epoch runs all blocks
+    device: str = "cpu"  # where it trains ("cpu" or "cuda")
 
 
 def build_training(params, device, dtype, examples, checkpoints=None, ranks=SINGLE):
@@ -141,7 +142,8 @@ def build_training(params, device, dtype, examples, checkpoints=None, ranks=SING
     optimizer, optimizer_name = make_optimizer(model, t, device)
     scheduler = make_scheduler(optimizer, steps_per_epoch * t["epochs"], t["warmup_ratio"])
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    setup = TrainingSetup(model, optimizer, optimizer_name, scheduler, scaler, base_parameters, n_parameters)
+    setup = TrainingSetup(model, optimizer, optimizer_name, scheduler, scaler, base_parameters, n_parameters,
+                          device=device)
 
     if checkpoints is not None:
         with distributed.main_first(ranks):  # each node's writer alone removes stale checkpoints; every rank resumes
@@ -171,11 +173,12 @@ def validate(model, validation, ranks=SINGLE):
     return mean_answer_nll(scores, validation.labels, validation.answers), accuracy
 
 
-def fit(setup, examples, validation, train_params, dtype, checkpoints=None, ranks=SINGLE, run_record=None):
+def fit(setup, examples, validation, train_params, dtype, checkpoints=None, ranks=SINGLE, monitor=None):
     """The training loop: every epoch after those in `setup.history`, up to train.epochs, is its batches
     (`epoch_batches`), one timed pass of `train_one_epoch`, validation, the epoch's entry in the history and, with
-    `checkpoints`, a checkpoint that a later run resumes from. `run_record(epoch_seconds)`: what the checkpoint
-    keeps of the run (record.run_record). Returns {epoch: seconds} for the epochs trained here."""
+    `checkpoints`, a checkpoint that a later run resumes from; with `monitor` (ResourceMonitor) too, the checkpoint
+    keeps the run's record (record.run_record: every epoch's seconds, where it ran, what it used). Returns
+    {epoch: seconds} for the epochs trained here."""
     t = train_params
     history = setup.history
     epoch_seconds = record.carried_epoch_seconds(setup.record)  # every epoch's time, whichever run trained it
@@ -189,7 +192,8 @@ def fit(setup, examples, validation, train_params, dtype, checkpoints=None, rank
             val_loss, val_accuracy = validate(setup.model, validation, ranks)
             record.add_epoch(history, epoch, train_loss, val_loss, val_accuracy, timer.seconds)
             if checkpoints is not None:
-                checkpoints.save_epoch(epoch, setup, ranks, run_record and (lambda: run_record(epoch_seconds)))
+                run = None if monitor is None else record.run_record(setup.device, ranks, epoch_seconds, monitor)
+                checkpoints.save_epoch(epoch, setup, ranks, run)
     except torch.OutOfMemoryError:
         raise RunError(f"finetune: GPU out of memory; lower params.yaml train.micro_batch_tokens "
                        f"(now {t['micro_batch_tokens']}) or set train.gradient_checkpointing: true")
