@@ -6,7 +6,7 @@
 Scores, by label log-likelihood (scoring.score_labels, each side at its own params.yaml evaluate.batch_size), either
 the first N pairs of data/test.jsonl (--pairs test, the default) or every prompt the `evaluate` stage scores (--pairs
 evaluate: test, validation, the probes of evaluate.probes and the extra sets of data/sets/, built by this checkout's
-stages.evaluate.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*:
+analysis.evaluation.build_jobs from the prepared data; N is then not used), with the model of params.yaml model.*:
 "baseline" (no adapter) and "finetuned" (models/adapter, when present). The revision's code comes from a `git worktree
 add --detach` of REV in a temporary folder (removed afterwards). Each side runs in its own subprocess with its tree
 first on sys.path, in the repository root (same params, data and adapter), sides alternating (this, REV, this, REV,
@@ -256,11 +256,14 @@ def _dims(model):
 def child_prompts(spec):
     """The prompts both sides score, built once by this checkout's code: {"prompts": [...], "parts": {part: n}}."""
     sys.path.insert(0, str(REPO))  # stages/ is not part of the installed package
+    from qlora_nli.analysis.evaluation import build_jobs
+    from qlora_nli.config import check_params
     from qlora_nli.data.artifacts import data_row_problem, read_rows
     from qlora_nli.prompts import format_prompt
-    from stages.evaluate import SETS_DIR, build_jobs
+    from stages.evaluate import SETS_DIR
 
-    params, test = spec["params"], read_rows("data/test.jsonl", data_row_problem)
+    params = check_params(spec["params"], warn=False)  # hypothesis_only_template: auto, resolved as evaluate does
+    test = read_rows("data/test.jsonl", data_row_problem)
     if spec["pairs"] == "test":
         if spec["n"] > len(test):
             raise SystemExit(f"--n {spec['n']}: data/test.jsonl has only {len(test)} pairs")

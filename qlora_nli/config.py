@@ -10,9 +10,10 @@ import string
 
 import yaml
 
+from qlora_nli.analysis.probes import HYPOTHESIS_ONLY
 from qlora_nli.analysis.probes import NAMES as PROBES
 from qlora_nli.data.sources import SPLITS
-from qlora_nli.prompts import unicode_problem
+from qlora_nli.prompts import unicode_problem, without_premise
 from qlora_nli.runtime.errors import ParamsError, shorten, show
 from qlora_nli.runtime.safe_yaml import _read_yaml
 
@@ -218,9 +219,10 @@ SCHEMA = {
         "max_new_tokens": POSITIVE_INT,
         "probes": (_probe_names, lambda v: len(set(v)) == len(v) and set(v) <= set(PROBES),
                    "a list of distinct probe names from " + ", ".join(PROBES) + " ([] for none)"),
-        "hypothesis_only_template": (_text, lambda v: template_has_fields(v, ["hypothesis"]),
-                                     "a string with {hypothesis} once and no {premise} (the prompt.template without "
-                                     "the premise), written plainly; a literal brace as {{ or }}"),
+        "hypothesis_only_template": (_text, lambda v: v == "auto" or template_has_fields(v, ["hypothesis"]),
+                                     "auto (prompt.template without its {premise} line), or a string with "
+                                     "{hypothesis} once and no {premise}, written plainly; a literal brace as "
+                                     "{{ or }}"),
     },
     "lora": {
         "r": POSITIVE_INT,
@@ -346,6 +348,26 @@ def _checked(name, given, key, check, path):
     return None, converted
 
 
+def _resolve_hypothesis_only(params, path):
+    """evaluate.hypothesis_only_template: auto replaced by the text it stands for (prompts.without_premise), or,
+    when the hypothesis_only probe is run, the problem line if prompt.template has no line of its own for the
+    premise."""
+    template = params.get("prompt", {}).get("template")
+    evaluate = params.get("evaluate", {})
+    if evaluate.get("hypothesis_only_template") != "auto" or template is None:
+        return []
+    if HYPOTHESIS_ONLY not in evaluate.get("probes", [HYPOTHESIS_ONLY]):
+        return []  # never used
+    derived = without_premise(template)
+    if derived is None:
+        return [f"{path}: evaluate.hypothesis_only_template = 'auto' needs prompt.template to give {{premise}} a line "
+                f"of its own, to leave out; it shares one with {{hypothesis}}: write the hypothesis-only template "
+                f"out (the prompt with {{hypothesis}} and without {{premise}}), or drop {HYPOTHESIS_ONLY} from "
+                f"evaluate.probes"]
+    evaluate["hypothesis_only_template"] = derived
+    return []
+
+
 def check_params(raw, path="params.yaml", warn=True):
     """The checked and converted params from a mapping as read from YAML; `path` names its origin in messages."""
     if not isinstance(raw, dict):
@@ -369,6 +391,7 @@ def check_params(raw, path="params.yaml", warn=True):
                 problems.append(problem)
             else:
                 params[group][key] = value
+    problems += _resolve_hypothesis_only(params, path)
     if problems:  # every bad value at once, one line each
         raise ParamsError("\n".join(problems))
 

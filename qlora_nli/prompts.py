@@ -1,6 +1,7 @@
 """The prompt and the label words: one definition shared by training, scoring and generation."""
 import logging
 import re
+import string
 
 from qlora_nli.runtime.errors import DataError
 
@@ -11,6 +12,17 @@ LABELS = ("entailment", "neutral", "contradiction")  # index = SNLI label id
 
 def format_prompt(template, row):
     return template.format(premise=row["premise"].strip(), hypothesis=row["hypothesis"].strip())
+
+
+def without_premise(template):
+    """The hypothesis-only prompt of `template` (evaluate.hypothesis_only_template: auto): its text without the lines
+    that hold the {premise} field, so that the instruction and the answer cue stay those the model is trained on;
+    None when {premise} shares a line with {hypothesis}, which leaves no line to drop."""
+    lines = template.split("\n")
+    fields = [{name for _, name, _, _ in string.Formatter().parse(line) if name} for line in lines]
+    if any({"premise", "hypothesis"} <= names for names in fields):
+        return None
+    return "\n".join(line for line, names in zip(lines, fields) if "premise" not in names)
 
 
 def answer_text(label_id):

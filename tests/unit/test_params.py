@@ -67,8 +67,8 @@ def test_default_path_is_params_yaml_in_cwd(tmp_path, monkeypatch):
     ("train", "resume", False, False),
     ("failure_cases", "n_examples", 0, 0),
     ("model", "trust_remote_code", True, True),
-    ("prompt", "template", "{hypothesis} | {premise}", "{hypothesis} | {premise}"),
-    ("prompt", "template", "P: {premise} {{literal}} H: {hypothesis}", "P: {premise} {{literal}} H: {hypothesis}"),
+    ("prompt", "template", "{hypothesis}\n{premise}", "{hypothesis}\n{premise}"),
+    ("prompt", "template", "P: {premise} {{literal}}\nH: {hypothesis}", "P: {premise} {{literal}}\nH: {hypothesis}"),
 ])
 def test_valid_values(tmp_path, group, key, value, expected):
     params = committed()
@@ -322,15 +322,15 @@ def test_aliases_and_merges_within_the_bound_are_read(tmp_path):
 
 @pytest.mark.parametrize("edit, expected", [
     # a second train: group after the first (the last would win, and train.epochs be "missing")
-    (lambda t: t + "train:\n  seed: 1\n", "line 70: train is given a second time (first at line 47)"),
+    (lambda t: t + "train:\n  seed: 1\n", "line 71: train is given a second time (first at line 48)"),
     # a second extra_sets: mapping inside data
     (lambda t: t.replace("  extra_sets:  ", "  extra_sets: {}\n  extra_sets:  "),
      "line 14: data.extra_sets is given a second time (first at line 13)"),
     # a key twice in one flow mapping, on one line
     (lambda t: t.replace("failure_cases:\n  n_examples: 5", "failure_cases: {n_examples: 5, n_examples: 6}"),
-     "line 62: failure_cases.n_examples is given a second time (first at line 62)"),
+     "line 63: failure_cases.n_examples is given a second time (first at line 63)"),
     (lambda t: t.replace("  epochs: 5\n", "  epochs: 5\n  epochs: 6\n"),
-     "line 50: train.epochs is given a second time (first at line 49)"),
+     "line 51: train.epochs is given a second time (first at line 50)"),
 ])
 def test_a_key_given_twice_is_refused(tmp_path, edit, expected):
     assert edit(COMMITTED.read_text()) != COMMITTED.read_text(), "the edit should find its text in params.yaml"
@@ -411,6 +411,31 @@ def test_a_message_names_what_is_wrong_with_the_value(tmp_path, group, key, valu
     params = committed()
     params[group][key] = value
     assert one_line_error(lambda: load_params(write(tmp_path, params))) == f"{tmp_path / 'params.yaml'}: {expected}"
+
+
+def test_the_hypothesis_only_template_auto_follows_prompt_template(tmp_path):
+    params = committed()
+    assert params["evaluate"]["hypothesis_only_template"] == "auto"
+    assert load_params(write(tmp_path, params))["evaluate"]["hypothesis_only_template"] == (
+        "Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
+        "Hypothesis: {hypothesis}\nRelation:")
+    params["prompt"]["template"] = "Premise: {premise}\nHypothesis: {hypothesis}\nLabel:"  # as -S would change it
+    assert load_params(write(tmp_path, params))["evaluate"]["hypothesis_only_template"] == (
+        "Hypothesis: {hypothesis}\nLabel:")
+    params["evaluate"]["hypothesis_only_template"] = "Only: {hypothesis}\nLabel:"  # written out: used as given
+    assert load_params(write(tmp_path, params))["evaluate"]["hypothesis_only_template"] == "Only: {hypothesis}\nLabel:"
+
+
+def test_the_hypothesis_only_template_auto_needs_a_premise_line(tmp_path):
+    params = committed()
+    params["prompt"]["template"] = "{premise} => {hypothesis}:"
+    assert one_line_error(lambda: load_params(write(tmp_path, params))) == (
+        f"{tmp_path / 'params.yaml'}: evaluate.hypothesis_only_template = 'auto' needs prompt.template to give "
+        f"{{premise}} a line of its own, to leave out; it shares one with {{hypothesis}}: write the hypothesis-only "
+        f"template out (the prompt with {{hypothesis}} and without {{premise}}), or drop hypothesis_only from "
+        f"evaluate.probes")
+    params["evaluate"]["probes"] = ["tautology"]  # no hypothesis-only probe: the template is never used
+    assert load_params(write(tmp_path, params))["prompt"]["template"] == "{premise} => {hypothesis}:"
 
 
 def test_every_message_is_bounded_in_length(tmp_path):

@@ -11,6 +11,7 @@ from qlora_nli.analysis.probes import (
     tautology,
 )
 from qlora_nli.config import PROBES, template_has_fields
+from qlora_nli.prompts import without_premise
 
 ENT = {"id": 7, "premise": "A man sleeps on a bench.", "hypothesis": "A man rests.", "label": 0}
 NEU = {"id": 8, "premise": "A dog runs.", "hypothesis": "A dog runs to its owner", "label": 1}
@@ -89,6 +90,21 @@ def test_hypothesis_only_template_accepted(template):
 ])
 def test_hypothesis_only_template_refused(template):
     assert not template_has_fields(template, ["hypothesis"])
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
+     "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:",
+     "Classify the relation of the hypothesis to the premise as entailment, neutral or contradiction.\n"
+     "Hypothesis: {hypothesis}\nRelation:"),
+    ("P: {premise}\nH: {hypothesis}", "H: {hypothesis}"),
+    ("A {{premise}} is literal text.\nP: {premise}\nH: {hypothesis}\n",
+     "A {{premise}} is literal text.\nH: {hypothesis}\n"),
+    ("H: {hypothesis}\nP: {premise}\nAnswer:", "H: {hypothesis}\nAnswer:"),
+    ("{premise} => {hypothesis}", None),  # one line holds both: nothing to leave out
+])
+def test_the_hypothesis_only_prompt_is_the_template_without_its_premise_line(template, expected):
+    assert without_premise(template) == expected
 
 
 def test_probe_summary_by_hand():

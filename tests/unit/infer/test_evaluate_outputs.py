@@ -110,7 +110,9 @@ def test_probe_rows_belong_to_the_test_pair_they_name(evaluated):
         if r["probe"] == "hypothesis_only":
             assert (r["premise"], r["hypothesis"], r["label"]) == (original["premise"], original["hypothesis"],
                                                                    original["label"])
-            template = COMMITTED["evaluate"]["hypothesis_only_template"]
+            # evaluate.hypothesis_only_template: auto, the committed prompt.template without its premise line
+            template = ("Classify the relation of the hypothesis to the premise as entailment, neutral or "
+                        "contradiction.\nHypothesis: {hypothesis}\nRelation:")
             own = _fake_scores([template.format(premise=r["premise"], hypothesis=r["hypothesis"])])[0]
             assert np.allclose(r["scores"], own.numpy(), atol=1e-5)
     metrics = evaluated("metrics/baseline.json")["probes"]["hypothesis_only"]
