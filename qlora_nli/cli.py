@@ -35,6 +35,7 @@ from qlora_nli.runtime.files import write_jsonl
 
 log = logging.getLogger("nli-export")
 DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
+DEFAULT_DATA = "data"  # written by the prepare stage
 
 
 def _params_options(parser):
@@ -84,12 +85,14 @@ def export_main(args):
     check_out_dir(args.out, args.overwrite)  # before the warnings below: a bad option is the one line printed
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter", EXPORT_WITHOUT_ADAPTER)
-    card = args.card if args.adapter is not None else None  # the card describes the adapter
-    if card == DEFAULT_CARD and not Path(card).is_file():
+    # the defaults are left out with a warning when the pipeline has not written them; a given --card or --data
+    # must be usable (export_merged checks them before the merge)
+    card = None if args.no_card or args.adapter is None else args.card or DEFAULT_CARD  # a card describes an adapter
+    if args.card is None and card is not None and not Path(card).is_file():
         log.warning("no model card in the export: %s does not exist (`dvc repro report` writes it)", card)
         card = None
-    sets = lm_eval_tasks.pipeline_sets(args.data) if args.lm_eval else {}
-    if args.lm_eval and not sets["test"].is_file():
+    sets = lm_eval_tasks.pipeline_sets(args.data or DEFAULT_DATA) if args.lm_eval else {}
+    if args.data is None and sets and not sets["test"].is_file():
         log.warning("no lm-eval tasks in the export: %s does not exist (`dvc repro prepare` writes it)", sets["test"])
         sets = {}
     export_merged(params["model"], args.adapter, args.out, args.dtype, args.overwrite, args.merge_into, card,
@@ -133,11 +136,12 @@ def export_parser():
                         "docs/predict.md)")
     parser.add_argument("--gguf", action="store_true", help="also write the merged model as GGUF (gguf/model.gguf) "
                         "for llama.cpp, Ollama and llm (Llama-architecture models)")
-    parser.add_argument("--card", metavar="FILE", default=DEFAULT_CARD,
-                        help="model card to copy in as README.md (default: the one the report stage wrote)")
-    parser.add_argument("--no-card", dest="card", action="store_const", const=None, help="write no model card")
-    parser.add_argument("--data", metavar="DIR", default="data",
-                        help="the pipeline's data directory, read by the lm-eval tasks written beside the export")
+    card = parser.add_mutually_exclusive_group()
+    card.add_argument("--card", metavar="FILE", help=f"model card to copy in as README.md, with --adapter (default: "
+                      f"{DEFAULT_CARD}, the one the report stage wrote, when it exists)")
+    card.add_argument("--no-card", action="store_true", help="write no model card")
+    parser.add_argument("--data", metavar="DIR", help=f"the pipeline's data directory, read by the lm-eval tasks "
+                        f"written beside the export (default: {DEFAULT_DATA}, when it holds test.jsonl)")
     parser.add_argument("--lm-eval", action=argparse.BooleanOptionalAction, default=True,
                         help="write lm-eval task files for the test pairs and each extra set (lm_eval/)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -154,7 +158,13 @@ def predict(argv=None):
 
 
 def export(argv=None):
-    run_stage(export_main, export_parser().parse_args(argv), name="nli-export")
+    parser = export_parser()
+    args = parser.parse_args(argv)
+    if args.card is not None and args.adapter is None:
+        parser.error("--card: a model card describes an adapter; give --adapter too, or leave --card out")
+    if args.data is not None and not args.lm_eval:
+        parser.error("--data is read by the lm-eval tasks, which --no-lm-eval leaves out; give one of the two")
+    run_stage(export_main, args, name="nli-export")
 
 
 if __name__ == "__main__":

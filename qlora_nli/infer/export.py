@@ -68,6 +68,8 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
 
     out_dir = check_out_dir(out_dir, overwrite)
     card_text = read_card(card, adapter_dir) if card is not None and adapter_dir is not None else None
+    if task_sets:
+        lm_eval_tasks.check_sets(task_sets)
     if gguf:
         # before the merge, which takes a while
         gguf_export.check_exportable(loading.load_config(model_params["name"], model_params.get("trust_remote_code",
@@ -98,10 +100,16 @@ def export_merged(model_params, adapter_dir, out_dir, dtype="float32", overwrite
 
 
 def check_out_dir(out_dir, overwrite):
+    """`out_dir` where the export can go, before anything loads: new (or replaced with `overwrite`), below a
+    directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ArtifactError(f"--out {out_dir}: already exists; choose a new directory, or pass --overwrite to "
                             f"replace it")
+    above = next(p for p in out_dir.absolute().parents if p.exists())  # the root exists
+    if not above.is_dir():
+        raise ArtifactError(f"--out {out_dir}: {above} is a file, not a directory; choose a directory below a "
+                            f"directory")
     return out_dir
 
 
@@ -109,9 +117,16 @@ def read_card(card, adapter_dir):
     """The model card's text, refused when it describes another adapter (its `adapter_sha256` line differs)."""
     card = Path(card)
     if not card.is_file():
-        raise ArtifactError(f"--card {card}: no such file; run `dvc repro report` (it writes the model card), or "
+        state = "is a directory, not a file" if card.is_dir() else "no such file"
+        raise ArtifactError(f"--card {card}: {state}; run `dvc repro report` (it writes the model card), or "
                             f"pass --no-card")
-    text = card.read_text()
+    try:
+        text = card.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"--card {card}: not UTF-8 text at byte {e.start}; re-save it as UTF-8, or pass --no-card")
+    except OSError as e:
+        raise ArtifactError(f"--card {card}: cannot read it ({e.strerror or type(e).__name__}); fix its "
+                            f"permissions, or pass --no-card")
     want = adapter_sha256(adapter_dir)
     if want is not None and want not in text:
         raise ArtifactError(f"--card {card}: describes another adapter than {adapter_dir} (its adapter_sha256 is "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from qlora_nli.data.artifacts import data_row_problem, read_rows
 from qlora_nli.prompts import LABELS, answer_text
 from qlora_nli.runtime.errors import ArtifactError
 
@@ -52,15 +53,22 @@ def task(name, data_file, template):
     }
 
 
+def check_sets(sets):
+    """Every set ({name: JSONL path}) a file of rows in the pipeline's schema (data.artifacts.data_row_problem), as
+    the lm-eval tasks will read it; ArtifactError naming the file and line otherwise."""
+    for data_file in sets.values():
+        try:
+            read_rows(data_file, data_row_problem)
+        except ArtifactError as e:
+            raise ArtifactError(f"lm-eval tasks: {e} (or pass --no-lm-eval)")
+
+
 def write_tasks(folder, sets, template):
-    """One task file per set ({name: JSONL path}) in `folder`; returns the task names."""
+    """One task file per set ({name: JSONL path}, checked by check_sets) in `folder`; returns the task names."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for name, data_file in sets.items():
-        if not Path(data_file).is_file():
-            raise ArtifactError(f"{data_file}: no such file, so no lm-eval task for it; run `dvc repro prepare`, "
-                                f"or pass --no-lm-eval")
         spec = task(name, data_file, template)
         (folder / f"{spec['task']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
         names.append(spec["task"])

@@ -139,6 +139,57 @@ def test_error_exits_with_status_1_and_one_stderr_line(project, tmp_path, case):
     assert result.stderr.splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
 
 
+GOOD_ROW = json.dumps({"id": 0, "premise": "A dog runs.", "hypothesis": "An animal moves.", "label": 0}) + "\n"
+# case: (files to write {path: bytes}, options after --adapter, the one line); cwd = tmp_path
+EXPORT_FILES = {
+    "card is a directory": ({}, ["--card", "."],
+                            "--card .: is a directory, not a file; run `dvc repro report` (it writes the model card), "
+                            "or pass --no-card"),
+    "card not UTF-8": ({"card.md": b"\xff card"}, ["--card", "card.md"],
+                       "--card card.md: not UTF-8 text at byte 0; re-save it as UTF-8, or pass --no-card"),
+    "data missing": ({}, ["--no-card", "--data", "nodata"],
+                     "lm-eval tasks: nodata/test.jsonl: missing; rerun `dvc repro` (or pass --no-lm-eval)"),
+    "data row without id": ({"d/test.jsonl": b'{"premise": "a"}\n'}, ["--no-card", "--data", "d"],
+                            "lm-eval tasks: d/test.jsonl line 1: missing key 'id'; rerun `dvc repro` (or pass "
+                            "--no-lm-eval)"),
+    "extra set row with a bad label": ({"d/test.jsonl": GOOD_ROW.encode(),
+                                        "d/sets/m.jsonl": GOOD_ROW.replace('"label": 0', '"label": 7').encode()},
+                                       ["--no-card", "--data", "d"],
+                                       "lm-eval tasks: d/sets/m.jsonl line 1: label = 7 is not a label id (0, 1 or "
+                                       "2); rerun `dvc repro` (or pass --no-lm-eval)"),
+    "out below a file": ({"afile": b"x"}, ["--no-card", "--no-lm-eval", "--out", "afile/e"],
+                         "--out afile/e: {tmp}/afile is a file, not a directory; choose a directory below a directory"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_FILES)
+def test_export_refuses_an_unusable_given_file_before_the_merge(project, tmp_path, monkeypatch, case):
+    files, options, expected = EXPORT_FILES[case]
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("qlora_nli.infer.export.merged_model", lambda *a, **k: pytest.fail("the merge ran"))
+    out = [] if "--out" in options else ["--out", "e"]
+    with pytest.raises(SystemExit) as e:
+        cli.export(["--params", str(project.params), "--adapter", str(project.adapter), *out, *options])
+    assert e.value.code == expected.format(tmp=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name.split("/")[0] for name in files})
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--card", "card.md"], "--card: a model card describes an adapter; give --adapter too, or leave --card out"),
+    (["--data", "d", "--no-lm-eval"], "--data is read by the lm-eval tasks, which --no-lm-eval leaves out; give one "
+                                      "of the two"),
+    (["--card", "card.md", "--no-card"], "argument --no-card: not allowed with argument --card"),
+])
+def test_export_options_that_contradict_each_other(capsys, options, expected):
+    with pytest.raises(SystemExit) as e:
+        cli.export(["--out", "e", *options])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"nli-export: {expected}; see nli-export --help"
+
+
 def test_adapter_of_another_architecture_is_one_line(project, tmp_path):
     """The Phi model shares the Llama adapter's attention layer names and shapes, so peft would attach those and
     skip the MLP ones without complaint."""
