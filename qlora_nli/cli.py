@@ -6,6 +6,7 @@ overrides them, and end with a one-line message and exit status 1 on a bad file,
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from qlora_nli.infer.export import (
 from qlora_nli.infer.predict import (
     WITHOUT_ADAPTER,
     check_given_pair,
+    check_output,
     load_model,
     predict_rows,
     read_pairs,
@@ -30,7 +32,7 @@ from qlora_nli.infer.predict import (
 from qlora_nli.model.adapters import check_adapter_dir
 from qlora_nli.model.loading import pick_device
 from qlora_nli.runtime import threads
-from qlora_nli.runtime.errors import ArgumentParser, DataError, RunError, run_stage
+from qlora_nli.runtime.errors import ArgumentParser, DataError, NLIError, RunError, run_stage
 from qlora_nli.runtime.files import write_jsonl
 
 log = logging.getLogger("nli-export")
@@ -38,26 +40,53 @@ DEFAULT_CARD = "reports/model_card.md"  # written by the report stage
 DEFAULT_DATA = "data"  # written by the prepare stage
 
 
+# The command-line option that overrides each param: a message about the param names the option when it was given
+OPTIONS = {"model.name": "--model", "prompt.template": "--template", "compute.device": "--device",
+           "model.load_in_4bit": "--load-in-4bit", "evaluate.batch_size": "--batch-size"}
+_PARAM_IN_MESSAGE = re.compile(r"^params\.yaml (\w+\.\w+)")
+
+
+def _naming_options(main, args):
+    """`main(args)`, with a message of the library about a param ("params.yaml model.name: ...") naming where this
+    command took it from: its option if given (--model), else the --params file."""
+    try:
+        main(args)
+    except NLIError as e:
+        found = _PARAM_IN_MESSAGE.match(str(e))
+        if not found:
+            raise
+        name = found.group(1)
+        given = name in OPTIONS and _given(args, name) is not None
+        raise type(e)((OPTIONS[name] if given else f"{args.params} {name}") + str(e)[found.end():]) from None
+
+
 def _params_options(parser):
     parser.add_argument("--params", default="params.yaml", help="params file to read model and prompt from")
     parser.add_argument("--model", help="override model.name (Hub id, local model directory or embedded alias)")
 
 
-def _params(args, **overrides):
-    """params.yaml, checked again after the command-line overrides ("group.key": value; None = not given)."""
+def _given(args, name):
+    """The value of the option (OPTIONS) that overrides param `name` in this command, None if not given or not one of
+    its options."""
+    return getattr(args, OPTIONS[name][2:].replace("-", "_"), None)
+
+
+def _params(args):
+    """params.yaml, checked again after the command's options that override a param (OPTIONS)."""
     params = load_params(args.params, warn=False)  # the far-off values are told once, after the overrides
-    for name, value in {"model.name": args.model, **overrides}.items():
-        if value is not None:
+    for name in OPTIONS:
+        if _given(args, name) is not None:
             group, key = name.split(".")
-            params[group][key] = value
+            params[group][key] = _given(args, name)
     return check_params(params, f"{args.params} with command-line options")
 
 
 def predict_main(args):
-    params = _params(args, **{"prompt.template": args.template, "compute.device": args.device,
-                              "model.load_in_4bit": args.load_in_4bit, "evaluate.batch_size": args.batch_size})
+    params = _params(args)
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter", WITHOUT_ADAPTER)  # before reading stdin, which may take long
+    if args.output:
+        check_output(args.output)
     if args.premise is not None:
         rows, where = check_given_pair(args.premise, args.hypothesis), ["--premise and --hypothesis"]
     elif args.input not in (None, "-"):
@@ -154,7 +183,7 @@ def predict(argv=None):
     args = parser.parse_args(argv)
     if (args.premise is None) != (args.hypothesis is None):
         parser.error("--premise and --hypothesis go together")
-    run_stage(predict_main, args, name="nli-predict")
+    run_stage(_naming_options, predict_main, args, name="nli-predict")
 
 
 def export(argv=None):
@@ -164,7 +193,7 @@ def export(argv=None):
         parser.error("--card: a model card describes an adapter; give --adapter too, or leave --card out")
     if args.data is not None and not args.lm_eval:
         parser.error("--data is read by the lm-eval tasks, which --no-lm-eval leaves out; give one of the two")
-    run_stage(export_main, args, name="nli-export")
+    run_stage(_naming_options, export_main, args, name="nli-export")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,8 @@ def load_params(path="params.yaml", warn=True):
         raise ParamsError(f"{path}: not UTF-8 text at byte {e.start}; re-save it as UTF-8")
     except ValueError as e:  # a value YAML cannot convert: an integer of over 4300 digits, a date like 2026-13-45
         raise ParamsError(f"{path}: a value cannot be converted ({shorten(e)}); write it as a plain number or string")
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a directory, not a file; give the params YAML file (params.yaml)")
     except OSError as e:
         raise ParamsError(f"{path}: cannot read the file ({type(e).__name__}); check that it is a UTF-8 text file")
     return check_params(raw, path, warn)

@@ -21,6 +21,7 @@ import torch
 from qlora_nli.model import adapters, embedded, loading
 from qlora_nli.model.adapters import adapter_sha256, check_adapter_dir
 from qlora_nli.runtime.errors import ArtifactError
+from qlora_nli.runtime.files import file_on_the_way
 from qlora_nli.runtime.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def check_out_dir(out_dir, overwrite):
     if out_dir.exists() and not overwrite:
         raise ArtifactError(f"--out {out_dir}: already exists; choose a new directory, or pass --overwrite to "
                             f"replace it")
-    above = next(p for p in out_dir.absolute().parents if p.exists())  # the root exists
-    if not above.is_dir():
+    above = file_on_the_way(out_dir)
+    if above is not None:
         raise ArtifactError(f"--out {out_dir}: {above} is a file, not a directory; choose a directory below a "
                             f"directory")
     return out_dir

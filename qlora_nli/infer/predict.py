@@ -20,6 +20,7 @@ from qlora_nli.prompts import (
     text_problem,
 )
 from qlora_nli.runtime.errors import DataError
+from qlora_nli.runtime.files import file_on_the_way
 
 PAIR_KEYS = ("premise", "hypothesis")
 WITHOUT_ADAPTER = " (without --adapter the base model predicts, not fine-tuned)"  # ends a missing --adapter's line
@@ -45,7 +46,7 @@ def read_pairs(path, data=None):
     if data is None:
         path = Path(path)
         if not path.is_file():
-            state = "is a directory" if path.is_dir() else "no such file"
+            state = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
             raise DataError(f"--input {path}: {state}; give a JSONL file with one "
                             f'{{"premise": ..., "hypothesis": ...}} object per line, or - to read stdin')
         data = path.read_bytes()
@@ -60,7 +61,8 @@ def read_pairs(path, data=None):
             if not isinstance(record[key], str):
                 raise DataError(f"{path} line {n}: {key} is {type(record[key]).__name__}, not a string; "
                                 f"fix or remove the line")
-            problem = text_problem(record[key])
+            # an empty text has no prediction to make (prepare skips such pairs)
+            problem = "is empty" if not record[key].strip() else text_problem(record[key])
             if problem:
                 raise DataError(f"{path} line {n}: {key} {problem}; fix or remove the line")
         rows.append(record)
@@ -70,9 +72,20 @@ def read_pairs(path, data=None):
     return rows, where
 
 
+def check_output(path):
+    """--output where the predictions can be written, known before the model loads: not a directory, not below a
+    file."""
+    above = file_on_the_way(path)
+    if Path(path).is_dir() or above is not None:
+        where = "is a directory" if above is None else f"{above} is a file, not a directory"
+        raise DataError(f"--output {path}: {where}; give the path of a file, below a directory")
+
+
 def check_given_pair(premise, hypothesis):
-    """--premise and --hypothesis, held to the rules of a file's pairs (prompts.text_problem)."""
+    """--premise and --hypothesis, held to the rules of a file's pairs (prompts.text_problem, not empty)."""
     for option, text in (("--premise", premise), ("--hypothesis", hypothesis)):
+        if not text.strip():
+            raise DataError(f"{option} is empty; give the {option[2:]}'s text")
         problem = text_problem(text)
         if problem:
             raise DataError(f"{option} {problem}; give the text without it")

@@ -43,6 +43,13 @@ def build_once(directory, build, complete="config.json"):
     return directory
 
 
+def file_on_the_way(path):
+    """The existing file that stands where a directory on the way to `path` must be (a/b below a file a), or None:
+    what makes writing `path` fail, known before any work is done."""
+    above = next(p for p in Path(path).absolute().parents if p.exists())  # the root exists
+    return None if above.is_dir() else above
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)

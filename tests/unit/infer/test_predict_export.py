@@ -102,6 +102,12 @@ ERRORS = {
     "missing key": (["predict", "--input", "in.jsonl"], '{"premise": "a", "hypothesis": "b"}\n{"premise": "a"}\n',
                     "in.jsonl line 2: missing key 'hypothesis'"),
     "not an object": (["predict", "--input", "in.jsonl"], '["a", "b"]\n', "in.jsonl line 1: expected an object"),
+    "input not a regular file": (["predict", "--input", "/dev/null"], None, "--input /dev/null: is not a regular file"),
+    "empty text in a file": (["predict", "--input", "in.jsonl"], '{"premise": "a", "hypothesis": "b"}\n'
+                             '{"premise": " \\t", "hypothesis": "b"}\n',
+                             "in.jsonl line 2: premise is empty; fix or remove the line"),
+    "empty --hypothesis": (["predict", "--premise", "a", "--hypothesis", ""], None,
+                           "--hypothesis is empty; give the hypothesis's text"),
     "export of a missing adapter": (["export", "--adapter", "no-such-dir", "--out", "merged"], None,
                                     "--adapter no-such-dir: no such directory; train one with `dvc repro finetune` (it "
                                     "writes models/adapter) or restore the committed one with `dvc checkout "
@@ -188,6 +194,31 @@ def test_export_options_that_contradict_each_other(capsys, options, expected):
         cli.export(["--out", "e", *options])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"nli-export: {expected}; see nli-export --help"
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--output", "."], "--output .: is a directory; give the path of a file, below a directory"),
+    (["--output", "afile/out.jsonl"], "--output afile/out.jsonl: {tmp}/afile is a file, not a directory; give the "
+                                      "path of a file, below a directory"),
+    # a param's message names where the command took it from: the option given, else the --params file
+    (["--model", "./no-model"], "--model: the local directory './no-model' does not exist; fix the path, or use a Hub "
+                                "id (owner/name), a local model directory, or one of embedded:smollm2-135m-instruct"),
+    (["--params", "no-model.yaml"], "no-model.yaml model.name: the local directory './no-model' does not exist; fix "
+                                    "the path, or use a Hub id (owner/name), a local model directory, or one of "
+                                    "embedded:smollm2-135m-instruct"),
+    (["--params", "."], ".: is a directory, not a file; give the params YAML file (params.yaml)"),
+])
+def test_predict_refuses_an_unusable_option_before_the_model_loads(project, tmp_path, monkeypatch, options, expected):
+    (tmp_path / "afile").write_text("x")
+    params = yaml.safe_load(project.params.read_text())
+    params["model"]["name"] = "./no-model"
+    (tmp_path / "no-model.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(adapters, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.predict(["--params", str(project.params), "--premise", "a", "--hypothesis", "b", *options])
+    assert e.value.code == expected.format(tmp=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "no-model.yaml"]
 
 
 def test_adapter_of_another_architecture_is_one_line(project, tmp_path):
