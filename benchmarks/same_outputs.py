@@ -10,7 +10,7 @@ give a fixed thread count on both sides, since with `num_threads: 0` the thread 
 Compared: models/adapter, predictions/, evidence/, metrics/ (the keys that hold wall-clock times or resources left out),
 plots/, dvclive/, data/, reports/failure_cases.*; and reports/ (report, model card, figures) as each side's code renders
 them from the same artifacts, the old side's (the report quotes the measured times). dvc.lock: the hashes of the outputs without measured times in them must match (code deps
-and params may differ). Prints a table and writes benchmarks/results/same_outputs.json; exits 1 if any output differs.
+and params may differ). Prints a table and writes benchmarks/results/same_outputs.json (or --out); exits 1 if any output differs.
 """
 import argparse
 import hashlib
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--new-set", action="append", default=[], metavar="GROUP.KEY=VALUE",
                         help="params for this checkout's side only")
     parser.add_argument("--workdir", default=None, help="where the two copies go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=RESULT, help=f"the JSON written (default: {RESULT.relative_to(REPO)})")
     return parser.parse_args(argv)
 
 
@@ -183,8 +184,8 @@ def main(argv=None):
     print(f"{'dvc.lock outputs that differ':<40} {len(lock_differ)}")
     for name in lock_differ:
         print(f"  {name}")
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "against": subprocess.run(["git", "rev-parse", args.against], cwd=REPO, capture_output=True,
                                   text=True).stdout.strip(),
         "this": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
