@@ -80,9 +80,12 @@ def copy_of(revision, where):
     (where / ".venv").symlink_to(REPO / ".venv")
 
 
-def repro(root):
+def repro(root, side):
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
-    subprocess.run(["dvc", "repro", "--force"], cwd=root, env=env, check=True)
+    if env.get("NLI_DATA_MIRROR"):  # given relative to where this runs, not to each side's copy
+        env["NLI_DATA_MIRROR"] = str(Path(env["NLI_DATA_MIRROR"]).absolute())
+    if subprocess.run(["dvc", "repro", "--force"], cwd=root, env=env).returncode != 0:
+        raise SystemExit(f"same_outputs: `dvc repro --force` failed on the {side} side ({root}): its output is above")
 
 
 def without_timings(value):
@@ -159,7 +162,7 @@ def main(argv=None):
     try:
         for name in ("old", "new"):  # back to back, nothing else on the machine
             print(f"== dvc repro, {name} side ({sides[name]})", flush=True)
-            repro(sides[name])
+            repro(sides[name], name)
         old, new = files_of(sides["old"]), files_of(sides["new"])  # before the report inputs are copied over
         for name in REPORT_INPUTS:  # the new side's report, rendered from the old side's artifacts
             target = sides["new"] / name
