@@ -189,10 +189,13 @@ def test_export_refuses_an_unusable_given_file_before_the_merge(project, tmp_pat
                                       "of the two"),
     (["--card", "card.md", "--no-card"], "argument --no-card: not allowed with argument --card"),
 ])
-def test_export_options_that_contradict_each_other(capsys, options, expected):
+def test_export_options_that_contradict_each_other(tmp_path, monkeypatch, capsys, options, expected):
+    monkeypatch.chdir(tmp_path)  # were the check gone, nothing would be exported into the checkout
+    monkeypatch.setattr("qlora_nli.infer.export.merged_model", lambda *a, **k: pytest.fail("the merge ran"))
     with pytest.raises(SystemExit) as e:
         cli.export(["--out", "e", *options])
     assert e.value.code == 2
+    assert list(tmp_path.iterdir()) == []
     assert capsys.readouterr().err.splitlines()[-1] == f"nli-export: {expected}; see nli-export --help"
 
 
