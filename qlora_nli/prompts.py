@@ -65,6 +65,12 @@ def text_problem(text):
     return unicode_problem(text)
 
 
+def pair_text_problem(text):
+    """What makes the premise or hypothesis of a pair to train on, score or predict unusable, or None: text_problem's
+    rules, and empty (prepare skips such pairs in the raw data; no prediction can be made of one)."""
+    return "is empty" if not text.strip() else text_problem(text)
+
+
 def encode_prompts(tokenizer, prompts):
     return [tokenizer(p).input_ids for p in prompts]
 

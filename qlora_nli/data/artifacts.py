@@ -7,7 +7,7 @@ same treatment in data.py; these are the files between stages.
 import json
 from pathlib import Path
 
-from qlora_nli.prompts import LABELS, text_problem
+from qlora_nli.prompts import LABELS, pair_text_problem
 from qlora_nli.runtime.errors import ArtifactError, show
 
 # Which stage writes each artifact: the fix named in every message.
@@ -73,7 +73,7 @@ def data_row_problem(row):
     for key in ("premise", "hypothesis"):
         if not isinstance(row[key], str):
             return f"{key} = {show(row[key])} is not a string"
-        problem = text_problem(row[key])
+        problem = pair_text_problem(row[key])
         if problem:
             return f"{key} {problem}"
     if not _label(row["label"]):

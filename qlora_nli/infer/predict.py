@@ -17,6 +17,7 @@ from qlora_nli.prompts import (
     check_prompt_lengths,
     encode_answers,
     format_prompt,
+    pair_text_problem,
     text_problem,
 )
 from qlora_nli.runtime.errors import DataError
@@ -61,8 +62,7 @@ def read_pairs(path, data=None):
             if not isinstance(record[key], str):
                 raise DataError(f"{path} line {n}: {key} is {type(record[key]).__name__}, not a string; "
                                 f"fix or remove the line")
-            # an empty text has no prediction to make (prepare skips such pairs)
-            problem = "is empty" if not record[key].strip() else text_problem(record[key])
+            problem = pair_text_problem(record[key])
             if problem:
                 raise DataError(f"{path} line {n}: {key} {problem}; fix or remove the line")
         rows.append(record)
@@ -82,7 +82,7 @@ def check_output(path):
 
 
 def check_given_pair(premise, hypothesis):
-    """--premise and --hypothesis, held to the rules of a file's pairs (prompts.text_problem, not empty)."""
+    """--premise and --hypothesis, held to the rules of a file's pairs (prompts.pair_text_problem)."""
     for option, text in (("--premise", premise), ("--hypothesis", hypothesis)):
         if not text.strip():
             raise DataError(f"{option} is empty; give the {option[2:]}'s text")

@@ -421,6 +421,7 @@ def use_model(root, model):
     ("A dog\x1b[2Jruns.", "holds the control character U+001B at character 6"),
     ("x" * 32_769, "is 32,769 characters long, more than the 32,768 a pair's text may have"),
     ("A dog\ud800runs.", f"holds U+D800 at character 6, {NOT_UNICODE}"),
+    (" \t ", "is empty"),  # prepare skips such pairs; a hand-edited data file is refused
 ])
 def test_data_text_a_stage_refuses(stage_dir, stage, text, problem):
     split = "test" if stage[0] == "evaluate" else "train"
